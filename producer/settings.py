@@ -1,0 +1,52 @@
+"""Settings shared by everything that talks to the queue, read from CHATQUEUE_* variables or .env."""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TASK_NAME = "chatqueue.generate_chat"
+DEFAULT_QUEUE = "chatqueue"
+
+
+class ConnectionSettings(BaseSettings):
+    """How to reach Redis and where jobs go. The worker's settings extend these."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CHATQUEUE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    broker_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis URL without the password (redis:// or rediss:// for TLS).",
+    )
+    result_backend: str | None = Field(
+        default=None, description="Redis URL for results; the broker URL when unset."
+    )
+    redis_password: SecretStr | None = Field(
+        default=None, description="Kept apart from the URLs so it is never logged with them."
+    )
+    queue: str = Field(default=DEFAULT_QUEUE, description="The queue workers of one model consume.")
+    result_ttl_s: int = Field(default=86_400, gt=0, description="How long results stay in Redis.")
+
+    def broker_connection_url(self) -> str:
+        return _with_password(self.broker_url, self.redis_password)
+
+    def backend_connection_url(self) -> str:
+        return _with_password(self.result_backend or self.broker_url, self.redis_password)
+
+
+class ProducerSettings(ConnectionSettings):
+    wait_timeout_s: float = Field(default=600.0, gt=0, description="Default wait for a result.")
+
+
+def _with_password(url: str, password: SecretStr | None) -> str:
+    if password is None:
+        return url
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    netloc = f"{quote(user, safe='')}:{quote(password.get_secret_value(), safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))

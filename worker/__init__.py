@@ -1,0 +1,1 @@
+"""chatqueue worker: everything that touches a model (torch, transformers, huggingface_hub)."""

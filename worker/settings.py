@@ -1,0 +1,92 @@
+"""Worker settings: the model, its device and the limits a worker enforces (CHATQUEUE_* / .env)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from producer.settings import ConnectionSettings
+
+DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class WorkerSettings(ConnectionSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHATQUEUE_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        protected_namespaces=(),
+    )
+
+    # --- the model and where it comes from
+    model_id: str = Field(default=DEMO_MODEL_ID, description="Hub repo id of the served model.")
+    model_revision: str = Field(default="main", description="Branch, tag or commit to download.")
+    models_root: Path = Field(default=Path("models"), description="Folder holding model folders.")
+    model_dir: Path | None = Field(
+        default=None, description="The model's folder; <models_root>/<org>--<name> when unset."
+    )
+    hf_endpoint: str = Field(
+        default="https://huggingface.co",
+        validation_alias=AliasChoices("CHATQUEUE_HF_ENDPOINT", "HF_ENDPOINT"),
+        description="Hub or mirror URL used by the download command (never by a running worker).",
+    )
+    hf_home: Path | None = Field(
+        default=None, validation_alias=AliasChoices("CHATQUEUE_HF_HOME", "HF_HOME")
+    )
+    hf_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("CHATQUEUE_HF_TOKEN", "HF_TOKEN")
+    )
+    download_if_missing: bool = Field(
+        default=False, description="Download at start when the model folder is absent."
+    )
+    verify_hashes: bool = Field(
+        default=True, description="Check every file's sha256 at start (size is always checked)."
+    )
+    trust_remote_code: bool = False
+
+    # --- the device
+    device: str = Field(default="auto", description="auto (cuda:0 when available, else cpu), cpu, cuda:N")
+    dtype: str = Field(default="auto", description="auto (the checkpoint's), bfloat16, float16, float32")
+    warmup: bool = True
+
+    # --- limits a job is checked against
+    max_new_tokens_cap: int = Field(default=4096, gt=0)
+    default_max_new_tokens: int = Field(default=512, gt=0)
+    max_prompt_tokens: int = Field(default=8192, gt=0)
+
+    # --- the pool and the engine
+    concurrency: int = Field(default=32, gt=0, description="Task slots (threads) feeding the engine.")
+    max_batch_size: int = Field(default=32, gt=0)
+    max_batch_tokens: int = Field(
+        default=65_536, gt=0, description="Bound on batch rows x (prompt + new tokens) in flight."
+    )
+    batch_wait_ms: float = Field(default=5.0, ge=0, description="How long to let a batch fill.")
+    engine: Literal["static"] = "static"
+
+    # --- delivery
+    max_job_seconds: float = Field(default=1800.0, gt=0)
+    visibility_timeout_s: float = Field(
+        default=3600.0, gt=0, description="Must exceed max_job_seconds or healthy jobs run twice."
+    )
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerSettings:
+        if self.default_max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens_cap ({self.max_new_tokens_cap})"
+            )
+        if self.visibility_timeout_s <= self.max_job_seconds:
+            raise ValueError(
+                f"visibility_timeout_s ({self.visibility_timeout_s}) must be longer than "
+                f"max_job_seconds ({self.max_job_seconds}): Redis would hand a healthy running "
+                "job to a second worker"
+            )
+        return self
+
+    @property
+    def resolved_model_dir(self) -> Path:
+        return self.model_dir or self.models_root / self.model_id.replace("/", "--")
