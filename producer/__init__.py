@@ -1,0 +1,18 @@
+"""chatqueue producer: the job contract and a thin client. Imports no torch or transformers."""
+
+from producer.client import ChatQueueClient
+from producer.errors import JobFailed, JobNotFound
+from producer.schemas import ChatMessage, ChatRequest, ChatResult, GenerationParams, JobError
+from producer.settings import ProducerSettings
+
+__all__ = [
+    "ChatMessage",
+    "ChatQueueClient",
+    "ChatRequest",
+    "ChatResult",
+    "GenerationParams",
+    "JobError",
+    "JobFailed",
+    "JobNotFound",
+    "ProducerSettings",
+]

@@ -1,0 +1,30 @@
+"""Exceptions a backend sees. They live in the producer so both sides can raise and catch them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer.schemas import JobError
+
+
+class JobFailed(Exception):
+    """The job ended with a structured error instead of a result.
+
+    Celery stores a task's exception as its type name, module and args in JSON and rebuilds it
+    on the producer side, so the error travels as one plain dict argument.
+    """
+
+    def __init__(self, error: JobError | dict[str, Any]) -> None:
+        payload = error.model_dump() if isinstance(error, JobError) else dict(error)
+        super().__init__(payload)
+
+    @property
+    def error(self) -> JobError:
+        return JobError.model_validate(self.args[0])
+
+    def __str__(self) -> str:
+        return f"{self.args[0].get('code')}: {self.args[0].get('message')}"
+
+
+class JobNotFound(LookupError):
+    """No such job: never submitted, or its result expired (see result_ttl_s)."""

@@ -1,0 +1,134 @@
+"""The job contract between backends and workers: requests, results and errors (pydantic v2).
+
+The worker imports this module; this module imports nothing of the worker's, so a backend can
+validate a request before it is ever queued.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Hard ceilings of the contract itself; each worker enforces its own, lower limits on top.
+MAX_MESSAGES = 256
+MAX_MESSAGE_CHARS = 200_000
+MAX_NEW_TOKENS_CEILING = 131_072
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+ErrorCode = Literal[
+    "invalid_request",  # the request breaks the contract: never retried
+    "limit_exceeded",  # valid, but over a limit this worker enforces: never retried
+    "out_of_memory",  # the device could not fit the job even alone
+    "internal_error",  # a bug or a fault of ours
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(_Strict):
+    role: Role
+    content: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("content must not be blank")
+        return value
+
+
+class GenerationParams(_Strict):
+    """Unset sampling fields take the model's own defaults (its generation_config.json)."""
+
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_NEW_TOKENS_CEILING, description="None: the worker's default."
+    )
+    do_sample: bool | None = Field(default=None, description="False: greedy. None: the model's default.")
+    temperature: float | None = Field(default=None, gt=0.0, le=10.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, le=100_000, description="0 disables top-k.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    enable_thinking: bool = True
+    ignore_eos: bool = Field(
+        default=False, description="Generate exactly max_new_tokens (benchmarks)."
+    )
+
+
+class ChatRequest(_Strict):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    job_id: str | None = Field(
+        default=None, pattern=JOB_ID_PATTERN, description="Client-chosen id; a UUID when unset."
+    )
+
+    @model_validator(mode="after")
+    def _last_turn_is_user(self) -> ChatRequest:
+        last = self.messages[-1].role
+        if last != "user":
+            raise ValueError(f"the last message must come from the user, got role {last!r}")
+        return self
+
+
+class Usage(_Strict):
+    prompt_tokens: int
+    completion_tokens: int
+    thinking_tokens: int
+
+
+class Timings(_Strict):
+    queued_at: datetime | None
+    started_at: datetime
+    finished_at: datetime
+    queue_wait_s: float | None
+    generation_s: float
+    tokens_per_s: float
+
+
+class ChatResult(_Strict):
+    job_id: str
+    model_id: str
+    model_revision: str
+    thinking: str
+    content: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    worker_host: str
+    device: str
+
+
+class JobError(_Strict):
+    code: ErrorCode
+    field: str | None = None
+    message: str
+    limit: int | float | str | None = None
+    value: int | float | str | None = None
+
+
+def error_from_validation(exc: ValidationError) -> JobError:
+    """The first problem pydantic found, as a JobError naming the field, the limit and the value."""
+    first = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    ctx = first.get("ctx") or {}
+    limit = next((ctx[key] for key in ("le", "lt", "ge", "gt", "max_length", "min_length", "pattern")
+                  if key in ctx), None)
+    value = _short(first.get("input"))
+    where = field or "request"
+    message = f"{where}: {first['msg']} (got {value})"
+    return JobError(code="invalid_request", field=field, message=message,
+                    limit=_scalar(limit), value=value)
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width]}... ({len(text)} chars)"
+
+
+def _scalar(value: Any) -> int | float | str | None:
+    return value if value is None or isinstance(value, int | float | str) else str(value)

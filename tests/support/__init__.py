@@ -1,0 +1,1 @@
+"""Real servers for tests: redis-server and `chatqueue-worker` subprocesses, started and stopped here."""

@@ -1,0 +1,156 @@
+"""Start real servers on loopback for tests and benchmarks, and wait on real readiness signals."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate, *, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
+    """Poll `predicate` until it returns something truthy; fail loudly after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+
+
+@contextmanager
+def redis_server(*, password: str | None = None, appendonly: bool = False) -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH: install it (.ci/run does: apt-get install redis-server)")
+    workdir = Path(tempfile.mkdtemp(prefix="chatqueue-redis-"))
+    port = free_port()
+    command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+               "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)]
+    if password:
+        command += ["--requirepass", password]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(port=port, process=process, workdir=workdir, password=password)
+    try:
+        wait_until(lambda: _pings(server), timeout=20, what=f"redis-server on port {port}")
+        yield server
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _pings(server: RedisServer) -> bool:
+    if server.process.poll() is not None:
+        raise RuntimeError(f"redis-server exited with code {server.process.returncode}")
+    try:
+        return bool(server.client().ping())
+    except redis.ConnectionError:
+        return False
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    process: subprocess.Popen[str]
+    log_path: Path
+    lines: list[str] = field(default_factory=list)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def worker_env(redis_url: str, model_dir: Path, queue: str, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATQUEUE_")}
+    env.update({
+        "CHATQUEUE_BROKER_URL": redis_url,
+        "CHATQUEUE_MODEL_DIR": str(model_dir),
+        "CHATQUEUE_QUEUE": queue,
+        "CHATQUEUE_DEVICE": "cpu",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update({f"CHATQUEUE_{key.upper()}": value for key, value in settings.items()})
+    return env
+
+
+def spawn_worker(env: dict[str, str], log_dir: Path, *, extra_args: tuple[str, ...] = ()) -> WorkerProcess:
+    """Start `chatqueue-worker run` as a real process; its output is kept for assertions."""
+    name = f"w{uuid.uuid4().hex[:8]}@%h"
+    log_path = log_dir / f"{name.split('@')[0]}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "run", "-n", name, "--without-mingle",
+         "--without-gossip", *extra_args],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    worker = WorkerProcess(name=name, process=process, log_path=log_path)
+
+    def pump() -> None:
+        assert process.stdout is not None
+        with log_path.open("w") as sink:
+            for line in process.stdout:
+                worker.lines.append(line)
+                sink.write(line)
+                sink.flush()
+
+    threading.Thread(target=pump, daemon=True).start()
+    return worker
+
+
+def wait_ready(worker: WorkerProcess, timeout: float = 180) -> None:
+    """Celery prints 'ready.' once it consumes; our startup has loaded the model before that."""
+
+    def ready() -> bool:
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker exited with {worker.process.returncode}:\n{worker.log()[-4000:]}")
+        return any(" ready." in line for line in worker.lines)
+
+    wait_until(ready, timeout=timeout, what=f"worker {worker.name} to be ready", interval=0.1)
+
+
+def wait_exit(worker: WorkerProcess, timeout: float) -> int:
+    return worker.process.wait(timeout=timeout)

@@ -1,0 +1,105 @@
+"""Load the tokenizer and model once, from the local folder only, pinned to one device."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from worker.manifest import Manifest
+from worker.pipeline.reasoning import ThinkTokens
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    manifest: Manifest
+    device: torch.device
+    generation_defaults: GenerationConfig
+    stop_ids: frozenset[int]
+    pad_id: int
+    context_length: int | None
+    think: ThinkTokens
+    load_s: float
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype  # type: ignore[no-any-return]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda:0")
+    log.warning("!!! CUDA is not available: the model runs on the CPU, far slower than on a GPU !!!")
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str) -> torch.dtype | str:
+    if name == "auto":
+        return "auto"  # the checkpoint's own dtype (config.json's dtype)
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def load_model(
+    model_dir: Path, manifest: Manifest, *, device: torch.device, dtype: str,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_dir, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=resolve_dtype(dtype), device_map=str(device), local_files_only=True,
+        trust_remote_code=trust_remote_code,
+    ).eval()
+    defaults = model.generation_config
+    stop_ids = _stop_ids(defaults, tokenizer)
+    pad_id = _pad_id(defaults, tokenizer, stop_ids)
+    loaded = LoadedModel(
+        model=model, tokenizer=tokenizer, manifest=manifest, device=device,
+        generation_defaults=defaults, stop_ids=stop_ids, pad_id=pad_id,
+        context_length=getattr(model.config, "max_position_embeddings", None),
+        think=ThinkTokens.from_tokenizer(tokenizer), load_s=time.perf_counter() - started,
+    )
+    log.info(
+        "loaded %s@%s from %s on %s as %s in %.1fs (think tags: %s)",
+        manifest.repo_id, manifest.commit[:12], model_dir, device, model.dtype, loaded.load_s,
+        "yes" if loaded.think.close_id is not None else "no",
+    )
+    return loaded
+
+
+def _stop_ids(defaults: GenerationConfig, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    eos = defaults.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise RuntimeError("the model defines no end-of-sequence token; generation would never stop")
+    return frozenset(ids)
+
+
+def _pad_id(defaults: GenerationConfig, tokenizer: Any, stop_ids: frozenset[int]) -> int:
+    # Padding sits under a zero attention mask, so any id works; prefer the model's own.
+    for candidate in (defaults.pad_token_id, tokenizer.pad_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return min(stop_ids)

@@ -1,0 +1,1 @@
+"""One module per stage, one pure function each: prompt -> tokens -> (engine) -> split."""
