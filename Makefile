@@ -1,0 +1,39 @@
+# The commands a person types. Everything installs into .venv in the project root.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+
+.PHONY: install demo test test-unit test-integration lint bench bench-quick models clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+demo: install
+	bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+test-integration: install
+	$(PY) -m pytest tests/integration
+
+lint: install
+	.venv/bin/ruff check producer worker tests benchmarks
+	.venv/bin/mypy
+
+bench: install
+	$(PY) -m benchmarks.run
+
+bench-quick: install
+	$(PY) -m benchmarks.run --quick
+
+models: install
+	.venv/bin/chatqueue-worker build-model demo --out models/HuggingFaceTB--SmolLM2-135M-Instruct
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,113 @@
+"""The engine without Celery: batched decoding equals one-at-a-time decoding, row by row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from producer.schemas import ChatRequest
+from worker.engine import Engine, EngineLimits, EngineRequest
+from worker.manifest import read_manifest
+from worker.model import load_model
+from worker.pipeline.sampling import SamplingParams
+from worker.service import build_prompt_ids
+
+GREEDY = SamplingParams(do_sample=False)
+QUESTIONS = [
+    "Hi",
+    "Who are you?",
+    "Please tell me, in some detail, how a batching engine for language models decides "
+    "which requests to run together, and why left padding is needed at all.",
+    "What is 2 + 2?",
+    "数一数：一、二、三、四、五、六、七、八、九、十。",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(tiny_model_dir, read_manifest(tiny_model_dir),
+                      device=torch.device("cpu"), dtype="float32")
+
+
+@pytest.fixture()
+def engine(loaded):
+    # A generous wait lets every submitted request land in one batch.
+    engine = Engine(loaded.model, pad_id=loaded.pad_id,
+                    limits=EngineLimits(max_batch_size=8, batch_wait_s=0.5)).start()
+    yield engine
+    engine.stop()
+
+
+def requests_for(loaded, sampling=GREEDY, max_new=(12, 20, 7, 16, 24)):
+    return [
+        EngineRequest(
+            prompt_ids=build_prompt_ids(loaded, ChatRequest.model_validate(
+                {"messages": [{"role": "user", "content": question}]})),
+            max_new_tokens=budget, sampling=sampling, stop_ids=frozenset(),
+        )
+        for question, budget in zip(QUESTIONS, max_new, strict=True)
+    ]
+
+
+def test_batched_greedy_equals_one_at_a_time(loaded, engine):
+    requests = requests_for(loaded)
+    assert len({len(r.prompt_ids) for r in requests}) == len(requests)  # different lengths
+
+    alone = [engine.generate(request) for request in requests]
+    futures = [engine.submit(request) for request in requests]
+    together = [future.result() for future in futures]
+
+    assert [out.batch_size for out in alone] == [1] * len(requests)
+    assert max(out.batch_size for out in together) > 1
+    for request, one, batched in zip(requests, alone, together, strict=True):
+        assert batched.token_ids == one.token_ids
+        assert len(batched.token_ids) == request.max_new_tokens
+        assert batched.finish_reason == "length"
+
+
+def test_engine_matches_transformers_generate(loaded, engine):
+    request = requests_for(loaded)[2]
+    reference = loaded.model.generate(
+        torch.tensor([list(request.prompt_ids)]), max_new_tokens=request.max_new_tokens,
+        do_sample=False, eos_token_id=None, pad_token_id=loaded.pad_id,
+    )[0, len(request.prompt_ids):].tolist()
+
+    assert engine.generate(request).token_ids == reference
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(loaded, engine):
+    seeded = SamplingParams(do_sample=True, temperature=1.5, top_p=0.95, top_k=50, seed=1234)
+    request = requests_for(loaded, sampling=seeded)[1]
+    alone = engine.generate(request)
+
+    others = [engine.submit(r) for r in requests_for(loaded)]
+    again = engine.submit(request)
+    assert again.result().batch_size > 1
+    assert again.result().token_ids == alone.token_ids
+    for other in others:
+        other.result()
+
+
+def test_stop_token_ends_a_row_early_and_others_continue(loaded, engine):
+    requests = requests_for(loaded)
+    first_token = engine.generate(requests[0]).token_ids[0]
+    stopping = EngineRequest(requests[0].prompt_ids, 50, GREEDY, frozenset({first_token}))
+
+    futures = [engine.submit(stopping), *(engine.submit(r) for r in requests[1:])]
+    outputs = [future.result() for future in futures]
+
+    assert outputs[0].finish_reason == "stop" and outputs[0].token_ids == [first_token]
+    assert [len(o.token_ids) for o in outputs[1:]] == [r.max_new_tokens for r in requests[1:]]
+
+
+def test_batches_respect_the_token_bound(loaded):
+    requests = requests_for(loaded)
+    budget = max(r.token_budget for r in requests)
+    engine = Engine(loaded.model, pad_id=loaded.pad_id,
+                    limits=EngineLimits(max_batch_size=8, max_batch_tokens=budget,
+                                        batch_wait_s=0.5)).start()
+    try:
+        outputs = [future.result() for future in [engine.submit(r) for r in requests]]
+    finally:
+        engine.stop()
+    assert [o.batch_size for o in outputs] == [1] * len(requests)

@@ -1,0 +1,67 @@
+"""Settings come from CHATQUEUE_* (and HF_*) variables; secrets never show in their repr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from producer.settings import ProducerSettings
+from worker.settings import WorkerSettings
+
+
+def test_defaults(monkeypatch):
+    for name in ("HF_ENDPOINT", "HF_HOME", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    settings = WorkerSettings(_env_file=None)
+    assert settings.device == "auto"
+    assert settings.dtype == "auto"
+    assert settings.trust_remote_code is False
+    assert settings.resolved_model_dir == Path("models/HuggingFaceTB--SmolLM2-135M-Instruct")
+    assert settings.visibility_timeout_s > settings.max_job_seconds
+
+
+def test_environment_and_hf_variables(monkeypatch):
+    monkeypatch.setenv("CHATQUEUE_MODEL_ID", "Qwen/Qwen3-0.6B")
+    monkeypatch.setenv("CHATQUEUE_MODELS_ROOT", "/srv/models")
+    monkeypatch.setenv("CHATQUEUE_CONCURRENCY", "8")
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.local")
+    settings = WorkerSettings(_env_file=None)
+    assert settings.resolved_model_dir == Path("/srv/models/Qwen--Qwen3-0.6B")
+    assert settings.concurrency == 8
+    assert settings.hf_endpoint == "http://mirror.local"
+
+
+def test_env_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("CHATQUEUE_QUEUE=qwen3\nCHATQUEUE_RESULT_TTL_S=60\n")
+    settings = ProducerSettings()
+    assert (settings.queue, settings.result_ttl_s) == ("qwen3", 60)
+
+
+def test_secrets_are_hidden_and_url_gets_the_password(monkeypatch):
+    monkeypatch.setenv("CHATQUEUE_REDIS_PASSWORD", "s3cr:t/pw")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    settings = WorkerSettings(_env_file=None)
+    assert "s3cr" not in repr(settings) and "hf_secret" not in repr(settings)
+    assert settings.broker_connection_url() == "redis://:s3cr%3At%2Fpw@127.0.0.1:6379/0"
+    assert settings.broker_url == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        pytest.param({"CHATQUEUE_VISIBILITY_TIMEOUT_S": "60", "CHATQUEUE_MAX_JOB_SECONDS": "120"},
+                     ["visibility_timeout_s", "60", "120"], id="visibility-shorter-than-job"),
+        pytest.param({"CHATQUEUE_DEFAULT_MAX_NEW_TOKENS": "900", "CHATQUEUE_MAX_NEW_TOKENS_CAP": "100"},
+                     ["default_max_new_tokens", "900", "100"], id="default-over-cap"),
+        pytest.param({"CHATQUEUE_CONCURRENCY": "0"}, ["concurrency", "0"], id="zero-slots"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_values(monkeypatch, env, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError) as caught:
+        WorkerSettings(_env_file=None)
+    assert all(word in str(caught.value) for word in words)
