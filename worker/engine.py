@@ -46,7 +46,7 @@ class EngineRequest:
 class EngineOutput:
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
-    batch_size: int
+    batch_size: int  # the most rows this job shared the device with, itself included
 
 
 @dataclass
@@ -55,6 +55,7 @@ class _Row:
     future: Future[EngineOutput]
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    peak_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ class Engine:
         self.pad_id = pad_id
         self.limits = limits
         self._inbox: queue.Queue[_Row] = queue.Queue()
-        self._carry: list[_Row] = []  # taken from the inbox but left for the next batch
+        self._carry: list[_Row] = []  # taken from the inbox, not yet admitted
+        self._row_cap = limits.max_batch_size  # lowered after a device OOM until the backlog drains
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="chatqueue-engine", daemon=True)
 
@@ -96,32 +98,53 @@ class Engine:
 
     # --- the engine thread
     def _serve(self) -> None:
+        batch: _Batch | None = None
         while not self._stop.is_set():
-            batch = self._next_batch()
-            if batch:
-                self._run(batch)
-        for row in self._carry + _drain(self._inbox):
-            row.future.set_exception(RuntimeError("engine stopped before the job ran"))
-
-    def _next_batch(self) -> list[_Row]:
-        """Wait for one request, then let the batch fill for batch_wait_s within the limits."""
-        batch, self._carry = self._carry, []
-        if not batch:
+            newcomers = self._admit(batch)
             try:
-                batch = [self._inbox.get(timeout=0.1)]
+                if newcomers:
+                    batch = self._join(batch, newcomers)
+                if batch is not None and batch.rows:
+                    self._step(batch)
+            except torch.OutOfMemoryError:
+                batch = self._recover_from_oom(batch, newcomers)
+            except Exception as exc:  # a bug must fail its jobs, not the engine thread
+                log.exception("decode step failed")
+                for row in (batch.rows if batch else []) + newcomers:
+                    if not row.future.done():
+                        row.future.set_exception(exc)
+                batch = None
+            if batch is not None and not batch.rows:
+                batch = None
+        for row in self._carry + _drain(self._inbox) + (batch.rows if batch else []):
+            if not row.future.done():
+                row.future.set_exception(RuntimeError("engine stopped before the job finished"))
+
+    def _admit(self, batch: _Batch | None) -> list[_Row]:
+        """The rows to add now, oldest first, within the row cap and the token bound."""
+        running = batch.rows if batch else []
+        waiting, self._carry = self._carry, []
+        if not running and not waiting:
+            self._row_cap = self.limits.max_batch_size  # the backlog after an OOM has drained
+            try:
+                waiting = [self._inbox.get(timeout=0.1)]
             except queue.Empty:
                 return []
-        deadline = time.monotonic() + self.limits.batch_wait_s
-        while len(batch) < self.limits.max_batch_size:
+        # Idle: let a burst gather so it is prefilled in one forward. Running: never stall.
+        deadline = time.monotonic() + (0.0 if running else self.limits.batch_wait_s)
+        while len(running) + len(waiting) < self._row_cap:
             try:
-                row = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                waiting.append(self._inbox.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-            if not self._fits([*batch, row]):
-                self._carry.append(row)
+        admitted: list[_Row] = []
+        for i, row in enumerate(waiting):
+            rows = [*running, *admitted, row]
+            if len(rows) > self._row_cap or (len(rows) > 1 and not self._fits(rows)):
+                self._carry = waiting[i:]
                 break
-            batch.append(row)
-        return batch
+            admitted.append(row)
+        return admitted
 
     def _fits(self, rows: list[_Row]) -> bool:
         # Left padding makes every row as long as the longest prompt plus the longest budget.
@@ -129,60 +152,65 @@ class Engine:
         longest_new = max(r.request.max_new_tokens for r in rows)
         return len(rows) * (longest_prompt + longest_new) <= self.limits.max_batch_tokens
 
-    def _run(self, rows: list[_Row]) -> None:
-        """Decode a batch; on a device OOM, split it and retry the halves before failing a job."""
-        try:
-            self._decode(rows)
-        except torch.OutOfMemoryError:
-            pending = [row for row in rows if not row.future.done()]
-            _release_device_memory(self.device)
-            if len(pending) == 1:
-                request = pending[0].request
-                pending[0].future.set_exception(DeviceOutOfMemory(
+    @torch.inference_mode()
+    def _join(self, batch: _Batch | None, newcomers: list[_Row]) -> _Batch | None:
+        """Prefill the newcomers together, take their first tokens, and merge them into the
+        running batch: caches and masks are left-padded to a common length, so every row keeps
+        its own positions and sees only its own tokens."""
+        for row in newcomers:
+            row.generator = _generator_for(row.request.sampling, self.device)
+        input_ids, mask = self._left_pad([row.request.prompt_ids for row in newcomers])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(input_ids, mask, positions, cache)
+        fresh = _Batch(rows=newcomers, cache=cache, mask=mask,
+                       positions=positions[:, -1] + 1, pending=torch.zeros_like(positions[:, -1]))
+        self._take_tokens(fresh, logits)
+        if batch is None or not batch.rows:
+            return fresh
+        if not fresh.rows:
+            return batch
+        return _merge(batch, fresh)
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch) -> None:
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=-1)
+        logits = self._forward(batch.pending.unsqueeze(-1), batch.mask,
+                               batch.positions.unsqueeze(-1), batch.cache)
+        batch.positions = batch.positions + 1
+        self._take_tokens(batch, logits)
+
+    def _take_tokens(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """Pick each row's next token, end the rows that are done, drop them from the batch."""
+        tokens = self._pick_tokens(logits, batch.rows)
+        size = len(batch.rows)
+        keep = [i for i, (row, token) in enumerate(zip(batch.rows, tokens, strict=True))
+                if not self._append(row, token, size)]
+        batch.pending = torch.tensor(tokens, device=self.device)
+        if len(keep) < size:
+            _select(batch, keep)
+
+    def _recover_from_oom(self, batch: _Batch | None, newcomers: list[_Row]) -> None:
+        """Put unfinished jobs back, halve the rows allowed; a job that fails alone is failed."""
+        rows = (batch.rows if batch else []) + newcomers
+        pending = [row for row in rows if not row.future.done()]
+        _release_device_memory(self.device)
+        if len(pending) <= 1:
+            for row in pending:
+                request = row.request
+                row.future.set_exception(DeviceOutOfMemory(
                     f"out of device memory for a job of {len(request.prompt_ids)} prompt tokens "
                     f"and max_new_tokens {request.max_new_tokens}, even alone on {self.device}"
                 ))
-                return
-            log.warning("device out of memory with a batch of %d; retrying in halves", len(pending))
-            for row in pending:
-                row.generated.clear()
-            half = len(pending) // 2
-            self._run(pending[:half])
-            self._run(pending[half:])
-        except Exception as exc:  # a bug must fail its jobs, not the engine thread
-            log.exception("batch of %d failed", len(rows))
-            for row in rows:
-                if not row.future.done():
-                    row.future.set_exception(exc)
-
-    @torch.inference_mode()
-    def _decode(self, rows: list[_Row]) -> None:
-        for row in rows:
-            row.generator = _generator_for(row.request.sampling, self.device)
-        batch_size = len(rows)
-        input_ids, attention_mask = self._left_pad([r.request.prompt_ids for r in rows])
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(input_ids, attention_mask, position_ids, cache)
-        next_position = position_ids[:, -1] + 1
-        while True:
-            tokens = self._pick_tokens(logits, rows)
-            keep = [i for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
-                    if not self._append(row, token, batch_size)]
-            if not keep:
-                return
-            if len(keep) < len(rows):
-                # Drop finished rows so the device no longer computes them.
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                attention_mask, next_position = attention_mask[index], next_position[index]
-                rows, tokens = [rows[i] for i in keep], [tokens[i] for i in keep]
-            attention_mask = torch.cat(
-                [attention_mask, attention_mask.new_ones((len(rows), 1))], dim=-1
-            )
-            step_ids = torch.tensor(tokens, device=self.device).unsqueeze(-1)
-            logits = self._forward(step_ids, attention_mask, next_position.unsqueeze(-1), cache)
-            next_position = next_position + 1
+            return None
+        self._row_cap = max(1, len(pending) // 2)
+        log.warning("device out of memory with %d rows; retrying them %d at a time",
+                    len(pending), self._row_cap)
+        for row in pending:
+            row.generated.clear()
+            row.peak_batch = 0
+        self._carry = pending + self._carry
+        return None
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
@@ -213,14 +241,66 @@ class Engine:
     def _append(row: _Row, token: int, batch_size: int) -> bool:
         """Record a token; True when the row has ended (its future is then resolved)."""
         row.generated.append(token)
+        row.peak_batch = max(row.peak_batch, batch_size)
         if token in row.request.stop_ids:
             reason: Literal["stop", "length"] = "stop"
         elif len(row.generated) >= row.request.max_new_tokens:
             reason = "length"
         else:
             return False
-        row.future.set_result(EngineOutput(list(row.generated), reason, batch_size))
+        row.future.set_result(EngineOutput(list(row.generated), reason, row.peak_batch))
         return True
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded and their shared state, row i of every tensor being rows[i]."""
+
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, cached positions]: 1 for a row's own tokens, 0 for padding
+    positions: torch.Tensor  # [rows]: the position id of each row's next token
+    pending: torch.Tensor  # [rows]: each row's last picked token, the next step's input
+
+
+def _select(batch: _Batch, keep: list[int]) -> None:
+    """Keep only the given rows, then drop the leading columns no remaining row uses."""
+    index = torch.tensor(keep, device=batch.mask.device)
+    batch.rows = [batch.rows[i] for i in keep]
+    if not keep:
+        return
+    batch.cache.batch_select_indices(index)
+    batch.mask, batch.positions, batch.pending = (
+        batch.mask[index], batch.positions[index], batch.pending[index])
+    used = batch.mask.any(dim=0).nonzero()
+    first = int(used[0]) if len(used) else 0
+    if first > 0:
+        batch.mask = batch.mask[:, first:]
+        for layer in batch.cache.layers:
+            layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+
+def _merge(old: _Batch, new: _Batch) -> _Batch:
+    width = max(old.mask.shape[1], new.mask.shape[1])
+    for old_layer, new_layer in zip(old.cache.layers, new.cache.layers, strict=True):
+        old_layer.keys = torch.cat([_pad_left(old_layer.keys, width, dim=-2),
+                                    _pad_left(new_layer.keys, width, dim=-2)], dim=0)
+        old_layer.values = torch.cat([_pad_left(old_layer.values, width, dim=-2),
+                                      _pad_left(new_layer.values, width, dim=-2)], dim=0)
+    old.mask = torch.cat([_pad_left(old.mask, width, dim=-1), _pad_left(new.mask, width, dim=-1)])
+    old.rows = old.rows + new.rows
+    old.positions = torch.cat([old.positions, new.positions])
+    old.pending = torch.cat([old.pending, new.pending])
+    return old
+
+
+def _pad_left(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def _generator_for(sampling: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -111,3 +113,26 @@ def test_batches_respect_the_token_bound(loaded):
     finally:
         engine.stop()
     assert [o.batch_size for o in outputs] == [1] * len(requests)
+
+
+def test_rows_joining_a_running_batch_decode_as_if_alone(loaded, engine):
+    requests = requests_for(loaded, max_new=(120, 20, 7, 16, 24))
+    alone = [engine.generate(request) for request in requests]
+
+    first = engine.submit(requests[0])
+    # Once the inbox is empty the first job is being decoded; the others must join it mid-flight.
+    wait_until(lambda: engine._inbox.empty())
+    assert not first.done()
+    later = [engine.submit(request) for request in requests[1:]]
+
+    assert first.result().token_ids == alone[0].token_ids
+    assert first.result().batch_size > 1
+    for future, one in zip(later, alone[1:], strict=True):
+        assert future.result().token_ids == one.token_ids
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
