@@ -32,12 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--top-k", type=int)
     submit.add_argument("--seed", type=int)
     submit.add_argument("--job-id")
+    submit.add_argument("--timeout-s", type=float, help="the job's own deadline (params.timeout_s)")
+    submit.add_argument("--max-thinking-tokens", type=int)
+    submit.add_argument("--stream", action="store_true", help="print the text live as it is written")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.add_argument("--timeout", type=float, help="seconds to wait for the result")
 
     result = commands.add_parser("result", help="wait for a job's result and print it")
     result.add_argument("job_id")
     result.add_argument("--timeout", type=float)
+
+    stream = commands.add_parser("stream", help="print a job's text live, then its result")
+    stream.add_argument("job_id")
+    stream.add_argument("--timeout", type=float)
+
+    cancel = commands.add_parser("cancel", help="cancel a queued or running job")
+    cancel.add_argument("job_id")
     return parser
 
 
@@ -49,6 +59,7 @@ def request_from_args(args: argparse.Namespace) -> ChatRequest:
         "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed,
         "enable_thinking": not args.no_thinking,
         "do_sample": False if args.greedy else None,
+        "timeout_s": args.timeout_s, "max_thinking_tokens": args.max_thinking_tokens,
     }
     return ChatRequest.model_validate({
         "messages": messages, "job_id": args.job_id,
@@ -59,6 +70,10 @@ def request_from_args(args: argparse.Namespace) -> ChatRequest:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with ChatQueueClient(ProducerSettings()) as client:
+        if args.command == "cancel":
+            client.cancel(args.job_id)
+            print(json.dumps({"job_id": args.job_id, "cancel": "requested"}))
+            return 0
         if args.command == "submit":
             try:
                 request = request_from_args(args)
@@ -70,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         else:
             job_id = args.job_id
+        if args.command == "stream" or getattr(args, "stream", False):
+            print_stream(client, job_id, args.timeout)
         try:
             result = client.result(job_id, timeout=args.timeout)
         except JobFailed as exc:
@@ -79,6 +96,21 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_TIMEOUT
         print(result.model_dump_json(indent=2))
         return 0
+
+
+def print_stream(client: ChatQueueClient, job_id: str, timeout: float | None) -> None:
+    """Thinking goes to stderr, content to stdout, so `> answer.txt` keeps only the answer."""
+    current = None
+    for event in client.stream(job_id, timeout=timeout):
+        if event.type == "start" and current is not None:
+            print("\n[the job restarted]", file=sys.stderr)
+        if event.type in ("thinking", "content"):
+            if event.type != current:
+                print(f"\n[{event.type}]", file=sys.stderr, flush=True)
+                current = event.type
+            sink = sys.stderr if event.type == "thinking" else sys.stdout
+            print(event.text, end="", file=sink, flush=True)
+    print(file=sys.stderr)
 
 
 def _print_error(error: JobError) -> int:

@@ -4,22 +4,33 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
+import redis
 from celery import states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 from producer.celery_app import create_celery
 from producer.errors import JobFailed, JobNotFound
-from producer.schemas import ChatMessage, ChatRequest, ChatResult, GenerationParams, JobError
-from producer.settings import TASK_NAME, ProducerSettings
+from producer.schemas import (
+    ChatMessage,
+    ChatRequest,
+    ChatResult,
+    GenerationParams,
+    JobError,
+    Progress,
+    StreamEvent,
+)
+from producer.settings import CANCEL_CHANNEL, TASK_NAME, ProducerSettings, cancel_key, stream_key
 
 
 class ChatQueueClient:
     def __init__(self, settings: ProducerSettings | None = None) -> None:
         self.settings = settings or ProducerSettings()
         self.app = create_celery(self.settings, name="chatqueue-producer")
+        self._redis = redis.Redis.from_url(self.settings.broker_connection_url())
 
     def submit(self, request: ChatRequest) -> str:
         """Queue a validated request; returns its job id (the client's own when it set one)."""
@@ -39,6 +50,45 @@ class ChatQueueClient:
             params=GenerationParams(**params),
         )
         return self.submit(request)
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a job: a queued one never starts; a running one ends within one decode step
+        with finish_reason "cancelled" and what it generated so far."""
+        with self._redis.pipeline() as pipe:
+            pipe.set(cancel_key(job_id), 1, ex=self.settings.result_ttl_s)
+            pipe.publish(CANCEL_CHANNEL, job_id)
+            pipe.execute()
+
+    def stream(self, job_id: str, timeout: float | None = None) -> Iterator[StreamEvent]:
+        """The job's events from its first one, live, until its end event.
+
+        A "start" event means the job (re)started from scratch -- after a worker crash it runs
+        again -- so a consumer that concatenates text resets on it. Raises TimeoutError when
+        nothing arrives for `timeout` seconds.
+        """
+        last_id, wait_s = "0-0", timeout or self.settings.wait_timeout_s
+        quiet_since = time.monotonic()
+        while True:
+            reply = self._redis.xread({stream_key(job_id): last_id}, block=1000, count=500)
+            if not reply:
+                if time.monotonic() - quiet_since > wait_s:
+                    raise TimeoutError(f"no stream events for job {job_id} in {wait_s}s")
+                continue
+            quiet_since = time.monotonic()
+            for entry_id, fields in reply[0][1]:
+                last_id = entry_id
+                event = StreamEvent.model_validate(
+                    {key.decode(): value.decode() for key, value in fields.items()})
+                yield event
+                if event.type == "end":
+                    return
+
+    def progress(self, job_id: str) -> Progress | None:
+        """Tokens so far and phase while the job runs; None before it starts or once it ended."""
+        handle = AsyncResult(job_id, app=self.app)
+        if handle.state != "PROGRESS" or not isinstance(handle.info, dict):
+            return None
+        return Progress.model_validate(handle.info)
 
     def state(self, job_id: str) -> str:
         """Celery's state: PENDING (queued or unknown), STARTED, SUCCESS, FAILURE, ..."""
@@ -65,6 +115,7 @@ class ChatQueueClient:
         return None
 
     def close(self) -> None:
+        self._redis.close()
         self.app.close()
 
     def __enter__(self) -> ChatQueueClient:

@@ -58,6 +58,14 @@ class GenerationParams(_Strict):
     ignore_eos: bool = Field(
         default=False, description="Generate exactly max_new_tokens (benchmarks)."
     )
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=7 * 86_400,
+        description="Seconds from the job's start; the worker's max_job_seconds caps it.",
+    )
+    max_thinking_tokens: int | None = Field(
+        default=None, ge=0, le=MAX_NEW_TOKENS_CEILING,
+        description="Close the think block after this many thinking tokens, then answer.",
+    )
 
 
 class ChatRequest(_Strict):
@@ -101,6 +109,21 @@ class ChatResult(_Strict):
     timings: Timings
     worker_host: str
     device: str
+
+
+class StreamEvent(_Strict):
+    """One entry of a job's token stream: a piece of text, a (re)start, or the end."""
+
+    type: Literal["start", "thinking", "content", "end"]
+    text: str = ""
+    finish_reason: FinishReason | None = None
+
+
+class Progress(_Strict):
+    """What a running job's Celery state (PROGRESS) carries."""
+
+    phase: Literal["queued", "thinking", "answering"]
+    tokens: int
 
 
 class JobError(_Strict):

@@ -9,6 +9,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TASK_NAME = "chatqueue.generate_chat"
 DEFAULT_QUEUE = "chatqueue"
+CANCEL_CHANNEL = "chatqueue:cancel"
+
+
+def stream_key(job_id: str) -> str:
+    return f"chatqueue:stream:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    return f"chatqueue:cancelled:{job_id}"
 
 
 class ConnectionSettings(BaseSettings):
@@ -30,6 +39,7 @@ class ConnectionSettings(BaseSettings):
     )
     queue: str = Field(default=DEFAULT_QUEUE, description="The queue workers of one model consume.")
     result_ttl_s: int = Field(default=86_400, gt=0, description="How long results stay in Redis.")
+    stream_maxlen: int = Field(default=10_000, gt=0, description="Entries kept per job stream.")
 
     def broker_connection_url(self) -> str:
         return _with_password(self.broker_url, self.redis_password)

@@ -1,16 +1,22 @@
-"""Session-wide fixtures: the tiny test model, built once per test session."""
+"""Session-wide fixtures: the tiny test model, built once and cached by its builder's source."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.devmodels import build_tiny_qwen
+def tiny_model_dir() -> Path:
+    from worker import devmodels
 
-    folder = tmp_path_factory.mktemp("models") / "tiny-qwen3"
-    build_tiny_qwen(folder)
+    # Keyed by the builder's source: a changed recipe builds a new model, an unchanged one is
+    # reused across sessions (the builder verifies the folder against its manifest first).
+    recipe = hashlib.sha256(Path(devmodels.__file__).read_bytes()).hexdigest()[:12]
+    folder = REPO_ROOT / ".cache" / "models" / f"tiny-qwen3-{recipe}"
+    devmodels.build_tiny_qwen(folder)
     return folder

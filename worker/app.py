@@ -20,6 +20,7 @@ from celery.signals import worker_init, worker_shutdown  # noqa: E402
 
 from producer.celery_app import celery_config  # noqa: E402
 from producer.errors import JobFailed  # noqa: E402
+from producer.schemas import Progress  # noqa: E402
 from producer.settings import TASK_NAME  # noqa: E402
 from worker.service import WorkerRuntime, run_job  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
@@ -52,7 +53,11 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
 
 def generate_chat(task: Task, request: Any, submitted_at: float | None = None) -> dict[str, Any]:
     """The task: a thin adapter from Celery to `run_job`."""
-    result = run_job(current_runtime(), request, job_id=task.request.id, submitted_at=submitted_at)
+    def report(progress: Progress) -> None:
+        task.update_state(state="PROGRESS", meta=progress.model_dump())
+
+    result = run_job(current_runtime(), request, job_id=task.request.id,
+                     submitted_at=submitted_at, report=report)
     return result.model_dump(mode="json")
 
 

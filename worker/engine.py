@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
+from worker.pipeline.reasoning import ThinkTokens
 from worker.pipeline.sampling import SamplingParams, sample_token
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,19 @@ class DeviceOutOfMemory(RuntimeError):
     """The job does not fit on the device even alone."""
 
 
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     prompt_ids: Sequence[int]
     max_new_tokens: int
     sampling: SamplingParams
     stop_ids: frozenset[int]
+    deadline: float | None = None  # time.monotonic() after which the job ends with "timeout"
+    thinking_budget: int | None = None  # thinking tokens after which the think block is closed
+    close_thinking_ids: tuple[int, ...] = ()  # what closes it, as the chat template writes it
+    prompt_opened_thinking: bool = False
 
     @property
     def token_budget(self) -> int:
@@ -45,17 +53,39 @@ class EngineRequest:
 @dataclass(frozen=True)
 class EngineOutput:
     token_ids: list[int]
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     batch_size: int  # the most rows this job shared the device with, itself included
 
 
 @dataclass
-class _Row:
+class EngineJob:
+    """One job in the engine. Other threads may read `generated` (append-only) and call
+    `cancel()`; the engine thread does everything else."""
+
     request: EngineRequest
-    future: Future[EngineOutput]
+    future: Future[EngineOutput] = field(default_factory=Future)
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     peak_batch: int = 0
+    cancelled: bool = False
+    thinking: bool = False
+    thinking_tokens: int = 0
+    forced: list[int] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        """Ask the engine to end this job; it does so before its next decode step."""
+        self.cancelled = True
+
+    def interrupted(self, now: float) -> FinishReason | None:
+        if self.cancelled:
+            return "cancelled"
+        if self.request.deadline is not None and now >= self.request.deadline:
+            return "timeout"
+        return None
+
+    def finish(self, reason: FinishReason) -> None:
+        if not self.future.done():
+            self.future.set_result(EngineOutput(list(self.generated), reason, self.peak_batch))
 
 
 @dataclass(frozen=True)
@@ -66,13 +96,15 @@ class EngineLimits:
 
 
 class Engine:
-    def __init__(self, model: Any, *, pad_id: int, limits: EngineLimits) -> None:
+    def __init__(self, model: Any, *, pad_id: int, limits: EngineLimits,
+                 think: ThinkTokens | None = None) -> None:
         self.model = model
         self.device = model.device
         self.pad_id = pad_id
+        self.think = think or ThinkTokens(open_id=None, close_id=None)
         self.limits = limits
-        self._inbox: queue.Queue[_Row] = queue.Queue()
-        self._carry: list[_Row] = []  # taken from the inbox, not yet admitted
+        self._inbox: queue.Queue[EngineJob] = queue.Queue()
+        self._carry: list[EngineJob] = []  # taken from the inbox, not yet admitted
         self._row_cap = limits.max_batch_size  # lowered after a device OOM until the backlog drains
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="chatqueue-engine", daemon=True)
@@ -86,15 +118,15 @@ class Engine:
         self._stop.set()
         self._thread.join(timeout)
 
-    def submit(self, request: EngineRequest) -> Future[EngineOutput]:
+    def submit(self, request: EngineRequest) -> EngineJob:
         if self._stop.is_set():
             raise RuntimeError("engine is stopped")
-        row = _Row(request=request, future=Future())
-        self._inbox.put(row)
-        return row.future
+        job = EngineJob(request=request)
+        self._inbox.put(job)
+        return job
 
     def generate(self, request: EngineRequest) -> EngineOutput:
-        return self.submit(request).result()
+        return self.submit(request).future.result()
 
     # --- the engine thread
     def _serve(self) -> None:
@@ -120,7 +152,7 @@ class Engine:
             if not row.future.done():
                 row.future.set_exception(RuntimeError("engine stopped before the job finished"))
 
-    def _admit(self, batch: _Batch | None) -> list[_Row]:
+    def _admit(self, batch: _Batch | None) -> list[EngineJob]:
         """The rows to add now, oldest first, within the row cap and the token bound."""
         running = batch.rows if batch else []
         waiting, self._carry = self._carry, []
@@ -137,7 +169,7 @@ class Engine:
                 waiting.append(self._inbox.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-        admitted: list[_Row] = []
+        admitted: list[EngineJob] = []
         for i, row in enumerate(waiting):
             rows = [*running, *admitted, row]
             if len(rows) > self._row_cap or (len(rows) > 1 and not self._fits(rows)):
@@ -146,19 +178,27 @@ class Engine:
             admitted.append(row)
         return admitted
 
-    def _fits(self, rows: list[_Row]) -> bool:
+    def _fits(self, rows: list[EngineJob]) -> bool:
         # Left padding makes every row as long as the longest prompt plus the longest budget.
         longest_prompt = max(len(r.request.prompt_ids) for r in rows)
         longest_new = max(r.request.max_new_tokens for r in rows)
         return len(rows) * (longest_prompt + longest_new) <= self.limits.max_batch_tokens
 
     @torch.inference_mode()
-    def _join(self, batch: _Batch | None, newcomers: list[_Row]) -> _Batch | None:
+    def _join(self, batch: _Batch | None, newcomers: list[EngineJob]) -> _Batch | None:
         """Prefill the newcomers together, take their first tokens, and merge them into the
         running batch: caches and masks are left-padded to a common length, so every row keeps
         its own positions and sees only its own tokens."""
-        for row in newcomers:
-            row.generator = _generator_for(row.request.sampling, self.device)
+        now = time.monotonic()
+        for job in newcomers:
+            if (reason := job.interrupted(now)) is not None:
+                job.finish(reason)  # cancelled or timed out while it waited: it never starts
+        newcomers = [job for job in newcomers if not job.future.done()]
+        if not newcomers:
+            return batch
+        for job in newcomers:
+            job.generator = _generator_for(job.request.sampling, self.device)
+            job.thinking = job.request.prompt_opened_thinking
         input_ids, mask = self._left_pad([row.request.prompt_ids for row in newcomers])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -181,16 +221,38 @@ class Engine:
         self._take_tokens(batch, logits)
 
     def _take_tokens(self, batch: _Batch, logits: torch.Tensor) -> None:
-        """Pick each row's next token, end the rows that are done, drop them from the batch."""
+        """Give each row its next token, end the rows that are done, drop them from the batch."""
         tokens = self._pick_tokens(logits, batch.rows)
-        size = len(batch.rows)
-        keep = [i for i, (row, token) in enumerate(zip(batch.rows, tokens, strict=True))
-                if not self._append(row, token, size)]
+        size, now = len(batch.rows), time.monotonic()
+        keep = []
+        for i, job in enumerate(batch.rows):
+            if (reason := job.interrupted(now)) is not None:
+                job.finish(reason)
+                continue
+            tokens[i] = self._steer(job, tokens[i])
+            if not self._append(job, tokens[i], size):
+                keep.append(i)
         batch.pending = torch.tensor(tokens, device=self.device)
         if len(keep) < size:
             _select(batch, keep)
 
-    def _recover_from_oom(self, batch: _Batch | None, newcomers: list[_Row]) -> None:
+    def _steer(self, job: EngineJob, token: int) -> int:
+        """Apply the thinking budget: once spent, the think block is closed for the model the
+        way its template writes it, and the model goes on to answer."""
+        budget = job.request.thinking_budget
+        if not job.forced and job.thinking and budget is not None and job.thinking_tokens >= budget:
+            job.forced = list(job.request.close_thinking_ids)
+        if job.forced:
+            token = job.forced.pop(0)
+        if token == self.think.open_id:
+            job.thinking = True
+        elif token == self.think.close_id:
+            job.thinking = False
+        elif job.thinking:
+            job.thinking_tokens += 1
+        return token
+
+    def _recover_from_oom(self, batch: _Batch | None, newcomers: list[EngineJob]) -> None:
         """Put unfinished jobs back, halve the rows allowed; a job that fails alone is failed."""
         rows = (batch.rows if batch else []) + newcomers
         pending = [row for row in rows if not row.future.done()]
@@ -229,7 +291,7 @@ class Engine:
         return ids.to(self.device), mask.to(self.device)
 
     @staticmethod
-    def _pick_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    def _pick_tokens(logits: torch.Tensor, rows: list[EngineJob]) -> list[int]:
         tokens = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             if row.request.sampling.do_sample:
@@ -238,17 +300,17 @@ class Engine:
         return tokens
 
     @staticmethod
-    def _append(row: _Row, token: int, batch_size: int) -> bool:
+    def _append(row: EngineJob, token: int, batch_size: int) -> bool:
         """Record a token; True when the row has ended (its future is then resolved)."""
         row.generated.append(token)
         row.peak_batch = max(row.peak_batch, batch_size)
         if token in row.request.stop_ids:
-            reason: Literal["stop", "length"] = "stop"
+            reason: FinishReason = "stop"
         elif len(row.generated) >= row.request.max_new_tokens:
             reason = "length"
         else:
             return False
-        row.future.set_result(EngineOutput(list(row.generated), reason, row.peak_batch))
+        row.finish(reason)
         return True
 
 
@@ -256,7 +318,7 @@ class Engine:
 class _Batch:
     """The rows being decoded and their shared state, row i of every tensor being rows[i]."""
 
-    rows: list[_Row]
+    rows: list[EngineJob]
     cache: DynamicCache
     mask: torch.Tensor  # [rows, cached positions]: 1 for a row's own tokens, 0 for padding
     positions: torch.Tensor  # [rows]: the position id of each row's next token
@@ -316,7 +378,7 @@ def _release_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _drain(inbox: queue.Queue[_Row]) -> list[_Row]:
+def _drain(inbox: queue.Queue[EngineJob]) -> list[EngineJob]:
     rows = []
     while True:
         try:

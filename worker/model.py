@@ -30,6 +30,7 @@ class LoadedModel:
     pad_id: int
     context_length: int | None
     think: ThinkTokens
+    close_thinking_ids: tuple[int, ...]
     load_s: float
 
     @property
@@ -72,11 +73,13 @@ def load_model(
     defaults = model.generation_config
     stop_ids = _stop_ids(defaults, tokenizer)
     pad_id = _pad_id(defaults, tokenizer, stop_ids)
+    think = ThinkTokens.from_tokenizer(tokenizer)
     loaded = LoadedModel(
         model=model, tokenizer=tokenizer, manifest=manifest, device=device,
         generation_defaults=defaults, stop_ids=stop_ids, pad_id=pad_id,
         context_length=getattr(model.config, "max_position_embeddings", None),
-        think=ThinkTokens.from_tokenizer(tokenizer), load_s=time.perf_counter() - started,
+        think=think, close_thinking_ids=_close_thinking_ids(tokenizer, think),
+        load_s=time.perf_counter() - started,
     )
     log.info(
         "loaded %s@%s from %s on %s as %s in %.1fs (think tags: %s)",
@@ -103,3 +106,12 @@ def _pad_id(defaults: GenerationConfig, tokenizer: Any, stop_ids: frozenset[int]
         if candidate is not None:
             return int(candidate)
     return min(stop_ids)
+
+
+def _close_thinking_ids(tokenizer: Any, think: ThinkTokens) -> tuple[int, ...]:
+    """How a think block ends in this model's templates (Qwen3: "\n</think>\n\n"): what the
+    engine writes for the model when a job's thinking budget runs out."""
+    if think.close_id is None:
+        return ()
+    ids = tuple(tokenizer("\n</think>\n\n", add_special_tokens=False)["input_ids"])
+    return ids if think.close_id in ids else (think.close_id,)

@@ -5,8 +5,11 @@ validate -> template -> tokenize -> check limits -> engine -> split -> ChatResul
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
+from collections.abc import Callable
+from concurrent.futures import wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,14 +17,35 @@ from typing import Any
 from pydantic import ValidationError
 
 from producer.errors import JobFailed
-from producer.schemas import ChatRequest, ChatResult, JobError, Timings, Usage, error_from_validation
-from worker.engine import DeviceOutOfMemory, Engine, EngineLimits, EngineRequest
+from producer.schemas import (
+    ChatRequest,
+    ChatResult,
+    JobError,
+    Progress,
+    StreamEvent,
+    Timings,
+    Usage,
+    error_from_validation,
+)
+from worker.control import JobControl, wait_interval
+from worker.engine import (
+    DeviceOutOfMemory,
+    Engine,
+    EngineJob,
+    EngineLimits,
+    EngineOutput,
+    EngineRequest,
+)
+from worker.metrics import WorkerMetrics
 from worker.model import LoadedModel
 from worker.pipeline.prompt import build_prompt
 from worker.pipeline.reasoning import decode_part, prompt_opens_thinking, split_reasoning
 from worker.pipeline.sampling import SamplingParams, resolve_sampling
+from worker.pipeline.stream import StreamSplitter
 from worker.pipeline.tokenize import tokenize_prompt
 from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,16 +56,21 @@ class WorkerRuntime:
     loaded: LoadedModel
     engine: Engine
     host: str
+    metrics: WorkerMetrics
+    control: JobControl | None = None
 
     @classmethod
-    def start(cls, settings: WorkerSettings, loaded: LoadedModel) -> WorkerRuntime:
+    def start(cls, settings: WorkerSettings, loaded: LoadedModel, metrics: WorkerMetrics,
+              control: JobControl | None = None) -> WorkerRuntime:
         limits = EngineLimits(
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             batch_wait_s=settings.batch_wait_ms / 1000,
         )
-        engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits).start()
-        return cls(settings=settings, loaded=loaded, engine=engine, host=socket.gethostname())
+        engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits,
+                        think=loaded.think).start()
+        return cls(settings=settings, loaded=loaded, engine=engine, host=socket.gethostname(),
+                   metrics=metrics, control=control)
 
     def warm_up(self) -> None:
         """One short generation, so the first real job does not pay for lazy initialisation."""
@@ -52,6 +81,10 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         self.engine.stop()
+        if self.control is not None:
+            self.control.stop()
+        self.metrics.model_unloaded()
+        self.metrics.close()
 
 
 @dataclass(frozen=True)
@@ -90,29 +123,111 @@ def prepare_job(runtime: WorkerRuntime, request: ChatRequest) -> PreparedJob:
             "params.max_new_tokens", loaded.context_length, len(prompt_ids) + max_new,
             "prompt tokens + max_new_tokens = {value}, over the model's context of {limit}",
         )
-    stop_ids = frozenset() if request.params.ignore_eos else loaded.stop_ids
+    params = request.params
+    opened = prompt_opens_thinking(prompt_ids, loaded.think)
+    time_allowed = min(params.timeout_s or settings.max_job_seconds, settings.max_job_seconds)
     return PreparedJob(
         request=request,
         engine_request=EngineRequest(
             prompt_ids=prompt_ids, max_new_tokens=max_new,
-            sampling=resolve_sampling(request.params, loaded.generation_defaults),
-            stop_ids=stop_ids,
+            sampling=resolve_sampling(params, loaded.generation_defaults),
+            stop_ids=frozenset() if params.ignore_eos else loaded.stop_ids,
+            deadline=time.monotonic() + time_allowed,
+            thinking_budget=params.max_thinking_tokens,
+            close_thinking_ids=loaded.close_thinking_ids,
+            prompt_opened_thinking=opened,
         ),
-        prompt_opened_thinking=prompt_opens_thinking(prompt_ids, loaded.think),
+        prompt_opened_thinking=opened,
     )
 
 
 def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
-            submitted_at: float | None = None) -> ChatResult:
-    """Run one job to its result; raises JobFailed with a structured error (never retried)."""
+            submitted_at: float | None = None,
+            report: Callable[[Progress], None] | None = None) -> ChatResult:
+    """Run one job to its result; raises JobFailed with a structured error (never retried).
+    Every job, whatever its end, is counted in the metrics and logged in one line."""
+    try:
+        result, batch_size = _run(runtime, raw_request, job_id=job_id,
+                                  submitted_at=submitted_at, report=report)
+    except JobFailed as failed:
+        runtime.metrics.job_failed(failed.error.code)
+        log.info("job %s failed: %s", job_id, failed)
+        raise
+    except Exception:
+        runtime.metrics.job_failed("internal_error")
+        log.exception("job %s failed with an internal error", job_id)
+        raise
+    runtime.metrics.job_finished(result, batch_size=batch_size or None)
+    log.info(
+        "job %s done: model=%s finish=%s prompt=%d completion=%d thinking=%d "
+        "queue_wait=%.3fs generation=%.3fs tok/s=%.1f", job_id, result.model_id,
+        result.finish_reason, result.usage.prompt_tokens, result.usage.completion_tokens,
+        result.usage.thinking_tokens, result.timings.queue_wait_s or 0.0,
+        result.timings.generation_s, result.timings.tokens_per_s,
+    )
+    return result
+
+
+def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at: float | None,
+         report: Callable[[Progress], None] | None) -> tuple[ChatResult, int]:
+    """Returns the result and the largest batch the job ran in.
+
+    While the engine decodes, this thread (the task slot) streams the new text to Redis and
+    reports progress, so the decode loop itself never waits on the network."""
     started_at = time.time()
     prepared = prepare_job(runtime, parse_request(raw_request))
+    control = runtime.control
+    if control is not None and control.cancelled_before_start(job_id):
+        never_started = EngineOutput([], "cancelled", 0)
+        return _result(runtime, prepared, job_id, never_started, submitted_at, started_at), 0
+    job = runtime.engine.submit(prepared.engine_request)
     try:
-        output = runtime.engine.generate(prepared.engine_request)
+        if control is not None:
+            control.track(job_id, job)
+        _follow(runtime, job_id, job, prepared, report)
+        output = job.future.result()
     except DeviceOutOfMemory as exc:
         raise JobFailed(JobError(code="out_of_memory", message=str(exc))) from None
-    finished_at = time.time()
+    finally:
+        if control is not None:
+            control.untrack(job_id)
+    return _result(runtime, prepared, job_id, output, submitted_at, started_at), output.batch_size
 
+
+def _follow(runtime: WorkerRuntime, job_id: str, job: EngineJob, prepared: PreparedJob,
+            report: Callable[[Progress], None] | None) -> None:
+    """Relay the job's new tokens as stream events and progress until the engine ends it."""
+    control, loaded = runtime.control, runtime.loaded
+    splitter = StreamSplitter(loaded.tokenizer, loaded.think,
+                              prompt_opened_thinking=prepared.prompt_opened_thinking)
+    if control is not None:
+        control.publish(job_id, [StreamEvent(type="start")], restart=True)
+    sent, since = 0, time.monotonic()
+    while True:
+        done = job.future.done() or bool(
+            wait([job.future], timeout=wait_interval(since)).done)
+        count = len(job.generated)
+        events = []
+        if count > sent:
+            pieces = splitter.feed(job.generated[sent:count])
+            events = [StreamEvent(type=part, text=text) for part, text in pieces]
+            sent = count
+            if report is not None:
+                phase = "thinking" if splitter.part == "thinking" else "answering"
+                report(Progress(phase=phase, tokens=count))
+        if done and job.future.exception() is None:
+            events += [StreamEvent(type=part, text=text) for part, text in splitter.finish()]
+            events.append(StreamEvent(type="end",
+                                      finish_reason=job.future.result().finish_reason))
+        if control is not None and events:
+            control.publish(job_id, events)
+        if done:
+            return
+
+
+def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: EngineOutput,
+            submitted_at: float | None, started_at: float) -> ChatResult:
+    finished_at = time.time()
     loaded = runtime.loaded
     split = split_reasoning(output.token_ids, loaded.think,
                             prompt_opened_thinking=prepared.prompt_opened_thinking)

@@ -72,6 +72,14 @@ class WorkerSettings(ConnectionSettings):
 
     log_level: str = "INFO"
 
+    # --- observability (worker/metrics.py)
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65_535, description="Serve Prometheus metrics here; None: off."
+    )
+    metrics_addr: str = Field(
+        default="127.0.0.1", description="Metrics listen address; 0.0.0.0 inside a container."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> WorkerSettings:
         if self.default_max_new_tokens > self.max_new_tokens_cap:

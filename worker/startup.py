@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from worker.manifest import verify_model_dir
+from worker.control import JobControl
+from worker.download import ensure_model
+from worker.metrics import WorkerMetrics
 from worker.model import load_model, resolve_device
 from worker.service import WorkerRuntime
 from worker.settings import WorkerSettings
@@ -13,14 +15,22 @@ log = logging.getLogger(__name__)
 
 
 def start_runtime(settings: WorkerSettings) -> WorkerRuntime:
+    metrics = WorkerMetrics(settings.model_id)
+    if settings.metrics_port is not None:
+        # Up before the model loads, so a scrape during a long load shows model_loaded 0.
+        port = metrics.serve(settings.metrics_port, settings.metrics_addr)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_addr, port)
     model_dir = settings.resolved_model_dir
-    manifest = verify_model_dir(model_dir, check_hashes=settings.verify_hashes)
+    manifest = ensure_model(settings)
     device = resolve_device(settings.device)
     loaded = load_model(model_dir, manifest, device=device, dtype=settings.dtype,
                         trust_remote_code=settings.trust_remote_code)
-    runtime = WorkerRuntime.start(settings, loaded)
+    control = JobControl.connect(settings.broker_connection_url(), ttl_s=settings.result_ttl_s,
+                                 stream_maxlen=settings.stream_maxlen)
+    runtime = WorkerRuntime.start(settings, loaded, metrics, control)
     if settings.warmup:
         runtime.warm_up()
+    metrics.model_loaded(loaded.load_s, revision=manifest.commit, device=str(device))
     log.info("worker ready: %s@%s on %s, queue %r, %d task slots", manifest.repo_id,
              manifest.commit[:12], device, settings.queue, settings.concurrency)
     return runtime

@@ -56,7 +56,7 @@ def test_batched_greedy_equals_one_at_a_time(loaded, engine):
     assert len({len(r.prompt_ids) for r in requests}) == len(requests)  # different lengths
 
     alone = [engine.generate(request) for request in requests]
-    futures = [engine.submit(request) for request in requests]
+    futures = [engine.submit(request).future for request in requests]
     together = [future.result() for future in futures]
 
     assert [out.batch_size for out in alone] == [1] * len(requests)
@@ -82,8 +82,8 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(loaded, engin
     request = requests_for(loaded, sampling=seeded)[1]
     alone = engine.generate(request)
 
-    others = [engine.submit(r) for r in requests_for(loaded)]
-    again = engine.submit(request)
+    others = [engine.submit(r).future for r in requests_for(loaded)]
+    again = engine.submit(request).future
     assert again.result().batch_size > 1
     assert again.result().token_ids == alone.token_ids
     for other in others:
@@ -95,7 +95,7 @@ def test_stop_token_ends_a_row_early_and_others_continue(loaded, engine):
     first_token = engine.generate(requests[0]).token_ids[0]
     stopping = EngineRequest(requests[0].prompt_ids, 50, GREEDY, frozenset({first_token}))
 
-    futures = [engine.submit(stopping), *(engine.submit(r) for r in requests[1:])]
+    futures = [engine.submit(stopping).future, *(engine.submit(r).future for r in requests[1:])]
     outputs = [future.result() for future in futures]
 
     assert outputs[0].finish_reason == "stop" and outputs[0].token_ids == [first_token]
@@ -109,7 +109,7 @@ def test_batches_respect_the_token_bound(loaded):
                     limits=EngineLimits(max_batch_size=8, max_batch_tokens=budget,
                                         batch_wait_s=0.5)).start()
     try:
-        outputs = [future.result() for future in [engine.submit(r) for r in requests]]
+        outputs = [future.result() for future in [engine.submit(r).future for r in requests]]
     finally:
         engine.stop()
     assert [o.batch_size for o in outputs] == [1] * len(requests)
@@ -119,11 +119,11 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(loaded, engine):
     requests = requests_for(loaded, max_new=(120, 20, 7, 16, 24))
     alone = [engine.generate(request) for request in requests]
 
-    first = engine.submit(requests[0])
+    first = engine.submit(requests[0]).future
     # Once the inbox is empty the first job is being decoded; the others must join it mid-flight.
     wait_until(lambda: engine._inbox.empty())
     assert not first.done()
-    later = [engine.submit(request) for request in requests[1:]]
+    later = [engine.submit(request).future for request in requests[1:]]
 
     assert first.result().token_ids == alone[0].token_ids
     assert first.result().batch_size > 1

