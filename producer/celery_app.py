@@ -19,7 +19,6 @@ def celery_config(settings: ConnectionSettings) -> dict[str, Any]:
         "accept_content": ["json"],
         "result_accept_content": ["json"],
         "result_expires": settings.result_ttl_s,
-        "task_default_queue": settings.queue,
         "task_track_started": True,
         "broker_connection_retry_on_startup": True,
         "enable_utc": True,

@@ -39,9 +39,13 @@ class ChatQueueClient:
             TASK_NAME,
             kwargs={"request": request.model_dump(mode="json"), "submitted_at": time.time()},
             task_id=job_id,
-            queue=self.settings.queue,
+            queue=self.queue_for(request),
         )
         return job_id
+
+    def queue_for(self, request: ChatRequest) -> str:
+        """Jobs go to the queue of the model they name: only workers serving it consume it."""
+        return self.settings.queue_for(request.model or self.settings.default_model)
 
     def submit_chat(self, messages: list[dict[str, str]], **params: Any) -> str:
         """Shorthand: messages as plain dicts, generation parameters as keywords."""

@@ -16,6 +16,7 @@ MAX_MESSAGES = 256
 MAX_MESSAGE_CHARS = 200_000
 MAX_NEW_TOKENS_CEILING = 131_072
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$"
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
@@ -74,6 +75,10 @@ class ChatRequest(_Strict):
     job_id: str | None = Field(
         default=None, pattern=JOB_ID_PATTERN, description="Client-chosen id; a UUID when unset."
     )
+    model: str | None = Field(
+        default=None, pattern=MODEL_ID_PATTERN,
+        description="Hub repo id of the model to run it; the producer's default_model when unset.",
+    )
 
     @model_validator(mode="after")
     def _last_turn_is_user(self) -> ChatRequest:
@@ -108,6 +113,7 @@ class ChatResult(_Strict):
     usage: Usage
     timings: Timings
     worker_host: str
+    worker_name: str | None = None  # the Celery node name: one per GPU on a multi-GPU host
     device: str
 
 

@@ -8,7 +8,8 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TASK_NAME = "chatqueue.generate_chat"
-DEFAULT_QUEUE = "chatqueue"
+QUEUE_PREFIX = "chatqueue."
+DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CANCEL_CHANNEL = "chatqueue:cancel"
 
 
@@ -37,9 +38,16 @@ class ConnectionSettings(BaseSettings):
     redis_password: SecretStr | None = Field(
         default=None, description="Kept apart from the URLs so it is never logged with them."
     )
-    queue: str = Field(default=DEFAULT_QUEUE, description="The queue workers of one model consume.")
+    queue: str | None = Field(
+        default=None,
+        description="One queue for every job whatever its model; unset: a queue per model, "
+        "chatqueue.<model id>, so one Redis serves several models.",
+    )
     result_ttl_s: int = Field(default=86_400, gt=0, description="How long results stay in Redis.")
     stream_maxlen: int = Field(default=10_000, gt=0, description="Entries kept per job stream.")
+
+    def queue_for(self, model_id: str) -> str:
+        return self.queue or f"{QUEUE_PREFIX}{model_id}"
 
     def broker_connection_url(self) -> str:
         return _with_password(self.broker_url, self.redis_password)
@@ -49,6 +57,9 @@ class ConnectionSettings(BaseSettings):
 
 
 class ProducerSettings(ConnectionSettings):
+    default_model: str = Field(
+        default=DEMO_MODEL_ID, description="Where a request that names no model goes."
+    )
     wait_timeout_s: float = Field(default=600.0, gt=0, description="Default wait for a result.")
 
 

@@ -74,7 +74,7 @@ def _load_model_once(sender: Any = None, **_: Any) -> None:
     if pool.endswith("prefork"):
         # CUDA initialised in a prefork parent breaks its children; one process owns the device.
         raise RuntimeError("chatqueue workers run the threads pool (or solo), not prefork")
-    _runtime = start_runtime(settings)
+    _runtime = start_runtime(settings, worker_name=getattr(sender, "hostname", None))
 
 
 @worker_shutdown.connect

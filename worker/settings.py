@@ -8,9 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from producer.settings import ConnectionSettings
-
-DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from producer.settings import DEMO_MODEL_ID, ConnectionSettings
 
 
 class WorkerSettings(ConnectionSettings):
@@ -94,6 +92,10 @@ class WorkerSettings(ConnectionSettings):
                 "job to a second worker"
             )
         return self
+
+    @property
+    def serving_queue(self) -> str:
+        return self.queue_for(self.model_id)
 
     @property
     def resolved_model_dir(self) -> Path:

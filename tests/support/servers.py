@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -105,15 +106,19 @@ class WorkerProcess:
         return self.process.returncode
 
 
-def worker_env(redis_url: str, model_dir: Path, queue: str, **settings: str) -> dict[str, str]:
+def worker_env(redis_url: str, model_dir: Path, queue: str | None, **settings: str) -> dict[str, str]:
+    """A worker's environment; queue None leaves it on its model's own queue."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATQUEUE_")}
+    manifest = json.loads((model_dir / "chatqueue-manifest.json").read_text())
     env.update({
         "CHATQUEUE_BROKER_URL": redis_url,
         "CHATQUEUE_MODEL_DIR": str(model_dir),
-        "CHATQUEUE_QUEUE": queue,
+        "CHATQUEUE_MODEL_ID": manifest["repo_id"],
         "CHATQUEUE_DEVICE": "cpu",
         "PYTHONUNBUFFERED": "1",
     })
+    if queue is not None:
+        env["CHATQUEUE_QUEUE"] = queue
     env.update({f"CHATQUEUE_{key.upper()}": value for key, value in settings.items()})
     return env
 
