@@ -542,7 +542,22 @@ def _parser(settings: WorkerSettings) -> argparse.ArgumentParser:
         help="every file of the repo, not only what a worker needs",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing, without any network access, when the folder already holds this "
+        "repo and revision and verifies (what a compose init service wants on every start)",
+    )
     return parser
+
+
+def _already_there(model_dir: Path, repo_id: str, revision: str) -> Manifest | None:
+    try:
+        manifest = verify_model_dir(model_dir)
+    except ModelNotReady:
+        return None
+    same = manifest.repo_id == repo_id and revision in (manifest.revision, manifest.commit)
+    return manifest if same else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -559,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     # The default folder follows --model-id, not the model id of the settings.
     named = settings.model_copy(update={"model_id": args.model_id})
     model_dir = args.model_dir or named.resolved_model_dir
+    if args.if_missing and (manifest := _already_there(model_dir, args.model_id, args.revision)):
+        print(f"model dir: {model_dir} already holds {manifest.repo_id}@{manifest.commit}")
+        return 0
     try:
         manifest = download_model(
             repo_id=args.model_id,

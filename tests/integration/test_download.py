@@ -520,3 +520,21 @@ def test_command_line_failure_is_one_line_and_nonzero(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot download acme/no-such-model@main")
     assert "\n" not in err
+
+
+def test_if_missing_keeps_a_verified_folder_without_asking_the_mirror(
+    olah: OlahMirror, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local = tmp_path / "model"
+    download(olah, local)
+    gets_before = olah.file_gets(REPO)
+
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    argv = ["--model-id", REPO, "--model-dir", str(local), "--endpoint", unreachable,
+            "--if-missing", "--no-progress"]
+    assert main(argv) == 0
+    assert "already holds" in capsys.readouterr().out
+    assert olah.file_gets(REPO) == gets_before
+
+    (local / "config.json").write_text("{}")  # no longer verifies: a real download is needed
+    assert main(argv) == 1
