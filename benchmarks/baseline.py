@@ -35,7 +35,8 @@ def load_tutorial_model(model_dir: Path, device: torch.device, dtype: str) -> Tu
     """Load as the worker does: same folder, device and dtype setting, nothing downloaded."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=resolve_dtype(dtype), device_map=str(device), local_files_only=True
+        model_dir, dtype=resolve_dtype(dtype, device=device, model_dir=model_dir),
+        device_map=str(device), local_files_only=True,
     ).eval()
     return TutorialModel(tokenizer, model)
 

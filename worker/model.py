@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -50,12 +52,41 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(name: str) -> torch.dtype | str:
-    if name == "auto":
-        return "auto"  # the checkpoint's own dtype (config.json's dtype)
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+def resolve_dtype(name: str, *, device: torch.device, model_dir: Path) -> torch.dtype | str:
+    """`auto` is the checkpoint's own dtype -- except on a CPU without native bf16/fp16 matmul
+    (AVX2-only x86, for one), where those run tens of times slower than float32."""
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {name!r}")
+        return _DTYPES[name]
+    saved = _checkpoint_dtype(model_dir)
+    if device.type != "cpu" or saved in (None, torch.float32) or cpu_matmul_is_fast(saved):
+        return "auto"
+    log.warning("%s matmul is slow on this CPU (no native support measured): loading the "
+                "model in float32 instead; set CHATQUEUE_DTYPE to override", saved)
+    return torch.float32
+
+
+def _checkpoint_dtype(model_dir: Path) -> torch.dtype | None:
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype")
+    return _DTYPES.get(name) if isinstance(name, str) else None
+
+
+@functools.cache
+def cpu_matmul_is_fast(dtype: torch.dtype, size: int = 512) -> bool:
+    """True when a square matmul in `dtype` runs at least 80% as fast as in float32 here."""
+
+    def best_seconds(kind: torch.dtype) -> float:
+        a, b = torch.randn(size, size).to(kind), torch.randn(size, size).to(kind)
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            torch.matmul(a, b)
+            timings.append(time.perf_counter() - started)
+        return min(timings)
+
+    return best_seconds(dtype) <= best_seconds(torch.float32) / 0.8
 
 
 def load_model(
@@ -67,7 +98,8 @@ def load_model(
         model_dir, local_files_only=True, trust_remote_code=trust_remote_code
     )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=resolve_dtype(dtype), device_map=str(device), local_files_only=True,
+        model_dir, dtype=resolve_dtype(dtype, device=device, model_dir=model_dir),
+        device_map=str(device), local_files_only=True,
         trust_remote_code=trust_remote_code,
     ).eval()
     defaults = model.generation_config

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from producer.schemas import MAX_MESSAGES
 from producer.settings import DEMO_MODEL_ID, ConnectionSettings
 
 
@@ -44,17 +45,35 @@ class WorkerSettings(ConnectionSettings):
     trust_remote_code: bool = False
 
     # --- the device
-    device: str = Field(default="auto", description="auto (cuda:0 when available, else cpu), cpu, cuda:N")
-    dtype: str = Field(default="auto", description="auto (the checkpoint's), bfloat16, float16, float32")
+    device: str = Field(
+        default="auto", description="auto (cuda:0 when available, else cpu), cpu, cuda:N"
+    )
+    dtype: str = Field(
+        default="auto", description="auto (the checkpoint's), bfloat16, float16, float32"
+    )
     warmup: bool = True
+    torch_threads: int | None = Field(
+        default=None, gt=0,
+        description="CPU threads torch uses; unset: torch's default (one per core). Set it when "
+        "several workers share a CPU: oversubscribed OpenMP threads slow small matmuls ~20x.",
+    )
 
     # --- limits a job is checked against
     max_new_tokens_cap: int = Field(default=4096, gt=0)
     default_max_new_tokens: int = Field(default=512, gt=0)
     max_prompt_tokens: int = Field(default=8192, gt=0)
+    max_request_bytes: int = Field(
+        default=1_048_576, gt=0,
+        description="A request larger than this as UTF-8 JSON is refused before it is parsed.",
+    )
+    max_messages: int = Field(
+        default=MAX_MESSAGES, gt=0, le=MAX_MESSAGES, description="Messages one request may hold."
+    )
 
     # --- the pool and the engine
-    concurrency: int = Field(default=32, gt=0, description="Task slots (threads) feeding the engine.")
+    concurrency: int = Field(
+        default=32, gt=0, description="Task slots (threads) feeding the engine."
+    )
     max_batch_size: int = Field(default=32, gt=0)
     max_batch_tokens: int = Field(
         default=65_536, gt=0, description="Bound on batch rows x (prompt + new tokens) in flight."
@@ -62,10 +81,21 @@ class WorkerSettings(ConnectionSettings):
     batch_wait_ms: float = Field(default=5.0, ge=0, description="How long to let a batch fill.")
     engine: Literal["static"] = "static"
 
-    # --- delivery
+    # --- delivery (README "Guarantees")
     max_job_seconds: float = Field(default=1800.0, gt=0)
     visibility_timeout_s: float = Field(
         default=3600.0, gt=0, description="Must exceed max_job_seconds or healthy jobs run twice."
+    )
+    redelivery_check_s: float = Field(
+        default=5.0, gt=0,
+        description="How often a worker looks for jobs whose worker died and puts them back in "
+        "the queue: a crashed worker's job runs again visibility_timeout_s + up to this after it "
+        "was first delivered.",
+    )
+    shutdown_grace_s: float = Field(
+        default=60.0, ge=0,
+        description="On SIGTERM, how long running jobs may go on; then they are stopped and put "
+        "back in the queue. Keep the orchestrator's stop timeout above it.",
     )
 
     log_level: str = "INFO"

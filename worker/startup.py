@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from worker.control import JobControl
 from worker.download import ensure_model
 from worker.manifest import ModelNotReady
@@ -30,6 +32,8 @@ def start_runtime(settings: WorkerSettings, worker_name: str | None = None) -> W
             f"for {settings.model_id} (CHATQUEUE_MODEL_ID)"
         )
     device = resolve_device(settings.device)
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     loaded = load_model(model_dir, manifest, device=device, dtype=settings.dtype,
                         trust_remote_code=settings.trust_remote_code)
     control = JobControl.connect(settings.broker_connection_url(), ttl_s=settings.result_ttl_s,

@@ -45,6 +45,7 @@ class RedisServer:
     process: subprocess.Popen[bytes]
     workdir: Path
     password: str | None = None
+    command: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -52,6 +53,25 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Shut Redis down the way an orchestrator does (SIGTERM): with appendonly it fsyncs its
+        AOF first, so what it acknowledged is there when it comes back."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=timeout)
+
+    def start(self, timeout: float = 20) -> None:
+        """Start it again on the same port and directory: it reloads its AOF (or RDB)."""
+        if self.process.poll() is None:
+            raise RuntimeError(f"redis-server on port {self.port} is still running")
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_until(lambda: _pings(self), timeout=timeout, what=f"redis-server on port {self.port}")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
 
 @contextmanager
@@ -66,13 +86,14 @@ def redis_server(*, password: str | None = None, appendonly: bool = False) -> It
     if password:
         command += ["--requirepass", password]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(port=port, process=process, workdir=workdir, password=password)
+    server = RedisServer(port=port, process=process, workdir=workdir, password=password,
+                         command=tuple(command))
     try:
         wait_until(lambda: _pings(server), timeout=20, what=f"redis-server on port {port}")
         yield server
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.process.terminate()  # the latest process: a test may have restarted it
+        server.process.wait(timeout=10)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -115,6 +136,9 @@ def worker_env(redis_url: str, model_dir: Path, queue: str | None, **settings: s
         "CHATQUEUE_MODEL_DIR": str(model_dir),
         "CHATQUEUE_MODEL_ID": manifest["repo_id"],
         "CHATQUEUE_DEVICE": "cpu",
+        # Tests run several workers on two cores: one torch thread each keeps them from
+        # starving each other's OpenMP barriers.
+        "CHATQUEUE_TORCH_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
     })
     if queue is not None:
