@@ -186,9 +186,9 @@ class Engine:
 
     @torch.inference_mode()
     def _join(self, batch: _Batch | None, newcomers: list[EngineJob]) -> _Batch | None:
-        """Prefill the newcomers together, take their first tokens, and merge them into the
-        running batch: caches and masks are left-padded to a common length, so every row keeps
-        its own positions and sees only its own tokens."""
+        """Prefill the newcomers, take their first tokens, and merge them into the running
+        batch: caches and masks are left-padded to a common length, so every row keeps its own
+        positions and sees only its own tokens."""
         now = time.monotonic()
         for job in newcomers:
             if (reason := job.interrupted(now)) is not None:
@@ -199,18 +199,23 @@ class Engine:
         for job in newcomers:
             job.generator = _generator_for(job.request.sampling, self.device)
             job.thinking = job.request.prompt_opened_thinking
-        input_ids, mask = self._left_pad([row.request.prompt_ids for row in newcomers])
+        for group in _similar_lengths(newcomers):
+            fresh = self._prefill(group)
+            if batch is None or not batch.rows:
+                batch = fresh
+            elif fresh.rows:
+                batch = _merge(batch, fresh)
+        return batch
+
+    def _prefill(self, jobs: list[EngineJob]) -> _Batch:
+        input_ids, mask = self._left_pad([job.request.prompt_ids for job in jobs])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(input_ids, mask, positions, cache)
-        fresh = _Batch(rows=newcomers, cache=cache, mask=mask,
+        fresh = _Batch(rows=jobs, cache=cache, mask=mask,
                        positions=positions[:, -1] + 1, pending=torch.zeros_like(positions[:, -1]))
         self._take_tokens(fresh, logits)
-        if batch is None or not batch.rows:
-            return fresh
-        if not fresh.rows:
-            return batch
-        return _merge(batch, fresh)
+        return fresh
 
     @torch.inference_mode()
     def _step(self, batch: _Batch) -> None:
@@ -340,6 +345,20 @@ def _select(batch: _Batch, keep: list[int]) -> None:
         batch.mask = batch.mask[:, first:]
         for layer in batch.cache.layers:
             layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+
+def _similar_lengths(jobs: list[EngineJob], spread: float = 1.25) -> list[list[EngineJob]]:
+    """Prefill groups whose longest prompt is at most `spread` x their shortest: padding a
+    20-token prompt to 400 would spend 20x its own compute; separate prefills waste nothing
+    and the merge pads only the cache, which costs memory, not matmuls."""
+    groups: list[list[EngineJob]] = []
+    for job in sorted(jobs, key=lambda j: len(j.request.prompt_ids)):
+        length = len(job.request.prompt_ids)
+        if groups and length <= spread * len(groups[-1][0].request.prompt_ids):
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    return groups
 
 
 def _merge(old: _Batch, new: _Batch) -> _Batch:
