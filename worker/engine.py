@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from worker.pipeline.reasoning import ThinkTokens
 from worker.pipeline.sampling import SamplingParams, sample_token
@@ -210,7 +211,7 @@ class Engine:
     def _prefill(self, jobs: list[EngineJob]) -> _Batch:
         input_ids, mask = self._left_pad([job.request.prompt_ids for job in jobs])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = _new_cache(self.model.config)
         logits = self._forward(input_ids, mask, positions, cache)
         fresh = _Batch(rows=jobs, cache=cache, mask=mask,
                        positions=positions[:, -1] + 1, pending=torch.zeros_like(positions[:, -1]))
@@ -345,6 +346,58 @@ def _select(batch: _Batch, keep: list[int]) -> None:
         batch.mask = batch.mask[:, first:]
         for layer in batch.cache.layers:
             layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views into a larger buffer.
+
+    transformers' DynamicLayer appends a step's keys with torch.cat, copying the whole cache of
+    the batch at every decode step; here a step writes in place and the buffer grows in chunks.
+    When the engine replaces `keys` / `values` itself (dropping finished rows, merging new
+    ones, trimming padding), the next update adopts the new tensors into a fresh buffer.
+    """
+
+    GROWTH = 256  # positions added per reallocation
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        needed = length + key_states.shape[-2]
+        if not self._owns_current() or needed > self._key_buffer.shape[-2]:  # type: ignore[union-attr]
+            self._key_buffer = self._adopt(self.keys, key_states, needed)
+            self._value_buffer = self._adopt(self.values, value_states, needed)
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self._key_buffer[..., length:needed, :] = key_states
+        self._value_buffer[..., length:needed, :] = value_states
+        self.keys = self._key_buffer[..., :needed, :]
+        self.values = self._value_buffer[..., :needed, :]
+        return self.keys, self.values
+
+    def _owns_current(self) -> bool:
+        return (self._key_buffer is not None and self.keys.numel() > 0
+                and self.keys.data_ptr() == self._key_buffer.data_ptr()
+                and self.keys.shape[0] == self._key_buffer.shape[0])
+
+    def _adopt(self, current: torch.Tensor, incoming: torch.Tensor, needed: int) -> torch.Tensor:
+        shape = list(incoming.shape)
+        shape[-2] = needed + self.GROWTH
+        buffer = incoming.new_empty(shape)
+        if current.numel():
+            buffer[..., : current.shape[-2], :] = current
+        return buffer
+
+
+def _new_cache(config: Any) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    # Only plain full-attention layers grow in place; sliding-window ones keep their own logic.
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_GrowingLayer() for _ in cache.layers]
+    return cache
 
 
 def _similar_lengths(jobs: list[EngineJob], spread: float = 1.25) -> list[list[EngineJob]]:

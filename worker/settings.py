@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -79,7 +78,6 @@ class WorkerSettings(ConnectionSettings):
         default=65_536, gt=0, description="Bound on batch rows x (prompt + new tokens) in flight."
     )
     batch_wait_ms: float = Field(default=5.0, ge=0, description="How long to let a batch fill.")
-    engine: Literal["static"] = "static"
 
     # --- delivery (README "Guarantees")
     max_job_seconds: float = Field(default=1800.0, gt=0)
