@@ -1,4 +1,5 @@
-"""`chatqueue-worker`: run a worker, download a model, build the local demo/test models."""
+"""`chatqueue-worker`: run a worker, check its health, download a model, build the local
+demo/test models."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="chatqueue-worker", description=__doc__)
-    parser.add_argument("command", choices=["run", "download", "build-model"])
+    parser.add_argument("command", choices=["run", "health", "download", "build-model"])
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="the command's own arguments")
     args = parser.parse_args(argv[:1])
     rest = argv[1:]
@@ -22,7 +23,43 @@ def main(argv: list[str] | None = None) -> int:
         from worker.devmodels import main as build_main
 
         return build_main(rest)
+    if args.command == "health":
+        return health(rest)
     return run_worker(rest)
+
+
+def health(argv: list[str]) -> int:
+    """Exit 0 when the worker behind a metrics port has its model loaded (a container or
+    load-balancer health check); 1 with the reason otherwise."""
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    parser = argparse.ArgumentParser(prog="chatqueue-worker health")
+    parser.add_argument("--url", help="metrics URL (default: from CHATQUEUE_METRICS_*)")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    url = args.url
+    if url is None:
+        from worker.settings import WorkerSettings
+
+        settings = WorkerSettings()
+        if settings.metrics_port is None:
+            print("unhealthy: CHATQUEUE_METRICS_PORT is not set; nothing to ask", file=sys.stderr)
+            return 1
+        url = f"http://{settings.metrics_addr}:{settings.metrics_port}/metrics"
+    try:
+        with urlopen(url, timeout=args.timeout) as response:
+            text = response.read().decode()
+    except (URLError, OSError) as exc:
+        print(f"unhealthy: {url} does not answer ({exc})", file=sys.stderr)
+        return 1
+    loaded = [line for line in text.splitlines() if line.startswith("chatqueue_model_loaded")]
+    if not loaded or not all(line.rstrip().endswith(" 1.0") for line in loaded):
+        print(f"unhealthy: model not loaded ({loaded or 'no chatqueue_model_loaded metric'})",
+              file=sys.stderr)
+        return 1
+    print("healthy: model loaded")
+    return 0
 
 
 def run_worker(extra: list[str]) -> int:
@@ -31,7 +68,9 @@ def run_worker(extra: list[str]) -> int:
 
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app.worker_main(["worker", f"--loglevel={settings.log_level}", "-Q", settings.serving_queue, *extra])
+    app.worker_main(
+        ["worker", f"--loglevel={settings.log_level}", "-Q", settings.serving_queue, *extra]
+    )
     return 0
 
 
