@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +22,13 @@ from pathlib import Path
 import redis
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """In a child before exec: the kernel sends it SIGTERM when the test process dies, so a
+    killed test run leaves no worker holding a model and two cores behind."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -155,6 +164,7 @@ def spawn_worker(env: dict[str, str], log_dir: Path, *, extra_args: tuple[str, .
         [sys.executable, "-m", "worker.cli", "run", "-n", name, "--without-mingle",
          "--without-gossip", *extra_args],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=die_with_parent,
     )
     worker = WorkerProcess(name=name, process=process, log_path=log_path)
 
