@@ -71,21 +71,18 @@ def warm_up(tm: TutorialModel, messages: list[dict[str, str]], enable_thinking: 
     generate_one(tm, messages, max_new_tokens=2, enable_thinking=enable_thinking)
 
 
-def run_baseline(
-    tm: TutorialModel, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
+def run_request(
+    tm: TutorialModel, index: int, messages: list[dict[str, str]], *, max_new_tokens: int,
     enable_thinking: bool,
-) -> list[RequestRun]:
-    runs = []
-    for index, messages in enumerate(prompts):
-        started = time.perf_counter()
-        prompt_tokens, new_ids = generate_one(
-            tm, messages, max_new_tokens=max_new_tokens, enable_thinking=enable_thinking
+) -> RequestRun:
+    started = time.perf_counter()
+    prompt_tokens, new_ids = generate_one(
+        tm, messages, max_new_tokens=max_new_tokens, enable_thinking=enable_thinking
+    )
+    latency = time.perf_counter() - started
+    if len(new_ids) != max_new_tokens:
+        raise RuntimeError(
+            f"baseline generated {len(new_ids)} tokens for prompt {index}, expected "
+            f"{max_new_tokens}: the runs would not be comparable"
         )
-        latency = time.perf_counter() - started
-        if len(new_ids) != max_new_tokens:
-            raise RuntimeError(
-                f"baseline generated {len(new_ids)} tokens for prompt {index}, expected "
-                f"{max_new_tokens}: the runs would not be comparable"
-            )
-        runs.append(RequestRun(index, prompt_tokens, len(new_ids), latency))
-    return runs
+    return RequestRun(index, prompt_tokens, len(new_ids), latency)

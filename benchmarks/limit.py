@@ -40,23 +40,32 @@ def matmul_sizes(device: torch.device, quick: bool) -> list[int]:
     # Large enough that the kernel, not the call, dominates; a GPU needs far larger to saturate.
     if device.type == "cuda":
         return [4096, 8192] if quick else [4096, 8192, 16384]
-    return [1024, 2048] if quick else [1024, 2048, 4096]
+    return [512, 1024] if quick else [512, 1024, 2048, 4096]
 
 
 def measure_matmul_peak(
-    device: torch.device, dtype: torch.dtype, sizes: list[int], repeats: int = 5
+    device: torch.device, dtype: torch.dtype, sizes: list[int], repeats: int = 5,
+    slow_s: float = 1.0,
 ) -> MatmulPeak:
-    """Best FLOP/s of square matmuls C = A @ B (2 n^3 FLOPs each), after one warm-up per size."""
-    best, best_size = 0.0, sizes[0]
+    """Best FLOP/s of square matmuls C = A @ B (2 n^3 FLOPs each), after one warm-up per size.
+
+    Sizes grow until one matmul takes over `slow_s`: a dtype without a fast kernel on this
+    device (bf16 on a CPU without AVX-512/AMX runs at ~1 GFLOP/s) would otherwise take many
+    minutes at the largest size, and shows its rate at any size.
+    """
+    best, best_size, measured = 0.0, sizes[0], []
     for n in sizes:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        _timed_matmul(a, b)  # warm-up: kernel selection, allocator, caches
-        seconds = min(_timed_matmul(a, b) for _ in range(repeats))
-        rate = 2 * n**3 / seconds
-        if rate > best:
-            best, best_size = rate, n
-    return MatmulPeak(best, best_size, sizes, repeats, str(dtype).removeprefix("torch."),
+        warm_up_s = _timed_matmul(a, b)  # kernel selection, allocator, caches
+        slow = warm_up_s > slow_s
+        seconds = min(_timed_matmul(a, b) for _ in range(1 if slow else repeats))
+        measured.append(n)
+        if 2 * n**3 / seconds > best:
+            best, best_size = 2 * n**3 / seconds, n
+        if slow:
+            break
+    return MatmulPeak(best, best_size, measured, repeats, str(dtype).removeprefix("torch."),
                       str(device))
 
 
@@ -89,12 +98,18 @@ def model_cost(model: Any) -> ModelCost:
     )
 
 
-def limit_summary(peak: MatmulPeak, cost: ModelCost) -> dict[str, Any]:
-    return {
+def limit_summary(
+    peak: MatmulPeak, cost: ModelCost, float32_peak: MatmulPeak | None = None
+) -> dict[str, Any]:
+    summary = {
         "matmul": asdict(peak),
         "model": asdict(cost),
         "compute_bound_tokens_per_s": peak.flops_per_s / cost.flops_per_token,
     }
+    if float32_peak is not None:
+        # For reference only: whether the model's dtype is the fast one on this device.
+        summary["float32_matmul_flops_per_s"] = float32_peak.flops_per_s
+    return summary
 
 
 def mfu(tokens_per_s: float, limit: dict[str, Any]) -> float:

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from producer import ChatQueueClient, ChatRequest, ChatResult, ProducerSettings
@@ -26,9 +26,10 @@ class WorkerConfig:
     concurrency: int
     max_batch_size: int
     max_new_tokens_cap: int
+    torch_threads: int | None = None  # None: torch's default, as in the baseline
 
     def env_settings(self) -> dict[str, str]:
-        return {key: str(value) for key, value in vars(self).items()}
+        return {key: str(value) for key, value in vars(self).items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -111,19 +112,6 @@ def run_level(
                 finished_at=result.timings.finished_at.timestamp(),
             ))
     return LevelRun(jobs=jobs, wall_s=max(finished) - pending[0][1])
-
-
-def run_one_at_a_time(
-    client: ChatQueueClient, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
-    enable_thinking: bool,
-) -> list[JobRun]:
-    """The baseline's pattern through the product: each job alone, the next after its result."""
-    jobs = []
-    for index, messages in enumerate(prompts):
-        (job,) = run_level(client, [messages], max_new_tokens=max_new_tokens,
-                           enable_thinking=enable_thinking).jobs
-        jobs.append(replace(job, prompt_index=index))
-    return jobs
 
 
 def warm_up(client: ChatQueueClient, messages: list[dict[str, str]], enable_thinking: bool) -> None:

@@ -1,6 +1,6 @@
 """chatqueue producer: the job contract and a thin client. Imports no torch or transformers."""
 
-from producer.client import ChatQueueClient
+from producer.client import ChatQueueClient, parse_request
 from producer.errors import JobFailed, JobNotFound
 from producer.schemas import ChatMessage, ChatRequest, ChatResult, GenerationParams, JobError
 from producer.settings import ProducerSettings
@@ -15,4 +15,5 @@ __all__ = [
     "JobFailed",
     "JobNotFound",
     "ProducerSettings",
+    "parse_request",
 ]

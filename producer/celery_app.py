@@ -21,11 +21,28 @@ def celery_config(settings: ConnectionSettings) -> dict[str, Any]:
         "result_expires": settings.result_ttl_s,
         "task_track_started": True,
         "broker_connection_retry_on_startup": True,
+        # Ride out a Redis restart rather than fail. Storing a result and reconnecting the
+        # result subscription retry for about a minute (Celery's default: 20 s), reading one
+        # with backoff for as long; publishing a job retries for about 15 s (default: under
+        # 1 s), so a submit() that returns has its job in Redis and one that cannot raises.
+        "result_backend_transport_options": {
+            "retry_policy": {
+                "max_retries": 60, "interval_start": 0, "interval_step": 1, "interval_max": 1,
+            },
+        },
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 20,
+        "result_backend_base_sleep_between_retries_ms": 250,
+        "result_backend_max_sleep_between_retries_ms": 4000,
+        "task_publish_retry_policy": {
+            "max_retries": 10, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
+        },
         "enable_utc": True,
     }
 
 
-def create_celery(settings: ConnectionSettings, name: str = "chatqueue") -> Celery:
-    app = Celery(name, set_as_current=False)
+def create_celery(settings: ConnectionSettings, name: str = "chatqueue",
+                  cls: type[Celery] = Celery) -> Celery:
+    app = cls(name, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app

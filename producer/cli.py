@@ -9,12 +9,13 @@ import sys
 from pydantic import ValidationError
 
 from producer.client import ChatQueueClient
-from producer.errors import JobFailed
+from producer.errors import JobFailed, JobNotFound
 from producer.schemas import ChatRequest, JobError, error_from_validation
 from producer.settings import ProducerSettings
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 3
+EXIT_NOT_FOUND = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--job-id")
     submit.add_argument("--timeout-s", type=float, help="the job's own deadline (params.timeout_s)")
     submit.add_argument("--max-thinking-tokens", type=int)
-    submit.add_argument("--stream", action="store_true", help="print the text live as it is written")
+    submit.add_argument("--stream", action="store_true",
+                        help="print the text live as it is written")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.add_argument("--timeout", type=float, help="seconds to wait for the result")
 
@@ -85,15 +87,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         else:
             job_id = args.job_id
-        if args.command == "stream" or getattr(args, "stream", False):
-            print_stream(client, job_id, args.timeout)
         try:
+            if args.command == "stream" or getattr(args, "stream", False):
+                print_stream(client, job_id, args.timeout)
             result = client.result(job_id, timeout=args.timeout)
         except JobFailed as exc:
             return _print_error(exc.error)
         except TimeoutError as exc:
             print(json.dumps({"job_id": job_id, "error": str(exc)}), file=sys.stderr)
             return EXIT_TIMEOUT
+        except JobNotFound as exc:
+            print(json.dumps({"job_id": job_id, "error": str(exc)}), file=sys.stderr)
+            return EXIT_NOT_FOUND
         print(result.model_dump_json(indent=2))
         return 0
 

@@ -4,36 +4,83 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import redis
-from celery import states
+from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
+from pydantic import ValidationError
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from producer.celery_app import create_celery
 from producer.errors import JobFailed, JobNotFound
 from producer.schemas import (
-    ChatMessage,
     ChatRequest,
     ChatResult,
-    GenerationParams,
     JobError,
     Progress,
     StreamEvent,
+    error_from_validation,
 )
-from producer.settings import CANCEL_CHANNEL, TASK_NAME, ProducerSettings, cancel_key, stream_key
+from producer.settings import (
+    CANCEL_CHANNEL,
+    TASK_NAME,
+    ProducerSettings,
+    accepted_key,
+    cancel_key,
+    stream_key,
+)
+
+# While Redis restarts, the stream reader waits this long between attempts to reconnect.
+_RECONNECT_WAIT_S = 0.5
+
+
+def parse_request(raw: ChatRequest | Mapping[str, Any]) -> ChatRequest:
+    """A request as the contract reads it; a bad one raises JobFailed whose JobError names the
+    field, the limit and the value given -- the same error a worker would store."""
+    if isinstance(raw, ChatRequest):
+        return raw
+    try:
+        return ChatRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise JobFailed(error_from_validation(exc)) from None
+
+
+class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
+    """Records every chat job it publishes as accepted, whichever call publishes it: submit(),
+    or send_task() by code that goes around the contract. Recorded before the publish, so a
+    result lookup never sees a published job as unknown."""
+
+    accepted: redis.Redis | None = None
+    accepted_ttl_s: int = 86_400
+
+    def send_task(self, name: str, args: Any = None, kwargs: Any = None,
+                  **options: Any) -> AsyncResult:
+        if name == TASK_NAME and self.accepted is not None:
+            options["task_id"] = options.get("task_id") or uuid.uuid4().hex
+            self.accepted.set(accepted_key(options["task_id"]), 1, ex=self.accepted_ttl_s)
+        return super().send_task(name, args, kwargs, **options)
 
 
 class ChatQueueClient:
     def __init__(self, settings: ProducerSettings | None = None) -> None:
         self.settings = settings or ProducerSettings()
-        self.app = create_celery(self.settings, name="chatqueue-producer")
-        self._redis = redis.Redis.from_url(self.settings.broker_connection_url())
+        # Job records, streams and cancels ride out a Redis restart as Celery's calls do.
+        self._redis = redis.Redis.from_url(self.settings.broker_connection_url(),
+                                           retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10))
+        self.app = create_celery(self.settings, name="chatqueue-producer", cls=_AcceptingCelery)
+        self.app.accepted, self.app.accepted_ttl_s = self._redis, self.settings.result_ttl_s
 
-    def submit(self, request: ChatRequest) -> str:
-        """Queue a validated request; returns its job id (the client's own when it set one)."""
+    def submit(self, request: ChatRequest | Mapping[str, Any]) -> str:
+        """Queue a request; returns its job id (the client's own when it set one).
+
+        A plain mapping is validated first: a bad one raises JobFailed naming the field, the
+        limit and the value, and nothing is queued. Once this returns, the job is in Redis.
+        """
+        request = parse_request(request)
         job_id = request.job_id or uuid.uuid4().hex
         self.app.send_task(
             TASK_NAME,
@@ -48,12 +95,9 @@ class ChatQueueClient:
         return self.settings.queue_for(request.model or self.settings.default_model)
 
     def submit_chat(self, messages: list[dict[str, str]], **params: Any) -> str:
-        """Shorthand: messages as plain dicts, generation parameters as keywords."""
-        request = ChatRequest(
-            messages=[ChatMessage(**message) for message in messages],
-            params=GenerationParams(**params),
-        )
-        return self.submit(request)
+        """Shorthand: messages as plain dicts, generation parameters as keywords; bad ones raise
+        JobFailed as submit() does."""
+        return self.submit({"messages": messages, "params": params})
 
     def cancel(self, job_id: str) -> None:
         """Stop a job: a queued one never starts; a running one ends within one decode step
@@ -68,12 +112,19 @@ class ChatQueueClient:
 
         A "start" event means the job (re)started from scratch -- after a worker crash it runs
         again -- so a consumer that concatenates text resets on it. Raises TimeoutError when
-        nothing arrives for `timeout` seconds.
+        nothing arrives for `timeout` seconds, JobNotFound for an unknown or expired job; rides
+        out a Redis restart.
         """
         last_id, wait_s = "0-0", timeout or self.settings.wait_timeout_s
+        if not self._redis.exists(stream_key(job_id)):
+            self._check_known(job_id)
         quiet_since = time.monotonic()
         while True:
-            reply = self._redis.xread({stream_key(job_id): last_id}, block=1000, count=500)
+            try:
+                reply = self._redis.xread({stream_key(job_id): last_id}, block=1000, count=500)
+            except (redis.ConnectionError, redis.TimeoutError):
+                reply = None
+                time.sleep(_RECONNECT_WAIT_S)
             if not reply:
                 if time.monotonic() - quiet_since > wait_s:
                     raise TimeoutError(f"no stream events for job {job_id} in {wait_s}s")
@@ -99,24 +150,42 @@ class ChatQueueClient:
         return str(AsyncResult(job_id, app=self.app).state)
 
     def result(self, job_id: str, timeout: float | None = None) -> ChatResult:
-        """Wait for a job and return its result; raises JobFailed with the structured error."""
+        """Wait for a job and return its result; raises JobFailed with the structured error,
+        JobNotFound at once for a job never submitted or whose result expired."""
         handle = AsyncResult(job_id, app=self.app)
+        if handle.state == states.PENDING:
+            self._check_known(job_id)
         try:
             payload = handle.get(
                 timeout=timeout or self.settings.wait_timeout_s, propagate=False, interval=0.05
             )
         except CeleryTimeoutError as exc:
+            # Drop the result subscription now: left to garbage collection it lingers, and its
+            # cleanup then needs a Redis that may be gone.
+            self.app.backend.remove_pending_result(handle)
             raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from exc
         if handle.state == states.SUCCESS:
             return ChatResult.model_validate(payload)
         raise _as_job_failed(job_id, payload)
 
     def fetch(self, job_id: str) -> ChatResult | None:
-        """The result if the job has finished, None while it is queued or running."""
+        """The result if the job has finished, None while it is queued or running; raises
+        JobFailed for a job that failed, JobNotFound for an unknown or expired one."""
         handle = AsyncResult(job_id, app=self.app)
         if handle.state in states.READY_STATES:
             return self.result(job_id)
+        if handle.state == states.PENDING:
+            self._check_known(job_id)
         return None
+
+    def _check_known(self, job_id: str) -> None:
+        """PENDING is what Celery says of a queued job and of one it never heard of alike; the
+        key submit sets tells them apart for as long as a result would be kept."""
+        if not self._redis.exists(accepted_key(job_id)):
+            raise JobNotFound(
+                f"job {job_id}: no such job, or it ended more than result_ttl_s "
+                f"({self.settings.result_ttl_s} s) ago and its result expired"
+            )
 
     def close(self) -> None:
         self._redis.close()

@@ -32,7 +32,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ChatMessage(_Strict):
+class _Request(_Strict):
+    # Requests arrive as JSON: take each field in its own JSON type, so a "10", a true or a 1.5
+    # where an integer belongs is refused rather than guessed at (an integer still reads as a
+    # float). Results keep the lax default: their datetimes arrive as strings.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ChatMessage(_Request):
     role: Role
     content: str = Field(min_length=1, max_length=MAX_MESSAGE_CHARS)
 
@@ -44,13 +51,15 @@ class ChatMessage(_Strict):
         return value
 
 
-class GenerationParams(_Strict):
+class GenerationParams(_Request):
     """Unset sampling fields take the model's own defaults (its generation_config.json)."""
 
     max_new_tokens: int | None = Field(
         default=None, ge=1, le=MAX_NEW_TOKENS_CEILING, description="None: the worker's default."
     )
-    do_sample: bool | None = Field(default=None, description="False: greedy. None: the model's default.")
+    do_sample: bool | None = Field(
+        default=None, description="False: greedy. None: the model's default."
+    )
     temperature: float | None = Field(default=None, gt=0.0, le=10.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=100_000, description="0 disables top-k.")
@@ -69,7 +78,7 @@ class GenerationParams(_Strict):
     )
 
 
-class ChatRequest(_Strict):
+class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     params: GenerationParams = Field(default_factory=GenerationParams)
     job_id: str | None = Field(
@@ -143,19 +152,26 @@ class JobError(_Strict):
 def error_from_validation(exc: ValidationError) -> JobError:
     """The first problem pydantic found, as a JobError naming the field, the limit and the value."""
     first = exc.errors(include_url=False)[0]
-    field = ".".join(str(part) for part in first["loc"]) or None
+    # Field names can come from the input itself (an unknown key): bound and escape them too.
+    field = _printable(".".join(str(part) for part in first["loc"]), width=120) or None
     ctx = first.get("ctx") or {}
-    limit = next((ctx[key] for key in ("le", "lt", "ge", "gt", "max_length", "min_length", "pattern")
-                  if key in ctx), None)
+    limit_keys = ("le", "lt", "ge", "gt", "max_length", "min_length", "pattern")
+    limit = next((ctx[key] for key in limit_keys if key in ctx), None)
     value = _short(first.get("input"))
     where = field or "request"
-    message = f"{where}: {first['msg']} (got {value})"
+    message = f"{where}: {_printable(first['msg'], width=300)} (got {value})"
     return JobError(code="invalid_request", field=field, message=message,
                     limit=_scalar(limit), value=value)
 
 
 def _short(value: Any, width: int = 80) -> str:
     text = repr(value)
+    return text if len(text) <= width else f"{text[:width]}... ({len(text)} chars)"
+
+
+def _printable(text: str, width: int) -> str:
+    """Valid UTF-8 (a lone surrogate is escaped) and at most about `width` characters."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= width else f"{text[:width]}... ({len(text)} chars)"
 
 

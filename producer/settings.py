@@ -1,4 +1,4 @@
-"""Settings shared by everything that talks to the queue, read from CHATQUEUE_* variables or .env."""
+"""Settings shared by everything that talks to the queue, from CHATQUEUE_* variables or .env."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ def stream_key(job_id: str) -> str:
 
 def cancel_key(job_id: str) -> str:
     return f"chatqueue:cancelled:{job_id}"
+
+
+def accepted_key(job_id: str) -> str:
+    """Set when the producer publishes a job, for result_ttl_s: it tells a queued job from an
+    unknown or expired one, whose result would otherwise read PENDING forever."""
+    return f"chatqueue:accepted:{job_id}"
 
 
 class ConnectionSettings(BaseSettings):

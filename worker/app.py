@@ -15,14 +15,17 @@ from worker.offline import enter_offline_mode
 # Before anything imports huggingface_hub or transformers: they read these at import time.
 enter_offline_mode()
 
-from celery import Celery, Task  # noqa: E402
-from celery.signals import worker_init, worker_shutdown  # noqa: E402
+from celery import Celery, Task, states  # noqa: E402
+from celery.exceptions import Ignore, Reject  # noqa: E402
+from celery.signals import worker_init, worker_shutdown, worker_shutting_down  # noqa: E402
 
 from producer.celery_app import celery_config  # noqa: E402
 from producer.errors import JobFailed  # noqa: E402
 from producer.schemas import Progress  # noqa: E402
 from producer.settings import TASK_NAME  # noqa: E402
-from worker.service import WorkerRuntime, run_job  # noqa: E402
+from worker.delivery import CheckedRequest, WorkerLoader, broker_options  # noqa: E402
+from worker.drain import JobInterrupted  # noqa: E402
+from worker.service import WorkerRuntime, run_job, task_arguments  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 from worker.startup import start_runtime  # noqa: E402
 
@@ -32,7 +35,8 @@ _runtime: WorkerRuntime | None = None
 
 
 def create_worker_app(settings: WorkerSettings) -> Celery:
-    app = Celery("chatqueue-worker", set_as_current=True)
+    # The loader brings the write-once result backend (worker/delivery.py).
+    app = Celery("chatqueue-worker", set_as_current=True, loader=WorkerLoader)
     app.conf.update(celery_config(settings))
     app.conf.update(
         worker_pool="threads",
@@ -42,22 +46,43 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
+        **broker_options(settings),
     )
-    app.task(name=TASK_NAME, bind=True, throws=(JobFailed,))(generate_chat)
+    app.task(name=TASK_NAME, bind=True, throws=(JobFailed,), Request=CheckedRequest)(generate_chat)
     return app
 
 
-def generate_chat(task: Task, request: Any, submitted_at: float | None = None) -> dict[str, Any]:
+def generate_chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """The task: a thin adapter from Celery to `run_job`."""
-    def report(progress: Progress) -> None:
-        task.update_state(state="PROGRESS", meta=progress.model_dump())
+    job_id = task.request.id
+    if task.backend.get_task_meta(job_id, cache=False).get("status") in states.READY_STATES:
+        # Delivered again after it had ended (its worker died before the ack, or the publish
+        # was retried): its result stands, and running it again would only waste the device.
+        log.info("job %s already has a final result: this delivery is skipped", job_id)
+        raise Ignore()
+    runtime = current_runtime()
+    try:
+        arguments = task_arguments(args, kwargs)
+    except JobFailed as failed:
+        runtime.metrics.job_failed(failed.error.code)
+        log.info("job %s failed: %s", job_id, failed)
+        raise
 
-    result = run_job(current_runtime(), request, job_id=task.request.id,
-                     submitted_at=submitted_at, report=report)
+    def report(progress: Progress) -> None:
+        try:
+            task.update_state(state="PROGRESS", meta=progress.model_dump())
+        except Exception as exc:  # progress is a view: never fail the job for it
+            log.warning("job %s: progress not stored (%s)", job_id, exc)
+
+    try:
+        result = run_job(runtime, arguments.request, job_id=job_id,
+                         submitted_at=arguments.submitted_at, report=report)
+    except JobInterrupted as interrupted:
+        # Back to the queue, to run again from its start here or on another worker.
+        raise Reject(str(interrupted), requeue=True) from None
     return result.model_dump(mode="json")
 
 
@@ -75,6 +100,17 @@ def _load_model_once(sender: Any = None, **_: Any) -> None:
         # CUDA initialised in a prefork parent breaks its children; one process owns the device.
         raise RuntimeError("chatqueue workers run the threads pool (or solo), not prefork")
     _runtime = start_runtime(settings, worker_name=getattr(sender, "hostname", None))
+
+
+@worker_shutting_down.connect
+def _drain(how: str | None = None, **_: Any) -> None:
+    """SIGTERM (warm): Celery stops taking jobs and waits for the running ones; bound that wait
+    by shutdown_grace_s. SIGQUIT (cold): hand the running jobs back at once."""
+    if _runtime is not None:
+        if how == "Warm":
+            _runtime.drain.begin(settings.shutdown_grace_s)
+        else:
+            _runtime.drain.abandon()
 
 
 @worker_shutdown.connect

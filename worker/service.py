@@ -5,16 +5,18 @@ validate -> template -> tokenize -> check limits -> engine -> split -> ChatResul
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import ValidationError
+import redis
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.errors import JobFailed
 from producer.schemas import (
@@ -28,6 +30,7 @@ from producer.schemas import (
     error_from_validation,
 )
 from worker.control import JobControl, wait_interval
+from worker.drain import Drain, JobInterrupted
 from worker.engine import (
     DeviceOutOfMemory,
     Engine,
@@ -43,6 +46,7 @@ from worker.pipeline.reasoning import decode_part, prompt_opens_thinking, split_
 from worker.pipeline.sampling import SamplingParams, resolve_sampling
 from worker.pipeline.stream import StreamSplitter
 from worker.pipeline.tokenize import tokenize_prompt
+from worker.relay import StreamRelay
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ class WorkerRuntime:
     metrics: WorkerMetrics
     control: JobControl | None = None
     worker_name: str | None = None
+    drain: Drain = field(default_factory=Drain)
 
     @classmethod
     def start(cls, settings: WorkerSettings, loaded: LoadedModel, metrics: WorkerMetrics,
@@ -81,6 +86,8 @@ class WorkerRuntime:
                                            self.loaded.stop_ids))
 
     def stop(self) -> None:
+        self.drain.stopping.set()  # jobs the engine drops now go back to the queue
+        self.drain.cancel_timer()
         self.engine.stop()
         if self.control is not None:
             self.control.stop()
@@ -95,7 +102,40 @@ class PreparedJob:
     prompt_opened_thinking: bool
 
 
-def parse_request(raw: Any) -> ChatRequest:
+class TaskArguments(BaseModel):
+    """The task's arguments as the producer sends them, all keywords."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: Any
+    submitted_at: float | None = Field(default=None, ge=0, le=1e11, allow_inf_nan=False)
+
+
+def task_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskArguments:
+    """A message with other arguments gets a structured error, not a TypeError from the call."""
+    if args:
+        raise JobFailed(JobError(
+            code="invalid_request", field="args", limit=0, value=len(args),
+            message=f"args: the task takes keyword arguments only, got {len(args)} positional",
+        ))
+    try:
+        return TaskArguments.model_validate(kwargs)
+    except ValidationError as exc:
+        raise JobFailed(error_from_validation(exc)) from None
+
+
+def request_size(raw: Any) -> int:
+    """The request's size in bytes as UTF-8 JSON (a lone surrogate counts its 3 bytes)."""
+    text = json.dumps(raw, ensure_ascii=False, separators=(",", ":"))
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def parse_request(raw: Any, max_bytes: int | None = None) -> ChatRequest:
+    """The request as the contract reads it; the size is checked before anything parses it."""
+    if max_bytes is not None and (size := request_size(raw)) > max_bytes:
+        raise _limit_error("request", max_bytes, size,
+                           "the request is {value} bytes as JSON, over this worker's limit of "
+                           "{limit}")
     try:
         return ChatRequest.model_validate(raw)
     except ValidationError as exc:
@@ -118,6 +158,9 @@ def prepare_job(runtime: WorkerRuntime, request: ChatRequest) -> PreparedJob:
             message=f"model: this worker serves {served}, not {request.model!r}; "
                     "check the producer's routing (CHATQUEUE_QUEUE sends every model to one queue)",
         ))
+    if len(request.messages) > settings.max_messages:
+        raise _limit_error("messages", settings.max_messages, len(request.messages),
+                           "{value} messages, over this worker's limit of {limit}")
     max_new = request.params.max_new_tokens or settings.default_max_new_tokens
     if max_new > settings.max_new_tokens_cap:
         raise _limit_error("params.max_new_tokens", settings.max_new_tokens_cap, max_new,
@@ -126,6 +169,9 @@ def prepare_job(runtime: WorkerRuntime, request: ChatRequest) -> PreparedJob:
     if len(prompt_ids) > settings.max_prompt_tokens:
         raise _limit_error("messages", settings.max_prompt_tokens, len(prompt_ids),
                            "the prompt is {value} tokens, over this worker's limit of {limit}")
+    if loaded.context_length and len(prompt_ids) >= loaded.context_length:
+        raise _limit_error("messages", loaded.context_length, len(prompt_ids),
+                           "the prompt is {value} tokens, over the model's context of {limit}")
     if loaded.context_length and len(prompt_ids) + max_new > loaded.context_length:
         raise _limit_error(
             "params.max_new_tokens", loaded.context_length, len(prompt_ids) + max_new,
@@ -152,8 +198,10 @@ def prepare_job(runtime: WorkerRuntime, request: ChatRequest) -> PreparedJob:
 def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
             submitted_at: float | None = None,
             report: Callable[[Progress], None] | None = None) -> ChatResult:
-    """Run one job to its result; raises JobFailed with a structured error (never retried).
-    Every job, whatever its end, is counted in the metrics and logged in one line."""
+    """Run one job to its result; raises JobFailed with a structured error (never retried),
+    or JobInterrupted when this worker cannot finish it (it stops, or Redis went away) and the
+    job should go back to the queue. Every job that ends is counted in the metrics; every job,
+    whatever its end, is logged in one line."""
     try:
         result, batch_size = _run(runtime, raw_request, job_id=job_id,
                                   submitted_at=submitted_at, report=report)
@@ -161,6 +209,12 @@ def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
         runtime.metrics.job_failed(failed.error.code)
         log.info("job %s failed: %s", job_id, failed)
         raise
+    except JobInterrupted as interrupted:
+        log.warning("job %s goes back to the queue: %s", job_id, interrupted)
+        raise
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("job %s goes back to the queue: Redis unreachable (%s)", job_id, exc)
+        raise JobInterrupted(f"Redis unreachable: {exc}") from exc
     except Exception:
         runtime.metrics.job_failed("internal_error")
         log.exception("job %s failed with an internal error", job_id)
@@ -183,33 +237,44 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
     While the engine decodes, this thread (the task slot) streams the new text to Redis and
     reports progress, so the decode loop itself never waits on the network."""
     started_at = time.time()
-    prepared = prepare_job(runtime, parse_request(raw_request))
-    control = runtime.control
+    request = parse_request(raw_request, max_bytes=runtime.settings.max_request_bytes)
+    prepared = prepare_job(runtime, request)
+    control, drain = runtime.control, runtime.drain
     if control is not None and control.cancelled_before_start(job_id):
         never_started = EngineOutput([], "cancelled", 0)
         return _result(runtime, prepared, job_id, never_started, submitted_at, started_at), 0
-    job = runtime.engine.submit(prepared.engine_request)
     try:
-        if control is not None:
-            control.track(job_id, job)
-        _follow(runtime, job_id, job, prepared, report)
-        output = job.future.result()
+        job = runtime.engine.submit(prepared.engine_request)
+        with drain.hold(job):
+            try:
+                if control is not None:
+                    control.track(job_id, job)
+                _follow(runtime, job_id, job, prepared, report)
+                output = job.future.result()
+            finally:
+                if not job.future.done():
+                    job.cancel()  # this slot stops following it: free the device
+                if control is not None:
+                    control.untrack(job_id)
     except DeviceOutOfMemory as exc:
         raise JobFailed(JobError(code="out_of_memory", message=str(exc))) from None
-    finally:
-        if control is not None:
-            control.untrack(job_id)
+    except RuntimeError as exc:
+        if drain.stopping.is_set():  # the engine stopped under it: not the job's fault
+            raise JobInterrupted(f"the engine stopped ({exc})") from exc
+        raise
+    if drain.stopped(output.finish_reason):
+        raise JobInterrupted("this worker is stopping and its grace period is over")
     return _result(runtime, prepared, job_id, output, submitted_at, started_at), output.batch_size
 
 
 def _follow(runtime: WorkerRuntime, job_id: str, job: EngineJob, prepared: PreparedJob,
             report: Callable[[Progress], None] | None) -> None:
     """Relay the job's new tokens as stream events and progress until the engine ends it."""
-    control, loaded = runtime.control, runtime.loaded
+    loaded = runtime.loaded
     splitter = StreamSplitter(loaded.tokenizer, loaded.think,
                               prompt_opened_thinking=prepared.prompt_opened_thinking)
-    if control is not None:
-        control.publish(job_id, [StreamEvent(type="start")], restart=True)
+    stream = StreamRelay(runtime.control, job_id)
+    stream.send([StreamEvent(type="start")])
     sent, since = 0, time.monotonic()
     while True:
         done = job.future.done() or bool(
@@ -227,9 +292,9 @@ def _follow(runtime: WorkerRuntime, job_id: str, job: EngineJob, prepared: Prepa
             events += [StreamEvent(type=part, text=text) for part, text in splitter.finish()]
             events.append(StreamEvent(type="end",
                                       finish_reason=job.future.result().finish_reason))
-        if control is not None and events:
-            control.publish(job_id, events)
+        stream.send(events)
         if done:
+            stream.flush(timeout_s=10.0)
             return
 
 

@@ -1,0 +1,134 @@
+"""The delivery settings as Celery and kombu get them, the drain, and the stream relay."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import redis
+from celery import Celery
+from pydantic import ValidationError
+
+from producer.celery_app import celery_config
+from producer.schemas import StreamEvent
+from worker.delivery import (
+    TRANSPORT,
+    WorkerLoader,
+    WriteOnceRedisBackend,
+    broker_options,
+)
+from worker.drain import Drain, JobInterrupted
+from worker.engine import EngineJob, EngineRequest
+from worker.pipeline.sampling import SamplingParams
+from worker.relay import StreamRelay
+from worker.settings import WorkerSettings
+
+
+def worker_settings(**values: object) -> WorkerSettings:
+    return WorkerSettings(_env_file=None, **values)
+
+
+def worker_app(settings: WorkerSettings) -> Celery:
+    """The broker and result side of worker.app.create_worker_app: importing worker.app itself
+    would put this whole test process in offline mode."""
+    app = Celery("delivery-test", set_as_current=False, loader=WorkerLoader)
+    app.conf.update(celery_config(settings), **broker_options(settings))
+    return app
+
+
+def test_redelivery_settings_reach_kombu():
+    options = broker_options(worker_settings(max_job_seconds=5, visibility_timeout_s=8,
+                                             redelivery_check_s=1))
+    assert options["broker_transport_options"] == {
+        "visibility_timeout": 8, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+    }
+    assert options["broker_transport"] == TRANSPORT
+    assert options["broker_connection_max_retries"] is None
+    assert "broker_use_ssl" not in options
+
+
+def test_defaults_and_limits(monkeypatch):
+    for name in ("CHATQUEUE_SHUTDOWN_GRACE_S", "CHATQUEUE_MAX_MESSAGES"):
+        monkeypatch.delenv(name, raising=False)
+    settings = worker_settings()
+    assert (settings.redelivery_check_s, settings.shutdown_grace_s) == (5.0, 60.0)
+    assert (settings.max_request_bytes, settings.max_messages) == (1_048_576, 256)
+    monkeypatch.setenv("CHATQUEUE_SHUTDOWN_GRACE_S", "12.5")
+    assert worker_settings().shutdown_grace_s == 12.5
+    with pytest.raises(ValidationError, match="max_messages"):
+        worker_settings(max_messages=257)  # over the contract's own ceiling
+    with pytest.raises(ValidationError, match="redelivery_check_s"):
+        worker_settings(redelivery_check_s=0)
+
+
+def test_worker_app_uses_the_write_once_backend_and_the_tolerant_transport():
+    app = worker_app(worker_settings(broker_url="redis://127.0.0.1:6399/0",
+                                     redis_password="s3cret"))
+    assert isinstance(app.backend, WriteOnceRedisBackend)
+    connection = app.connection_for_write()
+    assert connection.transport_cls == TRANSPORT
+    assert not connection.ssl
+    assert "s3cret" not in connection.as_uri()
+
+
+def test_rediss_still_means_tls_and_verified_certificates():
+    url = "rediss://redis.example:6380/0"
+    app = worker_app(worker_settings(broker_url=f"{url}?ssl_cert_reqs=required"))
+    assert app.connection_for_write().ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # Without options in the URL kombu's own default would be no verification at all.
+    plain = worker_app(worker_settings(broker_url=url,
+                                       result_backend=f"{url}?ssl_cert_reqs=required"))
+    assert plain.connection_for_write().ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert isinstance(plain.backend, WriteOnceRedisBackend)
+
+
+def engine_job() -> EngineJob:
+    return EngineJob(request=EngineRequest(prompt_ids=[1], max_new_tokens=1,
+                                           sampling=SamplingParams(do_sample=False),
+                                           stop_ids=frozenset()))
+
+
+def test_drain_stops_the_running_jobs_after_the_grace():
+    drain, running, done = Drain(), engine_job(), engine_job()
+    with drain.hold(done):
+        pass
+    with drain.hold(running):
+        drain.abandon()
+        assert running.cancelled and not done.cancelled
+    assert drain.stopped("cancelled") and not drain.stopped("length")
+    late = engine_job()
+    with pytest.raises(JobInterrupted), drain.hold(late):
+        pass
+    assert late.cancelled
+
+
+def test_drain_before_its_grace_leaves_jobs_alone():
+    drain, job = Drain(), engine_job()
+    with drain.hold(job):
+        drain.begin(grace_s=3600)
+        assert not job.cancelled and not drain.stopped("cancelled")
+        drain.cancel_timer()
+
+
+class FlakyControl:
+    """Stands in for JobControl: the first `failures` writes find Redis away."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.writes: list[tuple[list[str], bool]] = []
+
+    def publish(self, job_id: str, events: list[StreamEvent], *, restart: bool = False) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise redis.ConnectionError("Redis is restarting")
+        self.writes.append(([event.type for event in events], restart))
+
+
+def test_stream_events_wait_for_redis_in_order_and_the_restart_is_kept():
+    control = FlakyControl(failures=2)
+    relay = StreamRelay(control, "job-1")  # type: ignore[arg-type]
+    assert not relay.send([StreamEvent(type="start")])
+    assert not relay.send([StreamEvent(type="thinking", text="a")])
+    assert relay.send([StreamEvent(type="content", text="b")])
+    assert relay.send([StreamEvent(type="end", finish_reason="stop")])
+    assert control.writes == [(["start", "thinking", "content"], True), (["end"], False)]

@@ -1,0 +1,156 @@
+"""How the worker's Celery keeps its delivery promise: every accepted job ends with exactly one
+stored result, and no message, however malformed, takes the worker down.
+
+Celery and kombu give at-least-once delivery (acks_late: a job is acknowledged once its result
+is stored). What they leave open, and this module closes:
+
+- A job can run twice: its worker died after storing the result but before the ack, Redis
+  went away in between, or the producer's publish was retried. `WriteOnceRedisBackend` makes a
+  job's final state (SUCCESS or FAILURE) final: no later write replaces it, so a second run can
+  never replace the first one's result. The task itself skips a job that already has one.
+- Celery treats any exception in its consumer as unrecoverable and stops the worker; a queue
+  entry that is not a kombu message, or a task message whose body is not (args, kwargs, embed),
+  raised such exceptions (measured with kombu/Celery 5.7). `TolerantChannel` and
+  `CheckedRequest` turn them into a logged, dropped message.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from celery import states
+from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError, InvalidTaskError
+from celery.loaders.app import AppLoader
+from celery.worker.request import Request
+from kombu.exceptions import ContentDisallowed, DecodeError
+from kombu.transport import redis as kombu_redis
+
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class WriteOnceRedisBackend(RedisBackend):
+    """Celery's Redis result backend, except that a job's final state is written once.
+
+    Celery itself only refuses to overwrite a SUCCESS, and not atomically; a FAILURE (our
+    structured errors) it lets a second run replace, STARTED and PROGRESS included. Here the
+    check and the write are one Redis transaction (WATCH), so two runs finishing together still
+    store one result.
+    """
+
+    def _set_with_state(self, key: bytes | str, value: Any, state: str) -> Any:
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend")
+        expires = self.failure_expires if state == states.FAILURE else self.expires
+        stored = self.ensure(self._set_unless_final, (key, value, expires))
+        if not stored and state in states.READY_STATES:
+            log.warning("job %s already has a final result: this run's %s is not stored",
+                        self._job_id(key), state)
+        return stored
+
+    def _set_unless_final(self, key: bytes | str, value: Any, expires: int | None) -> bool:
+        def write(pipe: Any) -> bool:
+            current = pipe.get(key)
+            if current is not None and self._is_final(current):
+                return False
+            pipe.multi()
+            pipe.set(key, value, ex=expires or None)
+            pipe.publish(key, value)  # what result waiters subscribe to, as in RedisBackend
+            return True
+
+        return bool(self.client.transaction(write, key, value_from_callable=True))
+
+    def _is_final(self, stored: bytes) -> bool:
+        try:
+            return self.decode(stored).get("status") in states.READY_STATES
+        except Exception:  # not ours to judge: let the new write replace it
+            return False
+
+    def _job_id(self, key: bytes | str) -> str:
+        text = key.decode() if isinstance(key, bytes) else key
+        prefix = self.task_keyprefix.decode() if isinstance(self.task_keyprefix, bytes) \
+            else self.task_keyprefix
+        return text.removeprefix(prefix)
+
+
+class WorkerLoader(AppLoader):
+    """Celery's default loader, with the write-once backend for redis:// and rediss:// URLs."""
+
+    override_backends: ClassVar[dict[str, str]] = {
+        "redis": f"{__name__}:WriteOnceRedisBackend",
+        "rediss": f"{__name__}:WriteOnceRedisBackend",
+    }
+
+
+class TolerantChannel(kombu_redis.Channel):
+    """kombu's Redis channel, except that one bad queue entry costs that entry, not the worker.
+
+    kombu parses each entry it pops (BRPOP) inside Celery's event loop; an entry that is not
+    JSON, or not a kombu envelope, raised there and Celery stopped the worker ("Unrecoverable
+    error"). The entry is already off the queue when that happens; here it is logged and the
+    loop goes on. Connection errors still go to Celery, which reconnects.
+    """
+
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)
+        except (kombu_redis.Empty, *self.connection_errors):
+            raise
+        except Exception:
+            log.exception("dropped a queue entry that is not a valid message")
+            return True
+
+
+class TolerantRedisTransport(kombu_redis.Transport):
+    Channel = TolerantChannel
+
+
+TRANSPORT = f"{__name__}:TolerantRedisTransport"
+
+
+class CheckedRequest(Request):
+    """Celery's task request, refusing a malformed message as invalid instead of crashing.
+
+    A task message whose body is valid JSON but not (args, kwargs, embed) -- a bare string, say
+    -- made Request() raise in the consumer, which stopped the worker; and kombu, restoring the
+    unacknowledged message at shutdown, handed it to the next worker. InvalidTaskError is what
+    Celery already logs, acknowledges and drops.
+    """
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(message, *args, **kwargs)
+        except (InvalidTaskError, ContentDisallowed, DecodeError):
+            raise
+        except Exception as exc:
+            raise InvalidTaskError(f"malformed task message: {exc!r}") from exc
+
+
+def broker_options(settings: WorkerSettings) -> dict[str, Any]:
+    """The broker side of delivery: when a dead worker's job comes back, and the transport."""
+    options: dict[str, Any] = {
+        "broker_transport": TRANSPORT,
+        # Celery gives up on a lost broker after 100 tries (about 50 min) and exits; a worker
+        # has nothing better to do than wait for Redis to come back.
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {
+            # A job delivered to a worker that dies stays in Redis's unacked set; any live
+            # worker puts it back in the queue once it is older than the visibility timeout.
+            # kombu looks for such jobs only every interval x throttle (10 s x 10 by default):
+            # check every redelivery_check_s instead.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "unacked_restore_interval": settings.redelivery_check_s,
+            "unacked_restore_throttle": 1,
+        },
+    }
+    if urlsplit(settings.broker_url).scheme == "rediss":
+        # kombu turns TLS on for rediss:// only when the transport is its own "rediss" alias;
+        # with ours it must be asked. Certificates are verified unless the URL says otherwise
+        # (?ssl_cert_reqs=..., which kombu applies on top of this).
+        options["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options

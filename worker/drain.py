@@ -1,0 +1,77 @@
+"""Stopping a worker without losing a job: finish what can finish, put the rest back.
+
+On SIGTERM Celery stops taking jobs and waits for the running ones (warm shutdown), however
+long they take. `Drain` bounds that wait: after the grace period it stops the jobs still
+running, and their task slots raise `JobInterrupted`, which the task turns into a requeue of
+the message -- the job runs again, from its start, on another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from worker.engine import EngineJob
+
+log = logging.getLogger(__name__)
+
+
+class JobInterrupted(Exception):
+    """This worker could not finish the job, through no fault of the job: it goes back to the
+    queue instead of ending with an error."""
+
+
+class Drain:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, EngineJob] = {}  # by id(): engine jobs are not hashable
+        self._timer: threading.Timer | None = None
+        self.abandoning = False  # past the grace period: running jobs are being handed back
+        self.stopping = threading.Event()  # the engine is stopping or stopped
+
+    def begin(self, grace_s: float) -> None:
+        """The worker was asked to stop: let running jobs go on for `grace_s` seconds."""
+        with self._lock:
+            if self._timer is not None:
+                return
+            self._timer = threading.Timer(grace_s, self.abandon)
+            self._timer.daemon = True
+            self._timer.name = "chatqueue-drain"
+        log.info("stopping: %d running job(s) get %.0f s to finish, then go back to the queue",
+                 len(self._running), grace_s)
+        self._timer.start()
+
+    def abandon(self) -> None:
+        """Stop every running job; each one's task slot then hands it back to the queue."""
+        with self._lock:
+            self.abandoning = True
+            running = list(self._running.values())
+        if running:
+            log.warning("grace period over: %d job(s) go back to the queue", len(running))
+        for job in running:
+            job.cancel()
+
+    def cancel_timer(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+
+    @contextmanager
+    def hold(self, job: EngineJob) -> Iterator[None]:
+        """Track a running engine job, so that `abandon` can stop it."""
+        with self._lock:
+            if self.abandoning:
+                job.cancel()
+                raise JobInterrupted("this worker is stopping")
+            self._running[id(job)] = job
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop(id(job), None)
+
+    def stopped(self, finish_reason: str) -> bool:
+        """Whether a job that ended so was stopped by this worker stopping, not on its own."""
+        return self.abandoning and finish_reason == "cancelled"
