@@ -4,6 +4,7 @@ demo/test models."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -66,12 +67,29 @@ def run_worker(extra: list[str]) -> int:
     """Start Celery's worker on our app; extra arguments go to `celery worker` unchanged."""
     from worker.app import app, settings
 
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
     app.worker_main(
         ["worker", f"--loglevel={settings.log_level}", "-Q", settings.serving_queue, *extra]
     )
     return 0
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: time, level, logger, message (+ traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ class WorkerSettings(ConnectionSettings):
     )
 
     log_level: str = "INFO"
+    log_json: bool = Field(default=False, description="One JSON object per log line.")
 
     # --- observability (worker/metrics.py)
     metrics_port: int | None = Field(

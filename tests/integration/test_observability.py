@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -10,7 +11,7 @@ from urllib.request import urlopen
 import pytest
 
 from producer import ChatQueueClient, ChatRequest, JobFailed, ProducerSettings
-from tests.support.servers import free_port
+from tests.support.servers import free_port, wait_until
 from worker.devmodels import TINY_MESSAGES
 
 pytestmark = pytest.mark.integration
@@ -53,3 +54,21 @@ def test_metrics_show_jobs_and_tokens_and_health_follows_the_model(
     worker.stop()
     unhealthy = health(url)
     assert unhealthy.returncode == 1 and "unhealthy" in unhealthy.stderr
+
+
+def test_json_logs_have_one_line_per_job(redis, start_worker, tiny_model_dir):
+    queue = f"json-{uuid.uuid4().hex[:6]}"
+    worker = start_worker(tiny_model_dir, queue, log_json="true")
+    with ChatQueueClient(ProducerSettings(broker_url=redis.url, queue=queue)) as client:
+        job_id = client.submit(ChatRequest.model_validate(
+            {"messages": TINY_MESSAGES, "params": {"do_sample": False}}))
+        client.result(job_id)
+
+    def job_lines() -> list[dict]:
+        entries = [json.loads(line) for line in worker.lines if line.startswith("{")]
+        return [e for e in entries if job_id in e["message"] and "done" in e["message"]]
+
+    wait_until(job_lines, timeout=30, what="the job's log line")
+    (entry,) = job_lines()
+    assert entry["level"] == "INFO"
+    assert "finish=stop" in entry["message"] and "completion=" in entry["message"]
