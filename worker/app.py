@@ -104,13 +104,10 @@ def _load_model_once(sender: Any = None, **_: Any) -> None:
 
 @worker_shutting_down.connect
 def _drain(how: str | None = None, **_: Any) -> None:
-    """SIGTERM (warm): Celery stops taking jobs and waits for the running ones; bound that wait
-    by shutdown_grace_s. SIGQUIT (cold): hand the running jobs back at once."""
-    if _runtime is not None:
-        if how == "Warm":
-            _runtime.drain.begin(settings.shutdown_grace_s)
-        else:
-            _runtime.drain.abandon()
+    """SIGTERM (a warm shutdown): Celery stops taking jobs and waits for the running ones, for
+    as long as they take; bound that wait by shutdown_grace_s."""
+    if _runtime is not None and how == "Warm":
+        _runtime.drain.begin(settings.shutdown_grace_s)
 
 
 @worker_shutdown.connect
