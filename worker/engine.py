@@ -260,7 +260,8 @@ class Engine:
 
     def _recover_from_oom(self, batch: _Batch | None, newcomers: list[EngineJob]) -> None:
         """Put unfinished jobs back, halve the rows allowed; a job that fails alone is failed."""
-        rows = (batch.rows if batch else []) + newcomers
+        # A join can fail after merging some newcomers into the batch: count each job once.
+        rows = {id(row): row for row in (batch.rows if batch else []) + newcomers}.values()
         pending = [row for row in rows if not row.future.done()]
         _release_device_memory(self.device)
         if len(pending) <= 1:
