@@ -23,7 +23,6 @@ count, each job's length, and the whole run (--time-limit).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import re
@@ -47,12 +46,12 @@ from tests.support.servers import (
     WorkerProcess,
     redis_server,
     spawn_worker,
+    tiny_model_dir,
     wait_ready,
     wait_until,
     worker_env,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 QUEUE = "soak"
 # Short enough that a killed worker's jobs come back within the run: ~visibility + check.
 WORKER_SETTINGS = {
@@ -271,16 +270,6 @@ class Soak:
             receipts.update(RECEIVED.findall(path.read_text(errors="replace")))
         self.report.redelivered = sum(1 for job_id, count in receipts.items()
                                       if count > 1 and job_id in self.expect_valid)
-
-
-def tiny_model_dir() -> Path:
-    """The tiny test model, in the folder the tests use (built there if absent)."""
-    from worker import devmodels
-
-    recipe = hashlib.sha256(Path(devmodels.__file__).read_bytes()).hexdigest()[:12]
-    folder = REPO_ROOT / ".cache" / "models" / f"tiny-qwen3-{recipe}"
-    devmodels.build_tiny_qwen(folder)
-    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -191,5 +192,13 @@ def wait_ready(worker: WorkerProcess, timeout: float = 180) -> None:
     wait_until(ready, timeout=timeout, what=f"worker {worker.name} to be ready", interval=0.1)
 
 
-def wait_exit(worker: WorkerProcess, timeout: float) -> int:
-    return worker.process.wait(timeout=timeout)
+def tiny_model_dir() -> Path:
+    """The tiny test model, built once and cached by its builder's source: a changed recipe
+    builds a new model, an unchanged one is reused across sessions (the builder verifies the
+    folder against its manifest first)."""
+    from worker import devmodels
+
+    recipe = hashlib.sha256(Path(devmodels.__file__).read_bytes()).hexdigest()[:12]
+    folder = REPO_ROOT / ".cache" / "models" / f"tiny-qwen3-{recipe}"
+    devmodels.build_tiny_qwen(folder)
+    return folder
