@@ -26,7 +26,7 @@ class WorkerConfig:
     concurrency: int
     max_batch_size: int
     max_new_tokens_cap: int
-    torch_threads: int | None = None  # None: torch's default, as in the baseline
+    torch_threads: int  # as the baseline's process uses
 
     def env_settings(self) -> dict[str, str]:
         return {key: str(value) for key, value in vars(self).items() if value is not None}

@@ -124,7 +124,9 @@ def worker_config(
         # The worker's default cap unless the jobs need more (its default_max_new_tokens must
         # stay under the cap, so the cap is never lowered).
         max_new_tokens_cap=max(mode.max_new_tokens, default_cap),
-        torch_threads=args.torch_threads,
+        # Always named: the worker's own default (CHATQUEUE_TORCH_THREADS as the tests set it)
+        # may differ from this process's, and both sides must use the same number of threads.
+        torch_threads=args.torch_threads or torch.get_num_threads(),
     )
 
 
