@@ -28,11 +28,14 @@ ErrorCode = Literal[
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Reply(BaseModel):
+    """What a worker writes and a producer reads. Fields a producer does not know are ignored, so
+    workers can be upgraded first (a rolling upgrade) without breaking older producers."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
-class _Request(_Strict):
+class _Request(BaseModel):
     # Requests arrive as JSON: take each field in its own JSON type, so a "10", a true or a 1.5
     # where an integer belongs is refused rather than guessed at (an integer still reads as a
     # float). Results keep the lax default: their datetimes arrive as strings.
@@ -97,22 +100,25 @@ class ChatRequest(_Request):
         return self
 
 
-class Usage(_Strict):
+class Usage(_Reply):
     prompt_tokens: int
     completion_tokens: int
     thinking_tokens: int
 
 
-class Timings(_Strict):
+class Timings(_Reply):
     queued_at: datetime | None
     started_at: datetime
     finished_at: datetime
-    queue_wait_s: float | None
-    generation_s: float
+    queue_wait_s: float | None  # submitted -> a worker's task slot started the job
+    # Part of generation_s: the job's wait in the worker's engine for a row in the running batch
+    # (about 0 while the batch has room). None from workers older than this field.
+    batch_wait_s: float | None = None
+    generation_s: float  # task slot start -> result built
     tokens_per_s: float
 
 
-class ChatResult(_Strict):
+class ChatResult(_Reply):
     job_id: str
     model_id: str
     model_revision: str
@@ -126,7 +132,7 @@ class ChatResult(_Strict):
     device: str
 
 
-class StreamEvent(_Strict):
+class StreamEvent(_Reply):
     """One entry of a job's token stream: a piece of text, a (re)start, or the end."""
 
     type: Literal["start", "thinking", "content", "end"]
@@ -134,14 +140,14 @@ class StreamEvent(_Strict):
     finish_reason: FinishReason | None = None
 
 
-class Progress(_Strict):
+class Progress(_Reply):
     """What a running job's Celery state (PROGRESS) carries."""
 
     phase: Literal["queued", "thinking", "answering"]
     tokens: int
 
 
-class JobError(_Strict):
+class JobError(_Reply):
     code: ErrorCode
     field: str | None = None
     message: str

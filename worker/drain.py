@@ -26,7 +26,7 @@ class JobInterrupted(Exception):
 class Drain:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: dict[int, EngineJob] = {}  # by id(): engine jobs are not hashable
+        self._running: set[EngineJob] = set()
         self._timer: threading.Timer | None = None
         self.abandoning = False  # past the grace period: running jobs are being handed back
         self.stopping = threading.Event()  # the engine is stopping or stopped
@@ -47,7 +47,7 @@ class Drain:
         """Stop every running job; each one's task slot then hands it back to the queue."""
         with self._lock:
             self.abandoning = True
-            running = list(self._running.values())
+            running = list(self._running)
         if running:
             log.warning("grace period over: %d job(s) go back to the queue", len(running))
         for job in running:
@@ -65,12 +65,12 @@ class Drain:
             if self.abandoning:
                 job.cancel()
                 raise JobInterrupted("this worker is stopping")
-            self._running[id(job)] = job
+            self._running.add(job)
         try:
             yield
         finally:
             with self._lock:
-                self._running.pop(id(job), None)
+                self._running.discard(job)
 
     def stopped(self, finish_reason: str) -> bool:
         """Whether a job that ended so was stopped by this worker stopping, not on its own."""

@@ -32,6 +32,11 @@ class DeviceOutOfMemory(RuntimeError):
     """The job does not fit on the device even alone."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine stopped (the worker is shutting down) before the job finished: the job is
+    not at fault and can run again elsewhere."""
+
+
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 
 
@@ -56,15 +61,18 @@ class EngineOutput:
     token_ids: list[int]
     finish_reason: FinishReason
     batch_size: int  # the most rows this job shared the device with, itself included
+    batch_wait_s: float = 0.0  # submitted -> its prefill began (waiting for a row in the batch)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: a job is one thing in flight
 class EngineJob:
     """One job in the engine. Other threads may read `generated` (append-only) and call
     `cancel()`; the engine thread does everything else."""
 
     request: EngineRequest
     future: Future[EngineOutput] = field(default_factory=Future)
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # when its prefill began
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     peak_batch: int = 0
@@ -86,7 +94,9 @@ class EngineJob:
 
     def finish(self, reason: FinishReason) -> None:
         if not self.future.done():
-            self.future.set_result(EngineOutput(list(self.generated), reason, self.peak_batch))
+            waited = (self.admitted_at or time.monotonic()) - self.submitted_at
+            self.future.set_result(
+                EngineOutput(list(self.generated), reason, self.peak_batch, max(0.0, waited)))
 
 
 @dataclass(frozen=True)
@@ -121,7 +131,7 @@ class Engine:
 
     def submit(self, request: EngineRequest) -> EngineJob:
         if self._stop.is_set():
-            raise RuntimeError("engine is stopped")
+            raise EngineStopped("the engine is stopped")
         job = EngineJob(request=request)
         self._inbox.put(job)
         return job
@@ -151,7 +161,7 @@ class Engine:
                 batch = None
         for row in self._carry + _drain(self._inbox) + (batch.rows if batch else []):
             if not row.future.done():
-                row.future.set_exception(RuntimeError("engine stopped before the job finished"))
+                row.future.set_exception(EngineStopped("the engine stopped before the job finished"))
 
     def _admit(self, batch: _Batch | None) -> list[EngineJob]:
         """The rows to add now, oldest first, within the row cap and the token bound."""
@@ -200,6 +210,7 @@ class Engine:
         for job in newcomers:
             job.generator = _generator_for(job.request.sampling, self.device)
             job.thinking = job.request.prompt_opened_thinking
+            job.admitted_at = now
         for group in _similar_lengths(newcomers):
             fresh = self._prefill(group)
             if batch is None or not batch.rows:
@@ -261,7 +272,7 @@ class Engine:
     def _recover_from_oom(self, batch: _Batch | None, newcomers: list[EngineJob]) -> None:
         """Put unfinished jobs back, halve the rows allowed; a job that fails alone is failed."""
         # A join can fail after merging some newcomers into the batch: count each job once.
-        rows = {id(row): row for row in (batch.rows if batch else []) + newcomers}.values()
+        rows = dict.fromkeys((batch.rows if batch else []) + newcomers)
         pending = [row for row in rows if not row.future.done()]
         _release_device_memory(self.device)
         if len(pending) <= 1:
@@ -278,6 +289,7 @@ class Engine:
         for row in pending:
             row.generated.clear()
             row.peak_batch = 0
+            row.admitted_at = None
         self._carry = pending + self._carry
         return None
 

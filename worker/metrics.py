@@ -86,6 +86,14 @@ class WorkerMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=reg,
         ).labels(model=model_id)
+        self._batch_wait = Histogram(
+            "chatqueue_batch_wait_seconds",
+            "Part of the generation time: a job's wait in the engine for a row in the running "
+            "batch. Growing while the device is busy means the worker is at its batch limit.",
+            labels,
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=reg,
+        ).labels(model=model_id)
         self._generation = Histogram(
             "chatqueue_generation_seconds",
             "From the start of work on a job to its result.",
@@ -142,6 +150,8 @@ class WorkerMetrics:
         timings = result.timings
         if timings.queue_wait_s is not None:
             self._queue_wait.observe(timings.queue_wait_s)
+        if timings.batch_wait_s is not None:
+            self._batch_wait.observe(timings.batch_wait_s)
         self._generation.observe(timings.generation_s)
         if batch_size is not None:
             self._batch_size.observe(batch_size)

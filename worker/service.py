@@ -38,6 +38,7 @@ from worker.engine import (
     EngineLimits,
     EngineOutput,
     EngineRequest,
+    EngineStopped,
 )
 from worker.metrics import WorkerMetrics
 from worker.model import LoadedModel
@@ -222,9 +223,10 @@ def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
     runtime.metrics.job_finished(result, batch_size=batch_size or None)
     log.info(
         "job %s done: model=%s finish=%s prompt=%d completion=%d thinking=%d "
-        "queue_wait=%.3fs generation=%.3fs tok/s=%.1f", job_id, result.model_id,
-        result.finish_reason, result.usage.prompt_tokens, result.usage.completion_tokens,
-        result.usage.thinking_tokens, result.timings.queue_wait_s or 0.0,
+        "queue_wait=%.3fs batch_wait=%.3fs generation=%.3fs tok/s=%.1f", job_id,
+        result.model_id, result.finish_reason, result.usage.prompt_tokens,
+        result.usage.completion_tokens, result.usage.thinking_tokens,
+        result.timings.queue_wait_s or 0.0, result.timings.batch_wait_s or 0.0,
         result.timings.generation_s, result.timings.tokens_per_s,
     )
     return result
@@ -258,10 +260,8 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
                     control.untrack(job_id)
     except DeviceOutOfMemory as exc:
         raise JobFailed(JobError(code="out_of_memory", message=str(exc))) from None
-    except RuntimeError as exc:
-        if drain.stopping.is_set():  # the engine stopped under it: not the job's fault
-            raise JobInterrupted(f"the engine stopped ({exc})") from exc
-        raise
+    except EngineStopped as exc:  # the worker is shutting down: not the job's fault
+        raise JobInterrupted(str(exc)) from exc
     if drain.stopped(output.finish_reason):
         raise JobInterrupted("this worker is stopping and its grace period is over")
     return _result(runtime, prepared, job_id, output, submitted_at, started_at), output.batch_size
@@ -320,6 +320,7 @@ def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: 
             started_at=_utc(started_at),
             finished_at=_utc(finished_at),
             queue_wait_s=max(0.0, started_at - submitted_at) if submitted_at else None,
+            batch_wait_s=output.batch_wait_s,
             generation_s=generation_s,
             tokens_per_s=completion / generation_s if generation_s > 0 else 0.0,
         ),

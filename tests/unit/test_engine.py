@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from producer.schemas import ChatRequest
-from worker.engine import Engine, EngineLimits, EngineRequest
+from worker.engine import Engine, EngineLimits, EngineRequest, EngineStopped
 from worker.manifest import read_manifest
 from worker.model import load_model
 from worker.pipeline.sampling import SamplingParams
@@ -113,6 +113,23 @@ def test_batches_respect_the_token_bound(loaded):
     finally:
         engine.stop()
     assert [o.batch_size for o in outputs] == [1] * len(requests)
+    # One row at a time: each job waited for a row while every job before it ran.
+    waits = [o.batch_wait_s for o in outputs]
+    assert waits == sorted(waits) and len(set(waits)) == len(waits), waits
+
+
+def test_stopping_the_engine_fails_unfinished_jobs_with_engine_stopped(loaded):
+    engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=EngineLimits()).start()
+    request = requests_for(loaded, max_new=(4000, 20, 7, 16, 24))[0]
+    job = engine.submit(request)
+    wait_until(lambda: len(job.generated) > 0)
+    engine.stop()
+
+    with pytest.raises(EngineStopped):
+        job.future.result(timeout=10)
+    assert 0 < len(job.generated) < request.max_new_tokens
+    with pytest.raises(EngineStopped):
+        engine.submit(request)
 
 
 def test_rows_joining_a_running_batch_decode_as_if_alone(loaded, engine):
