@@ -16,8 +16,15 @@ from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
 from producer import ChatQueueClient, ChatRequest, JobFailed, ProducerSettings
-from tests.support.servers import REPO_ROOT, free_port, redis_server, spawn_worker, wait_ready
-from tests.support.servers import wait_until, worker_env
+from tests.support.servers import (
+    REPO_ROOT,
+    free_port,
+    redis_server,
+    spawn_worker,
+    wait_ready,
+    wait_until,
+    worker_env,
+)
 from worker.devmodels import TINY_MESSAGES, TINY_MULTI_TURN, build_tiny_qwen
 
 USER, PASSWORD = "operator", uuid.uuid4().hex

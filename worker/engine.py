@@ -161,7 +161,8 @@ class Engine:
                 batch = None
         for row in self._carry + _drain(self._inbox) + (batch.rows if batch else []):
             if not row.future.done():
-                row.future.set_exception(EngineStopped("the engine stopped before the job finished"))
+                row.future.set_exception(
+                    EngineStopped("the engine stopped before the job finished"))
 
     def _admit(self, batch: _Batch | None) -> list[EngineJob]:
         """The rows to add now, oldest first, within the row cap and the token bound."""

@@ -22,7 +22,8 @@ _CHUNK = 1 << 20
 
 
 class ModelNotReady(RuntimeError):
-    """The model folder is missing, incomplete or fails verification; the message says how to fix it."""
+    """The model folder is missing, incomplete or fails verification; the message says how to
+    fix it."""
 
 
 class ManifestFile(BaseModel):
@@ -66,7 +67,8 @@ def git_blob_id(path: Path) -> str:
 
 
 def list_model_files(model_dir: Path) -> list[str]:
-    """Relative paths of the files a manifest covers, sorted; skips hub metadata and the manifest."""
+    """Relative paths of the files a manifest covers, sorted; skips hub metadata and the
+    manifest."""
     found = []
     for path in model_dir.rglob("*"):
         rel = path.relative_to(model_dir)
@@ -76,10 +78,13 @@ def list_model_files(model_dir: Path) -> list[str]:
     return sorted(found)
 
 
-def manifest_for_local_dir(model_dir: Path, *, repo_id: str, revision: str, endpoint: str) -> Manifest:
+def manifest_for_local_dir(
+    model_dir: Path, *, repo_id: str, revision: str, endpoint: str
+) -> Manifest:
     """A manifest for a folder built on this machine; its commit is a digest of the contents."""
     files = [
-        ManifestFile(path=rel, size=(model_dir / rel).stat().st_size, sha256=sha256_file(model_dir / rel))
+        ManifestFile(path=rel, size=(model_dir / rel).stat().st_size,
+                     sha256=sha256_file(model_dir / rel))
         for rel in list_model_files(model_dir)
     ]
     content_digest = hashlib.sha256("".join(f"{f.path}:{f.sha256}\n" for f in files).encode())
@@ -117,7 +122,9 @@ def read_manifest(model_dir: Path, *, fetch_hint: str = "") -> Manifest:
         raise ModelNotReady(f"{target} is unreadable ({exc}). {fetch_hint}".strip()) from exc
 
 
-def verify_model_dir(model_dir: Path, *, fetch_hint: str = "", check_hashes: bool = True) -> Manifest:
+def verify_model_dir(
+    model_dir: Path, *, fetch_hint: str = "", check_hashes: bool = True
+) -> Manifest:
     """Check every file the manifest lists: present, right size and (by default) right sha256.
 
     Raises ModelNotReady naming every problem found, so one message tells the operator everything.
@@ -133,11 +140,12 @@ def verify_model_dir(model_dir: Path, *, fetch_hint: str = "", check_hashes: boo
         if size != entry.size:
             problems.append(f"{entry.path}: size {size} bytes, expected {entry.size}")
         elif check_hashes and (actual := sha256_file(path)) != entry.sha256:
-            problems.append(f"{entry.path}: sha256 {actual[:12]}..., expected {entry.sha256[:12]}...")
+            problems.append(
+                f"{entry.path}: sha256 {actual[:12]}..., expected {entry.sha256[:12]}...")
     if problems:
         listing = "; ".join(problems)
         raise ModelNotReady(
-            f"model folder {model_dir} ({manifest.repo_id}@{manifest.commit[:12]}) fails verification: "
-            f"{listing}. {fetch_hint}".strip()
+            f"model folder {model_dir} ({manifest.repo_id}@{manifest.commit[:12]}) fails "
+            f"verification: {listing}. {fetch_hint}".strip()
         )
     return manifest

@@ -48,7 +48,8 @@ def resolve_device(name: str) -> torch.device:
         return device
     if torch.cuda.is_available():
         return torch.device("cuda:0")
-    log.warning("!!! CUDA is not available: the model runs on the CPU, far slower than on a GPU !!!")
+    log.warning(
+        "!!! CUDA is not available: the model runs on the CPU, far slower than on a GPU !!!")
     return torch.device("cpu")
 
 
@@ -128,7 +129,8 @@ def _stop_ids(defaults: GenerationConfig, tokenizer: Any) -> frozenset[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     if not ids:
-        raise RuntimeError("the model defines no end-of-sequence token; generation would never stop")
+        raise RuntimeError(
+            "the model defines no end-of-sequence token; generation would never stop")
     return frozenset(ids)
 
 

@@ -1,4 +1,5 @@
-"""In-flight control against a real worker: streaming, progress, cancel, deadlines, thinking budget."""
+"""In-flight control against a real worker: streaming, progress, cancel, deadlines and the
+thinking budget."""
 
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ import huggingface_hub.constants
 import pytest
 from huggingface_hub import HfApi
 from huggingface_hub.errors import OfflineModeIsEnabled
-from tests.support.mirror import OlahMirror, free_port, olah_fixture, publish_model
 from pydantic import SecretStr
 
+from tests.support.mirror import OlahMirror, free_port, olah_fixture, publish_model
 from worker.download import (
     DEFAULT_ALLOW_PATTERNS,
     OFFLINE_VARIABLES,

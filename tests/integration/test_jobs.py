@@ -1,4 +1,5 @@
-"""A chat job end to end: producer -> real Redis -> real worker on the trained tiny model -> result."""
+"""A chat job end to end: producer -> real Redis -> real worker on the trained tiny model ->
+result."""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""Real servers for tests: redis-server and `chatqueue-worker` subprocesses, started and stopped here."""
+"""Real servers for tests: redis-server and `chatqueue-worker` subprocesses, started and stopped
+here."""

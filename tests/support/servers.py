@@ -88,7 +88,9 @@ class RedisServer:
 def redis_server(*, password: str | None = None, appendonly: bool = False) -> Iterator[RedisServer]:
     binary = shutil.which("redis-server")
     if binary is None:
-        raise RuntimeError("redis-server is not on PATH: install it (.ci/run does: apt-get install redis-server)")
+        raise RuntimeError(
+            "redis-server is not on PATH: install it (.ci/run does: apt-get install redis-server)"
+        )
     workdir = Path(tempfile.mkdtemp(prefix="chatqueue-redis-"))
     port = free_port()
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
@@ -137,7 +139,9 @@ class WorkerProcess:
         return self.process.returncode
 
 
-def worker_env(redis_url: str, model_dir: Path, queue: str | None, **settings: str) -> dict[str, str]:
+def worker_env(
+    redis_url: str, model_dir: Path, queue: str | None, **settings: str
+) -> dict[str, str]:
     """A worker's environment; queue None leaves it on its model's own queue."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHATQUEUE_")}
     manifest = json.loads((model_dir / "chatqueue-manifest.json").read_text())
@@ -157,7 +161,9 @@ def worker_env(redis_url: str, model_dir: Path, queue: str | None, **settings: s
     return env
 
 
-def spawn_worker(env: dict[str, str], log_dir: Path, *, extra_args: tuple[str, ...] = ()) -> WorkerProcess:
+def spawn_worker(
+    env: dict[str, str], log_dir: Path, *, extra_args: tuple[str, ...] = ()
+) -> WorkerProcess:
     """Start `chatqueue-worker run` as a real process; its output is kept for assertions."""
     name = f"w{uuid.uuid4().hex[:8]}@%h"
     log_path = log_dir / f"{name.split('@')[0]}.log"
@@ -186,7 +192,9 @@ def wait_ready(worker: WorkerProcess, timeout: float = 180) -> None:
 
     def ready() -> bool:
         if worker.process.poll() is not None:
-            raise RuntimeError(f"worker exited with {worker.process.returncode}:\n{worker.log()[-4000:]}")
+            raise RuntimeError(
+                f"worker exited with {worker.process.returncode}:\n{worker.log()[-4000:]}"
+            )
         return any(" ready." in line for line in worker.lines)
 
     wait_until(ready, timeout=timeout, what=f"worker {worker.name} to be ready", interval=0.1)

@@ -1,4 +1,5 @@
-"""The thinking/content split, table-driven, with Qwen's real ids and with a model lacking </think>."""
+"""The thinking/content split, table-driven, with Qwen's real ids and with a model lacking
+</think>."""
 
 from __future__ import annotations
 

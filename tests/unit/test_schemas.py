@@ -1,4 +1,5 @@
-"""The job contract: good requests pass, bad ones fail with an error naming field, limit and value."""
+"""The job contract: good requests pass, bad ones fail with an error naming field, limit and
+value."""
 
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ def test_secrets_are_hidden_and_url_gets_the_password(monkeypatch):
     [
         pytest.param({"CHATQUEUE_VISIBILITY_TIMEOUT_S": "60", "CHATQUEUE_MAX_JOB_SECONDS": "120"},
                      ["visibility_timeout_s", "60", "120"], id="visibility-shorter-than-job"),
-        pytest.param({"CHATQUEUE_DEFAULT_MAX_NEW_TOKENS": "900", "CHATQUEUE_MAX_NEW_TOKENS_CAP": "100"},
+        pytest.param({"CHATQUEUE_DEFAULT_MAX_NEW_TOKENS": "900",
+                      "CHATQUEUE_MAX_NEW_TOKENS_CAP": "100"},
                      ["default_max_new_tokens", "900", "100"], id="default-over-cap"),
         pytest.param({"CHATQUEUE_CONCURRENCY": "0"}, ["concurrency", "0"], id="zero-slots"),
     ],

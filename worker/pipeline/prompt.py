@@ -23,7 +23,8 @@ def build_prompt(tokenizer: Any, messages: Sequence[ChatMessage], *, enable_thin
     ]
     return str(
         tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+            conversation, tokenize=False, add_generation_prompt=True,
+            enable_thinking=enable_thinking,
         )
     )
 

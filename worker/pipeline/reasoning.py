@@ -63,7 +63,9 @@ def split_reasoning(
     return ReasoningSplit(thinking_ids=[], content_ids=ids)
 
 
-def decode_part(tokenizer: Any, ids: Sequence[int], think: ThinkTokens, *, strip: bool = True) -> str:
+def decode_part(
+    tokenizer: Any, ids: Sequence[int], think: ThinkTokens, *, strip: bool = True
+) -> str:
     """Text of one part, without the think tags (removed by id: some tokenizers mark them as
     ordinary added tokens that skip_special_tokens keeps) and without the newlines around it."""
     tags = {think.open_id, think.close_id}
