@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     results = _summarise(loaded, model_dir, jobs, new_tokens, prompts, seconds, outputs)
     results["machine"] = machine_info(device, loaded.dtype, datetime.fromtimestamp(started, UTC),
                                       load_average_start)
-    _report(results, args.out, model_dir.name)
+    _report(results, args.out, results["model_id"].rsplit("/", 1)[-1])
     return 0
 
 

@@ -36,3 +36,19 @@ def test_quick_benchmark_writes_its_results(tiny_model_dir: Path, tmp_path: Path
     assert [row["concurrency"] for row in results["concurrency"]] == [1, 4, 8]
     assert all(row.keys() >= LEVEL_KEYS for row in results["concurrency"])
     assert (tmp_path / "tiny-qwen3-quick.png").stat().st_size > 0
+
+
+def test_quick_backends_comparison_writes_its_results(tiny_model_dir: Path, tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.backends", "--quick", "--model-dir",
+         str(tiny_model_dir), "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    (path,) = tmp_path.glob("*-backends.json")
+    results = json.loads(path.read_text())
+    assert set(results["backends"]) == {"engine", "transformers-cb"}
+    assert all(row["tokens_per_s"] > 0 for row in results["backends"].values())
+    # Both batchers decode greedily in float32 on the CPU: the same tokens, job by job.
+    assert results["jobs_with_identical_tokens"] == results["jobs"] == 8
