@@ -23,7 +23,7 @@ test-integration: install
 	$(PY) -m pytest tests/integration
 
 lint: install
-	.venv/bin/ruff check producer worker tests benchmarks
+	.venv/bin/ruff check .
 	.venv/bin/mypy
 
 bench: install

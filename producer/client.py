@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery, states
@@ -121,7 +121,9 @@ class ChatQueueClient:
         quiet_since = time.monotonic()
         while True:
             try:
-                reply = self._redis.xread({stream_key(job_id): last_id}, block=1000, count=500)
+                # RESP2 (this client's protocol): [[key, [(entry id, {field: value}), ...]]]
+                reply = cast("list[Any] | None", self._redis.xread(
+                    {stream_key(job_id): last_id}, block=1000, count=500))
             except (redis.ConnectionError, redis.TimeoutError):
                 reply = None
                 time.sleep(_RECONNECT_WAIT_S)
@@ -130,8 +132,9 @@ class ChatQueueClient:
                     raise TimeoutError(f"no stream events for job {job_id} in {wait_s}s")
                 continue
             quiet_since = time.monotonic()
-            for entry_id, fields in reply[0][1]:
-                last_id = entry_id
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1]
+            for entry_id, fields in entries:
+                last_id = entry_id.decode()
                 event = StreamEvent.model_validate(
                     {key.decode(): value.decode() for key, value in fields.items()})
                 yield event
