@@ -223,11 +223,11 @@ def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
     runtime.metrics.job_finished(result, batch_size=batch_size or None)
     log.info(
         "job %s done: model=%s finish=%s prompt=%d completion=%d thinking=%d "
-        "queue_wait=%.3fs batch_wait=%.3fs generation=%.3fs tok/s=%.1f", job_id,
+        "queue_wait=%.3fs batch_wait=%.3fs generation=%.3fs tok/s=%.1f batch=%d", job_id,
         result.model_id, result.finish_reason, result.usage.prompt_tokens,
         result.usage.completion_tokens, result.usage.thinking_tokens,
         result.timings.queue_wait_s or 0.0, result.timings.batch_wait_s or 0.0,
-        result.timings.generation_s, result.timings.tokens_per_s,
+        result.timings.generation_s, result.timings.tokens_per_s, batch_size,
     )
     return result
 
