@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from producer.schemas import ChatRequest
-from worker.engine import Engine, EngineLimits, EngineRequest, EngineStopped
+from worker.engine import DeviceOutOfMemory, Engine, EngineLimits, EngineRequest, EngineStopped
 from worker.manifest import read_manifest
 from worker.model import load_model
 from worker.pipeline.sampling import SamplingParams
@@ -153,3 +153,57 @@ def wait_until(predicate, timeout=30.0):
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.001)
+
+
+class MemoryLimitedModel:
+    """The real model on a device with little memory: a forward over more than `max_cells`
+    positions (rows x cached width) raises the out-of-memory error CUDA would."""
+
+    def __init__(self, model, max_cells: int) -> None:
+        self.model, self.max_cells = model, max_cells
+        self.device, self.config = model.device, model.config
+        self.refused: list[tuple[int, int]] = []
+
+    def __call__(self, *, input_ids, attention_mask, **kwargs):
+        if attention_mask.numel() > self.max_cells:
+            self.refused.append(tuple(attention_mask.shape))
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_out_of_memory_splits_the_batch_and_every_job_still_matches_alone(loaded, engine):
+    requests = requests_for(loaded)
+    alone = [engine.generate(request).token_ids for request in requests]
+    # Room for about two rows of the longest job: five rows together cannot fit.
+    small = MemoryLimitedModel(loaded.model, max_cells=2 * max(r.token_budget for r in requests))
+    limited = Engine(small, pad_id=loaded.pad_id,
+                     limits=EngineLimits(max_batch_size=8, batch_wait_s=0.5)).start()
+    try:
+        outputs = [f.result(timeout=120) for f in [limited.submit(r).future for r in requests]]
+    finally:
+        limited.stop()
+    assert small.refused, "the batch never hit the memory limit: the test proves nothing"
+    assert [o.token_ids for o in outputs] == alone
+    assert max(o.batch_size for o in outputs) <= 2
+
+
+def test_a_job_too_big_even_alone_fails_clearly_and_the_rest_complete(loaded, engine):
+    requests = requests_for(loaded)
+    alone = [engine.generate(request).token_ids for request in requests]
+    # Room for any one of these jobs alone, not for a prompt three times the longest.
+    room = max(r.token_budget for r in requests)
+    longest = max(requests, key=lambda r: len(r.prompt_ids))
+    big = EngineRequest(list(longest.prompt_ids) * 3, 4, GREEDY, frozenset())
+    assert len(big.prompt_ids) > room
+    small = MemoryLimitedModel(loaded.model, max_cells=room)
+    limited = Engine(small, pad_id=loaded.pad_id,
+                     limits=EngineLimits(max_batch_size=8, batch_wait_s=0.5)).start()
+    try:
+        futures = [limited.submit(r).future for r in [big, *requests]]
+        with pytest.raises(DeviceOutOfMemory, match=f"{len(big.prompt_ids)} prompt tokens"):
+            futures[0].result(timeout=120)
+        assert [f.result(timeout=120).token_ids for f in futures[1:]] == alone
+        # And it keeps serving.
+        assert limited.generate(requests[0]).token_ids == alone[0]
+    finally:
+        limited.stop()
