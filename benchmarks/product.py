@@ -39,6 +39,7 @@ class JobRun:
     completion_tokens: int
     latency_s: float  # submit -> result in hand, measured by the client
     queue_wait_s: float  # the worker's timings: submit -> a task slot starts the job
+    batch_wait_s: float  # the worker's timings: part of generation_s spent waiting for a row
     generation_s: float  # the worker's timings: task slot start -> result built
     finished_at: float  # the worker's timings, epoch seconds: when the engine gave the result
 
@@ -108,6 +109,7 @@ def run_level(
                 prompt_index=index, prompt_tokens=result.usage.prompt_tokens,
                 completion_tokens=result.usage.completion_tokens, latency_s=done - submitted,
                 queue_wait_s=result.timings.queue_wait_s or 0.0,
+                batch_wait_s=result.timings.batch_wait_s or 0.0,
                 generation_s=result.timings.generation_s,
                 finished_at=result.timings.finished_at.timestamp(),
             ))
