@@ -40,6 +40,7 @@ class JobRun:
     latency_s: float  # submit -> result in hand, measured by the client
     queue_wait_s: float  # the worker's timings: submit -> a task slot starts the job
     batch_wait_s: float  # the worker's timings: part of generation_s spent waiting for a row
+    first_token_s: float  # the worker's timings: task slot start -> the first token
     generation_s: float  # the worker's timings: task slot start -> result built
     finished_at: float  # the worker's timings, epoch seconds: when the engine gave the result
 
@@ -110,6 +111,7 @@ def run_level(
                 completion_tokens=result.usage.completion_tokens, latency_s=done - submitted,
                 queue_wait_s=result.timings.queue_wait_s or 0.0,
                 batch_wait_s=result.timings.batch_wait_s or 0.0,
+                first_token_s=result.timings.first_token_s or 0.0,
                 generation_s=result.timings.generation_s,
                 finished_at=result.timings.finished_at.timestamp(),
             ))

@@ -114,6 +114,9 @@ class Timings(_Reply):
     # Part of generation_s: the job's wait in the worker's engine for a row in the running batch
     # (about 0 while the batch has room). None from workers older than this field.
     batch_wait_s: float | None = None
+    # Task slot start -> the first token was generated (add queue_wait_s for the time from
+    # submission). None when no token was generated, or from workers older than this field.
+    first_token_s: float | None = None
     generation_s: float  # task slot start -> result built
     tokens_per_s: float
 

@@ -62,6 +62,7 @@ class EngineOutput:
     finish_reason: FinishReason
     batch_size: int  # the most rows this job shared the device with, itself included
     batch_wait_s: float = 0.0  # submitted -> its prefill began (waiting for a row in the batch)
+    first_token_at: float | None = None  # time.monotonic() when its first token was picked
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a job is one thing in flight
@@ -73,6 +74,7 @@ class EngineJob:
     future: Future[EngineOutput] = field(default_factory=Future)
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # when its prefill began
+    first_token_at: float | None = None
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     peak_batch: int = 0
@@ -95,8 +97,8 @@ class EngineJob:
     def finish(self, reason: FinishReason) -> None:
         if not self.future.done():
             waited = (self.admitted_at or time.monotonic()) - self.submitted_at
-            self.future.set_result(
-                EngineOutput(list(self.generated), reason, self.peak_batch, max(0.0, waited)))
+            self.future.set_result(EngineOutput(list(self.generated), reason, self.peak_batch,
+                                                max(0.0, waited), self.first_token_at))
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,8 @@ class Engine:
                 job.finish(reason)
                 continue
             tokens[i] = self._steer(job, tokens[i])
+            if not job.generated:
+                job.first_token_at = now
             if not self._append(job, tokens[i], size):
                 keep.append(i)
         batch.pending = torch.tensor(tokens, device=self.device)

@@ -94,6 +94,14 @@ class WorkerMetrics:
             buckets=QUEUE_WAIT_BUCKETS,
             registry=reg,
         ).labels(model=model_id)
+        self._first_token = Histogram(
+            "chatqueue_first_token_seconds",
+            "From the start of work on a job to its first generated token (prefill and any "
+            "wait for a row in the batch).",
+            labels,
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=reg,
+        ).labels(model=model_id)
         self._generation = Histogram(
             "chatqueue_generation_seconds",
             "From the start of work on a job to its result.",
@@ -152,6 +160,8 @@ class WorkerMetrics:
             self._queue_wait.observe(timings.queue_wait_s)
         if timings.batch_wait_s is not None:
             self._batch_wait.observe(timings.batch_wait_s)
+        if timings.first_token_s is not None:
+            self._first_token.observe(timings.first_token_s)
         self._generation.observe(timings.generation_s)
         if batch_size is not None:
             self._batch_size.observe(batch_size)

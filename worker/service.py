@@ -238,13 +238,13 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
 
     While the engine decodes, this thread (the task slot) streams the new text to Redis and
     reports progress, so the decode loop itself never waits on the network."""
-    started_at = time.time()
+    started = (time.time(), time.monotonic())  # wall clock for the record, monotonic for spans
     request = parse_request(raw_request, max_bytes=runtime.settings.max_request_bytes)
     prepared = prepare_job(runtime, request)
     control, drain = runtime.control, runtime.drain
     if control is not None and control.cancelled_before_start(job_id):
         never_started = EngineOutput([], "cancelled", 0)
-        return _result(runtime, prepared, job_id, never_started, submitted_at, started_at), 0
+        return _result(runtime, prepared, job_id, never_started, submitted_at, started), 0
     try:
         job = runtime.engine.submit(prepared.engine_request)
         with drain.hold(job):
@@ -264,7 +264,7 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
         raise JobInterrupted(str(exc)) from exc
     if drain.stopped(output.finish_reason):
         raise JobInterrupted("this worker is stopping and its grace period is over")
-    return _result(runtime, prepared, job_id, output, submitted_at, started_at), output.batch_size
+    return _result(runtime, prepared, job_id, output, submitted_at, started), output.batch_size
 
 
 def _follow(runtime: WorkerRuntime, job_id: str, job: EngineJob, prepared: PreparedJob,
@@ -299,7 +299,9 @@ def _follow(runtime: WorkerRuntime, job_id: str, job: EngineJob, prepared: Prepa
 
 
 def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: EngineOutput,
-            submitted_at: float | None, started_at: float) -> ChatResult:
+            submitted_at: float | None, started: tuple[float, float]) -> ChatResult:
+    """`started`: when the task slot took the job, as time.time() and time.monotonic()."""
+    started_at, started_mono = started
     finished_at = time.time()
     loaded = runtime.loaded
     split = split_reasoning(output.token_ids, loaded.think,
@@ -321,6 +323,8 @@ def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: 
             finished_at=_utc(finished_at),
             queue_wait_s=max(0.0, started_at - submitted_at) if submitted_at else None,
             batch_wait_s=output.batch_wait_s,
+            first_token_s=(output.first_token_at - started_mono
+                           if output.first_token_at is not None else None),
             generation_s=generation_s,
             tokens_per_s=completion / generation_s if generation_s > 0 else 0.0,
         ),

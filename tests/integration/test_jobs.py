@@ -41,6 +41,9 @@ def test_thinking_and_content_are_what_the_model_says(tiny_client, tiny_model_di
     assert result.usage.completion_tokens > result.usage.thinking_tokens
     assert result.timings.queue_wait_s is not None and result.timings.queue_wait_s >= 0
     assert result.timings.started_at <= result.timings.finished_at
+    timings = result.timings
+    assert timings.first_token_s is not None and timings.batch_wait_s is not None
+    assert 0 <= timings.batch_wait_s <= timings.first_token_s <= timings.generation_s
 
 
 def test_multi_turn_conversation(tiny_client):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -116,6 +117,19 @@ def test_batches_respect_the_token_bound(loaded):
     # One row at a time: each job waited for a row while every job before it ran.
     waits = [o.batch_wait_s for o in outputs]
     assert waits == sorted(waits) and len(set(waits)) == len(waits), waits
+
+
+def test_each_job_records_when_it_was_admitted_and_got_its_first_token(loaded, engine):
+    request = requests_for(loaded)[0]
+    job = engine.submit(request)
+    output = job.future.result()
+    assert job.admitted_at is not None and output.first_token_at is not None
+    assert job.submitted_at <= job.admitted_at <= output.first_token_at <= time.monotonic()
+    assert output.batch_wait_s == pytest.approx(job.admitted_at - job.submitted_at)
+
+    # Past its deadline before it starts: it ends without a token.
+    late = engine.submit(dataclasses.replace(request, deadline=time.monotonic() - 1)).future
+    assert (late.result().finish_reason, late.result().first_token_at) == ("timeout", None)
 
 
 def test_stopping_the_engine_fails_unfinished_jobs_with_engine_stopped(loaded):

@@ -22,6 +22,7 @@ def make_result(
     completion_tokens: int = 30,
     queue_wait_s: float | None = 0.2,
     batch_wait_s: float | None = None,
+    first_token_s: float | None = None,
     generation_s: float = 1.5,
 ) -> ChatResult:
     now = datetime.now(tz=UTC)
@@ -41,6 +42,7 @@ def make_result(
             finished_at=now,
             queue_wait_s=queue_wait_s,
             batch_wait_s=batch_wait_s,
+            first_token_s=first_token_s,
             generation_s=generation_s,
             tokens_per_s=completion_tokens / generation_s,
         ),
@@ -77,7 +79,7 @@ def test_every_outcome_is_exported_at_zero_before_any_job(metrics: WorkerMetrics
 
 
 def test_job_finished_counts_the_outcome_tokens_and_timings(metrics: WorkerMetrics) -> None:
-    metrics.job_finished(make_result(batch_wait_s=0.5), batch_size=4)
+    metrics.job_finished(make_result(batch_wait_s=0.5, first_token_s=0.7), batch_size=4)
     metrics.job_finished(
         make_result(
             finish_reason="length", prompt_tokens=8, completion_tokens=10, queue_wait_s=None
@@ -97,6 +99,8 @@ def test_job_finished_counts_the_outcome_tokens_and_timings(metrics: WorkerMetri
     # A result from a worker that does not report its batch wait is not counted as 0.
     assert value(metrics, "chatqueue_batch_wait_seconds_count") == 1
     assert value(metrics, "chatqueue_batch_wait_seconds_sum") == pytest.approx(0.5)
+    assert value(metrics, "chatqueue_first_token_seconds_count") == 1
+    assert value(metrics, "chatqueue_first_token_seconds_sum") == pytest.approx(0.7)
     assert value(metrics, "chatqueue_batch_size_count") == 2
     assert value(metrics, "chatqueue_batch_size_bucket", le="2.0") == 1
     assert value(metrics, "chatqueue_batch_size_bucket", le="4.0") == 2
