@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import get_args
+from typing import Any, get_args
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -60,87 +60,53 @@ class WorkerMetrics:
 
         reg = self.registry
         ProcessCollector(registry=reg)
-        labels = ("model",)
         self._jobs = Counter(
             "chatqueue_jobs",
             "Jobs this worker ended, by outcome: a finish reason or an error code.",
             ("model", "outcome"),
             registry=reg,
         )
-        self._generated_tokens = Counter(
-            "chatqueue_generated_tokens",
-            "Tokens generated (thinking included).",
-            labels,
-            registry=reg,
-        ).labels(model=model_id)
-        self._prompt_tokens = Counter(
-            "chatqueue_prompt_tokens",
-            "Prompt tokens of finished jobs.",
-            labels,
-            registry=reg,
-        ).labels(model=model_id)
-        self._queue_wait = Histogram(
-            "chatqueue_queue_wait_seconds",
-            "From submission to the start of work on the job.",
-            labels,
-            buckets=QUEUE_WAIT_BUCKETS,
-            registry=reg,
-        ).labels(model=model_id)
-        self._batch_wait = Histogram(
-            "chatqueue_batch_wait_seconds",
+
+        def per_model(kind: Any, name: str, documentation: str, **options: Any) -> Any:
+            """One metric of this worker's model: the same label and registry for all."""
+            return kind(name, documentation, ("model",), registry=reg, **options).labels(
+                model=model_id)
+
+        self._generated_tokens = per_model(
+            Counter, "chatqueue_generated_tokens", "Tokens generated (thinking included).")
+        self._prompt_tokens = per_model(
+            Counter, "chatqueue_prompt_tokens", "Prompt tokens of finished jobs.")
+        self._queue_wait = per_model(
+            Histogram, "chatqueue_queue_wait_seconds",
+            "From submission to the start of work on the job.", buckets=QUEUE_WAIT_BUCKETS)
+        self._batch_wait = per_model(
+            Histogram, "chatqueue_batch_wait_seconds",
             "Part of the generation time: a job's wait in the engine for a row in the running "
             "batch. Growing while the device is busy means the worker is at its batch limit.",
-            labels,
-            buckets=QUEUE_WAIT_BUCKETS,
-            registry=reg,
-        ).labels(model=model_id)
-        self._first_token = Histogram(
-            "chatqueue_first_token_seconds",
+            buckets=QUEUE_WAIT_BUCKETS)
+        self._first_token = per_model(
+            Histogram, "chatqueue_first_token_seconds",
             "From the start of work on a job to its first generated token (prefill and any "
-            "wait for a row in the batch).",
-            labels,
-            buckets=QUEUE_WAIT_BUCKETS,
-            registry=reg,
-        ).labels(model=model_id)
-        self._generation = Histogram(
-            "chatqueue_generation_seconds",
-            "From the start of work on a job to its result.",
-            labels,
-            buckets=GENERATION_BUCKETS,
-            registry=reg,
-        ).labels(model=model_id)
-        self._batch_size = Histogram(
-            "chatqueue_batch_size",
+            "wait for a row in the batch).", buckets=QUEUE_WAIT_BUCKETS)
+        self._generation = per_model(
+            Histogram, "chatqueue_generation_seconds",
+            "From the start of work on a job to its result.", buckets=GENERATION_BUCKETS)
+        self._batch_size = per_model(
+            Histogram, "chatqueue_batch_size",
             "The most jobs a job shared the device with, itself included.",
-            labels,
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=reg,
-        ).labels(model=model_id)
-        self._tokens_per_s = Gauge(
-            "chatqueue_tokens_per_second",
+            buckets=BATCH_SIZE_BUCKETS)
+        self._tokens_per_s = per_model(
+            Gauge, "chatqueue_tokens_per_second",
             "Per-job decode speed, exponentially averaged over recent jobs; the worker's "
-            "throughput is rate(chatqueue_generated_tokens_total).",
-            labels,
-            registry=reg,
-        ).labels(model=model_id)
-        self._model_loaded = Gauge(
-            "chatqueue_model_loaded",
-            "1 once the model is loaded and warm, 0 before and after.",
-            labels,
-            registry=reg,
-        ).labels(model=model_id)
-        self._model_load_seconds = Gauge(
-            "chatqueue_model_load_seconds",
-            "How long loading the model onto its device took.",
-            labels,
-            registry=reg,
-        ).labels(model=model_id)
-        self._model_info = Info(
-            "chatqueue_model",
-            "The served model's revision and device.",
-            labels,
-            registry=reg,
-        ).labels(model=model_id)
+            "throughput is rate(chatqueue_generated_tokens_total).")
+        self._model_loaded = per_model(
+            Gauge, "chatqueue_model_loaded",
+            "1 once the model is loaded and warm, 0 before and after.")
+        self._model_load_seconds = per_model(
+            Gauge, "chatqueue_model_load_seconds",
+            "How long loading the model onto its device took.")
+        self._model_info = per_model(
+            Info, "chatqueue_model", "The served model's revision and device.")
 
         # Every outcome exists from the first scrape at 0, so rate() and alerts on a rare outcome
         # see a series before it first happens.
