@@ -1,7 +1,7 @@
 """chatqueue producer: the job contract and a thin client. Imports no torch or transformers."""
 
 from producer.client import ChatQueueClient, parse_request
-from producer.errors import JobFailed, JobNotFound
+from producer.errors import JobFailed, JobIdConflict, JobNotFound
 from producer.schemas import ChatMessage, ChatRequest, ChatResult, GenerationParams, JobError
 from producer.settings import ProducerSettings
 
@@ -13,6 +13,7 @@ __all__ = [
     "GenerationParams",
     "JobError",
     "JobFailed",
+    "JobIdConflict",
     "JobNotFound",
     "ProducerSettings",
     "parse_request",

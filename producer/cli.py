@@ -9,13 +9,14 @@ import sys
 from pydantic import ValidationError
 
 from producer.client import ChatQueueClient
-from producer.errors import JobFailed, JobNotFound
+from producer.errors import JobFailed, JobIdConflict, JobNotFound
 from producer.schemas import ChatRequest, JobError, error_from_validation
 from producer.settings import ProducerSettings
 
 EXIT_FAILED = 1
 EXIT_TIMEOUT = 3
 EXIT_NOT_FOUND = 4
+EXIT_CONFLICT = 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("job_id")
     stream.add_argument("--timeout", type=float)
 
-    cancel = commands.add_parser("cancel", help="cancel a queued or running job")
+    cancel = commands.add_parser(
+        "cancel", help="cancel a queued or running job (exit 4: no such job, or it expired)")
     cancel.add_argument("job_id")
     return parser
 
@@ -73,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with ChatQueueClient(ProducerSettings()) as client:
         if args.command == "cancel":
-            client.cancel(args.job_id)
+            try:
+                client.cancel(args.job_id)
+            except JobNotFound as exc:
+                print(json.dumps({"job_id": args.job_id, "error": str(exc)}), file=sys.stderr)
+                return EXIT_NOT_FOUND
             print(json.dumps({"job_id": args.job_id, "cancel": "requested"}))
             return 0
         if args.command == "submit":
@@ -81,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                 request = request_from_args(args)
             except ValidationError as exc:
                 return _print_error(error_from_validation(exc))
-            job_id = client.submit(request)
+            try:
+                job_id = client.submit(request)
+            except JobIdConflict as exc:
+                print(json.dumps({"job_id": exc.job_id, "error": str(exc)}), file=sys.stderr)
+                return EXIT_CONFLICT
             if args.no_wait:
                 print(json.dumps({"job_id": job_id}))
                 return 0

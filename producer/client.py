@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -16,7 +18,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from producer.celery_app import create_celery
-from producer.errors import JobFailed, JobNotFound
+from producer.errors import JobFailed, JobIdConflict, JobNotFound
 from producer.schemas import (
     ChatRequest,
     ChatResult,
@@ -37,6 +39,14 @@ from producer.settings import (
 # While Redis restarts, the stream reader waits this long between attempts to reconnect.
 _RECONNECT_WAIT_S = 0.5
 
+# KEYS: job record, cancel key; ARGV: ttl, channel, job id. 0 when no such job.
+_CANCEL_IF_KNOWN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], 1, 'EX', ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
 
 def parse_request(raw: ChatRequest | Mapping[str, Any]) -> ChatRequest:
     """A request as the contract reads it; a bad one raises JobFailed whose JobError names the
@@ -49,20 +59,52 @@ def parse_request(raw: ChatRequest | Mapping[str, Any]) -> ChatRequest:
         raise JobFailed(error_from_validation(exc)) from None
 
 
+def request_digest(args: Any, kwargs: Any) -> str:
+    """What makes two publishes of a job id the same request: its arguments, less the time it
+    was submitted at, as canonical JSON."""
+    request = {key: value for key, value in kwargs.items() if key != "submitted_at"} \
+        if isinstance(kwargs, Mapping) else kwargs
+    text = json.dumps([list(args or ()), request], sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False, default=repr)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
-    """Records every chat job it publishes as accepted, whichever call publishes it: submit(),
-    or send_task() by code that goes around the contract. Recorded before the publish, so a
-    result lookup never sees a published job as unknown."""
+    """Records every chat job it publishes, whichever call publishes it: submit(), or
+    send_task() by code that goes around the contract; and publishes a job id once.
+
+    The record (`accepted_key`) is written with SET NX before the publish, so a result lookup
+    never sees a published job as unknown, and a second publish under the same id finds it:
+    the same request is not queued again (its id is returned), a different one raises
+    JobIdConflict. A record still "pending" means an earlier publish raised (Redis away): it
+    may or may not have reached the queue, so the job is published again -- a job queued twice
+    still runs once (the worker's lease) and stores one result.
+    """
 
     accepted: redis.Redis | None = None
     accepted_ttl_s: int = 86_400
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None,
                   **options: Any) -> AsyncResult:
-        if name == TASK_NAME and self.accepted is not None:
-            options["task_id"] = options.get("task_id") or uuid.uuid4().hex
-            self.accepted.set(accepted_key(options["task_id"]), 1, ex=self.accepted_ttl_s)
-        return super().send_task(name, args, kwargs, **options)
+        if name != TASK_NAME or self.accepted is None:
+            return super().send_task(name, args, kwargs, **options)
+        job_id = options["task_id"] = options.get("task_id") or uuid.uuid4().hex
+        key, digest = accepted_key(job_id), request_digest(args, kwargs)
+        while not self.accepted.set(key, f"pending {digest}", nx=True, ex=self.accepted_ttl_s):
+            current = self.accepted.get(key)
+            if current is None:
+                continue  # it expired just now: claim it
+            text = current.decode() if isinstance(current, bytes) else str(current)
+            state, _, stored = text.partition(" ")
+            if stored and stored != digest:
+                raise JobIdConflict(job_id)
+            if state != "pending":
+                # Queued, running or finished: the job is there; nothing to publish.
+                return self.AsyncResult(job_id)
+            break
+        published = super().send_task(name, args, kwargs, **options)
+        self.accepted.set(key, f"queued {digest}", xx=True, keepttl=True)
+        return published
 
 
 class ChatQueueClient:
@@ -73,12 +115,18 @@ class ChatQueueClient:
                                            retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10))
         self.app = create_celery(self.settings, name="chatqueue-producer", cls=_AcceptingCelery)
         self.app.accepted, self.app.accepted_ttl_s = self._redis, self.settings.result_ttl_s
+        # One step, so a cancel never marks an id that has no job record.
+        self._cancel_script = self._redis.register_script(_CANCEL_IF_KNOWN)
 
     def submit(self, request: ChatRequest | Mapping[str, Any]) -> str:
         """Queue a request; returns its job id (the client's own when it set one).
 
         A plain mapping is validated first: a bad one raises JobFailed naming the field, the
         limit and the value, and nothing is queued. Once this returns, the job is in Redis.
+
+        A job id names one request for result_ttl_s: submitting the same request again under
+        an id that is queued, running or finished queues nothing and returns the id; a
+        different request under it raises JobIdConflict.
         """
         request = parse_request(request)
         job_id = request.job_id or uuid.uuid4().hex
@@ -101,11 +149,12 @@ class ChatQueueClient:
 
     def cancel(self, job_id: str) -> None:
         """Stop a job: a queued one never starts; a running one ends within one decode step
-        with finish_reason "cancelled" and what it generated so far."""
-        with self._redis.pipeline() as pipe:
-            pipe.set(cancel_key(job_id), 1, ex=self.settings.result_ttl_s)
-            pipe.publish(CANCEL_CHANNEL, job_id)
-            pipe.execute()
+        with finish_reason "cancelled" and what it generated so far; a finished one keeps its
+        result. Raises JobNotFound for a job never submitted or whose result expired."""
+        known = self._cancel_script(keys=[accepted_key(job_id), cancel_key(job_id)],
+                                    args=[self.settings.result_ttl_s, CANCEL_CHANNEL, job_id])
+        if not known:
+            raise self._not_found(job_id)
 
     def stream(self, job_id: str, timeout: float | None = None) -> Iterator[StreamEvent]:
         """The job's events from its first one, live, until its end event.
@@ -185,10 +234,13 @@ class ChatQueueClient:
         """PENDING is what Celery says of a queued job and of one it never heard of alike; the
         key submit sets tells them apart for as long as a result would be kept."""
         if not self._redis.exists(accepted_key(job_id)):
-            raise JobNotFound(
-                f"job {job_id}: no such job, or it ended more than result_ttl_s "
-                f"({self.settings.result_ttl_s} s) ago and its result expired"
-            )
+            raise self._not_found(job_id)
+
+    def _not_found(self, job_id: str) -> JobNotFound:
+        return JobNotFound(
+            f"job {job_id}: no such job, or it ended more than result_ttl_s "
+            f"({self.settings.result_ttl_s} s) ago and its result expired"
+        )
 
     def close(self) -> None:
         self._redis.close()
@@ -208,4 +260,4 @@ def _as_job_failed(job_id: str, payload: object) -> JobFailed:
     return JobFailed(JobError(code="internal_error", message=f"job {job_id} failed: {payload!r}"))
 
 
-__all__ = ["ChatQueueClient", "JobFailed", "JobNotFound"]
+__all__ = ["ChatQueueClient", "JobFailed", "JobIdConflict", "JobNotFound"]

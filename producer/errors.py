@@ -28,3 +28,16 @@ class JobFailed(Exception):
 
 class JobNotFound(LookupError):
     """No such job: never submitted, or its result expired (see result_ttl_s)."""
+
+
+class JobIdConflict(ValueError):
+    """A job id already names a different request (queued, running, or finished within
+    result_ttl_s). The first request stands; submit the new one under a new job id."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"job_id {job_id!r} is already in use by a different request (queued, running, or "
+            "finished within result_ttl_s): the first request stands and nothing was queued; "
+            "submit this one under a new job_id"
+        )

@@ -22,9 +22,18 @@ def cancel_key(job_id: str) -> str:
 
 
 def accepted_key(job_id: str) -> str:
-    """Set when the producer publishes a job, for result_ttl_s: it tells a queued job from an
-    unknown or expired one, whose result would otherwise read PENDING forever."""
+    """The job record: written by the producer before it publishes a job (SET NX, for
+    result_ttl_s; a worker extends it when the job ends, so it outlives the result). It tells a
+    queued job from an unknown or expired one, whose result would otherwise read PENDING
+    forever, and holds "<state> <request digest>" (state: pending until the publish returned,
+    then queued), so a job id names one request."""
     return f"chatqueue:accepted:{job_id}"
+
+
+def lease_key(job_id: str) -> str:
+    """Held by the one worker running the job (its token, with a TTL it renews while it runs):
+    another delivery of the job waits instead of running it too."""
+    return f"chatqueue:lease:{job_id}"
 
 
 class ConnectionSettings(BaseSettings):
