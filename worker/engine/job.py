@@ -1,0 +1,110 @@
+"""What flows through the engine: a request, the job that carries it, its output, the limits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from worker.pipeline.sampling import SamplingParams
+
+
+class DeviceOutOfMemory(RuntimeError):
+    """The job does not fit on the device even alone."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine stopped (the worker is shutting down) before the job finished: the job is
+    not at fault and can run again elsewhere."""
+
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_ids: frozenset[int]
+    deadline: float | None = None  # time.monotonic() after which the job ends with "timeout"
+    thinking_budget: int | None = None  # thinking tokens after which the think block is closed
+    close_thinking_ids: tuple[int, ...] = ()  # what closes it, as the chat template writes it
+    prompt_opened_thinking: bool = False
+
+    @property
+    def token_budget(self) -> int:
+        return len(self.prompt_ids) + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    token_ids: list[int]
+    finish_reason: FinishReason
+    batch_size: int  # the most rows this job shared the device with, itself included
+    batch_wait_s: float = 0.0  # submitted -> its prefill began (waiting for a row in the batch)
+    first_token_at: float | None = None  # time.monotonic() when its first token was picked
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int = 32  # rows decoded together
+    max_batch_tokens: int = 65_536  # bound on the rows' (prompt + max new tokens) in flight
+    batch_wait_s: float = 0.005  # when idle, how long a burst may gather before the first step
+    max_step_tokens: int = 512  # tokens one forward computes: decode rows + prefill chunks
+    block_size: int = 16  # token positions per KV-cache block
+    prefix_caching: bool = True  # reuse the KV of prompt prefixes computed before
+    kv_cache_bytes: int | None = None  # CPU: the KV pool's size (None: min(2 GiB, what's needed))
+    kv_cache_memory_fraction: float = 0.8  # CUDA: share of free device memory after load
+
+
+@dataclass(eq=False)  # compared and hashed by identity: a job is one thing in flight
+class EngineJob:
+    """One job in the engine. Other threads may read `generated` (append-only) and call
+    `cancel()`; the engine thread does everything else."""
+
+    request: EngineRequest
+    future: Future[EngineOutput] = field(default_factory=Future)
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # when its prefill began
+    first_token_at: float | None = None
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    peak_batch: int = 0
+    cancelled: bool = False
+    thinking: bool = False
+    thinking_tokens: int = 0
+    forced: list[int] = field(default_factory=list)
+    # The engine thread's bookkeeping: every known token (prompt, then generated), how many of
+    # them have their KV in the cache, how many prompt tokens the prefix cache supplied.
+    tokens: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    cached_prompt_tokens: int = 0
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.request.prompt_ids)
+
+    def cancel(self) -> None:
+        """Ask the engine to end this job; it does so before its next decode step."""
+        self.cancelled = True
+
+    @property
+    def started(self) -> bool:
+        return self.admitted_at is not None
+
+    def finish(self, reason: FinishReason) -> None:
+        if not self.future.done():
+            waited = (self.admitted_at or time.monotonic()) - self.submitted_at
+            self.future.set_result(EngineOutput(
+                list(self.generated), reason, self.peak_batch, max(0.0, waited),
+                self.first_token_at, self.cached_prompt_tokens))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)

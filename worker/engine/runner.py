@@ -1,0 +1,219 @@
+"""The model runner: one forward per step over a ragged batch; the only code that calls the model.
+
+The step's tokens (each decoding row's last token, then each prefill chunk) are flattened into
+input_ids [1, T] with their own position ids. The model runs as transformers wrote it, except
+for attention: `paged_attention`, registered with transformers' AttentionInterface, writes the
+step's keys and values into the paged KV pool and computes each row's attention over its own
+blocks only. Everything a layer needs (slots to write, gather indices, masks) is computed once
+per step (`StepContext`) and shared by all layers:
+
+- decoding rows: their keys/values are gathered from the pool into one padded tensor
+  [rows, kv_heads, longest, head_dim] and attended in one SDPA call, the query heads of a KV
+  head folded into the query length (no repeat of K/V for grouped-query attention);
+- prefill chunks: one SDPA call each, causal; a chunk with nothing before it attends to its
+  own keys directly (is_causal), a later chunk to its row's gathered context.
+
+Only each sampling row's last hidden state goes through the LM head (`logits_to_keep` as
+indices). The model's own attention implementation is restored after every forward, so other
+users of the same model object (HF `generate`) are untouched; `paged_attention` also falls back
+to SDPA when called outside an engine step.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from worker.engine.kv_cache import KVCacheManager, KVStorage
+from worker.engine.scheduler import ScheduledRow
+
+ATTENTION_NAME = "chatqueue_paged"
+
+
+@dataclass
+class _Chunk:
+    start: int  # where its tokens are in the step's flattened batch
+    end: int
+    context: torch.Tensor | None  # slots of its row's positions 0..last (None: starts at 0)
+    mask: torch.Tensor | None  # [tokens, context]: True where a query may attend
+
+
+@dataclass
+class StepContext:
+    """Everything the attention layers need for one step, computed once."""
+
+    storage: KVStorage
+    slots: torch.Tensor  # [T]: where each new token's key and value are written
+    decode_rows: int  # the first `decode_rows` tokens are single-token rows
+    decode_index: torch.Tensor | None = None  # [rows, longest]: slots of each row's context
+    decode_mask: torch.Tensor | None = None  # [rows, 1, 1, longest]: True on a row's own slots
+    chunks: list[_Chunk] = field(default_factory=list)
+    context_cells: int = 0  # sum over rows of the positions attended (what memory scales with)
+
+
+_local = threading.local()
+
+
+def current_step() -> StepContext | None:
+    """The step being run on this thread, if any (tests use it to size injected faults)."""
+    return getattr(_local, "step", None)
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None,
+                    scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """query [1, heads, T, dim], key/value [1, kv_heads, T, dim] -> [1, T, heads, dim]."""
+    step = current_step()
+    if step is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, dropout=dropout, **kwargs)
+    key_pool, value_pool = step.storage.layer(module.layer_idx, key)
+    key_pool.index_copy_(0, step.slots, key[0].transpose(0, 1))
+    value_pool.index_copy_(0, step.slots, value[0].transpose(0, 1))
+    _, heads, tokens, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
+    out = query.new_empty(tokens, heads, dim)
+    rows = step.decode_rows
+    if rows:
+        # [rows, kv_heads, group, dim]: a KV head's query heads take the query-length axis.
+        q = query[0, :, :rows].transpose(0, 1).reshape(rows, kv_heads, group, dim)
+        k = key_pool[step.decode_index].transpose(1, 2)
+        v = value_pool[step.decode_index].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_mask, scale=scaling)
+        out[:rows] = o.reshape(rows, heads, dim)
+    for chunk in step.chunks:
+        q = query[:, :, chunk.start:chunk.end]
+        if chunk.context is None:
+            k, v = key[:, :, chunk.start:chunk.end], value[:, :, chunk.start:chunk.end]
+        else:
+            k = key_pool[chunk.context].transpose(0, 1).unsqueeze(0)
+            v = value_pool[chunk.context].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=chunk.mask, is_causal=chunk.context is None, scale=scaling,
+            enable_gqa=group > 1)
+        out[chunk.start:chunk.end] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)
+
+
+class ModelRunner:
+    def __init__(self, model: Any, kv: KVCacheManager) -> None:
+        self.model = model
+        self.device = model.device
+        self.kv = kv
+        self.storage = KVStorage(kv.num_blocks, kv.block_size)
+        _check_attention_layers(model.config)
+
+    @torch.inference_mode()
+    def execute(self, rows: Sequence[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
+        """Run one step; returns the rows that sample, in order, and their logits [rows, vocab].
+
+        `rows` are reordered: single-token rows first (they share one attention call)."""
+        ordered = sorted(rows, key=lambda row: row.count != 1)
+        step, input_ids, positions, keep = self._prepare(ordered)
+        sampling = [row for row in ordered if row.samples]
+        with _running(step), _attention(self.model.config):
+            out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                             logits_to_keep=keep)
+        return sampling, out.logits[0]
+
+    def _prepare(self, rows: list[ScheduledRow]) -> tuple[StepContext, torch.Tensor,
+                                                           torch.Tensor, torch.Tensor]:
+        block = self.kv.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        keep: list[int] = []
+        decode_rows = sum(1 for row in rows if row.count == 1)
+        tables = [self.kv.table(row.job) for row in rows]
+        for row, table in zip(rows, tables, strict=True):
+            stop = row.start + row.count
+            ids.extend(row.job.tokens[row.start:stop])
+            positions.extend(range(row.start, stop))
+            slots.extend(table[p // block] * block + p % block for p in range(row.start, stop))
+            if row.samples:
+                keep.append(len(ids) - 1)
+        device = self.device
+        step = StepContext(self.storage, _tensor(slots, device), decode_rows,
+                           context_cells=sum(row.start + row.count for row in rows))
+        if decode_rows:
+            step.decode_index, step.decode_mask = _decode_gather(
+                rows[:decode_rows], tables[:decode_rows], block, device)
+        start = decode_rows
+        for row, table in zip(rows[decode_rows:], tables[decode_rows:], strict=True):
+            step.chunks.append(_chunk(row, table, start, block, device))
+            start += row.count
+        return (step, _tensor(ids, device).unsqueeze(0), _tensor(positions, device).unsqueeze(0),
+                _tensor(keep or [len(ids) - 1], device))
+
+
+def _decode_gather(rows: list[ScheduledRow], tables: list[list[int]], block: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = [row.start + 1 for row in rows]
+    longest = max(lengths)
+    width = -(-longest // block)
+    padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
+    position = torch.arange(longest)
+    index = padded[:, position // block] * block + position % block
+    mask = position < torch.tensor(lengths).unsqueeze(1)
+    return index.to(device), mask[:, None, None, :].to(device)
+
+
+def _chunk(row: ScheduledRow, table: list[int], start: int, block: int,
+           device: torch.device) -> _Chunk:
+    end = start + row.count
+    if row.start == 0:
+        return _Chunk(start, end, None, None)
+    length = row.start + row.count
+    position = torch.arange(length)
+    blocks = torch.tensor(table[: -(-length // block)])
+    context = blocks[position // block] * block + position % block
+    queries = torch.arange(row.start, length).unsqueeze(1)
+    mask = position.unsqueeze(0) <= queries
+    return _Chunk(start, end, context.to(device), mask.to(device))
+
+
+def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+@contextmanager
+def _running(step: StepContext) -> Iterator[None]:
+    _local.step = step
+    try:
+        yield
+    finally:
+        _local.step = None
+
+
+@contextmanager
+def _attention(config: Any) -> Iterator[None]:
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _check_attention_layers(config: Any) -> None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise NotImplementedError(
+            f"the engine's paged attention handles full-attention layers only; this model has "
+            f"{sorted(kinds)}")
+    if getattr(text, "attn_logit_softcapping", None):
+        raise NotImplementedError("the engine's paged attention has no logit soft-capping")
