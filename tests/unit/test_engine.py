@@ -10,6 +10,7 @@ import torch
 
 from producer.schemas import ChatRequest
 from worker.engine import DeviceOutOfMemory, Engine, EngineLimits, EngineRequest, EngineStopped
+from worker.engine.kv_cache import kv_bytes_per_token
 from worker.engine.runner import current_step
 from worker.manifest import read_manifest
 from worker.model import load_model
@@ -228,3 +229,123 @@ def test_a_job_too_big_even_alone_fails_clearly_and_the_rest_complete(loaded, en
         assert limited.generate(requests[0]).token_ids == alone[0]
     finally:
         limited.stop()
+
+
+# --- the v2 engine: chunked prefill, prefix caching, preemption (all against runs alone)
+
+def engine_with(loaded, **limits):
+    options = {"max_batch_size": 8, "batch_wait_s": 0.5, **limits}
+    return Engine(loaded.model, pad_id=loaded.pad_id, limits=EngineLimits(**options)).start()
+
+
+def run_all(engine, requests):
+    jobs = [engine.submit(request) for request in requests]
+    return jobs, [job.future.result(timeout=120) for job in jobs]
+
+
+def test_chunked_prefill_equals_one_at_a_time(loaded, engine):
+    requests = requests_for(loaded)
+    alone = [engine.generate(request).token_ids for request in requests]
+    # 7 tokens a step: every prompt is prefilled in chunks while the others decode.
+    chunked = engine_with(loaded, max_step_tokens=7)
+    try:
+        _, outputs = run_all(chunked, requests)
+    finally:
+        chunked.stop()
+    assert [o.token_ids for o in outputs] == alone
+    assert max(o.batch_size for o in outputs) > 1
+
+
+SYSTEM = ("You are a careful assistant for a batching engine. Answer briefly, state what you "
+          "assume, and never invent numbers you were not given. " * 3)
+
+
+def with_system(loaded, question, max_new=12):
+    request = ChatRequest.model_validate({"messages": [
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]})
+    return EngineRequest(build_prompt_ids(loaded, request), max_new, GREEDY, frozenset())
+
+
+def test_prefix_cache_hits_reuse_the_system_prompt_and_change_nothing(loaded):
+    first, second = with_system(loaded, "Hi"), with_system(loaded, "What is 2 + 2?")
+    uncached = engine_with(loaded, prefix_caching=False)
+    try:
+        expected = [uncached.generate(r) for r in (first, second)]
+    finally:
+        uncached.stop()
+    assert [o.cached_prompt_tokens for o in expected] == [0, 0]
+
+    cached = engine_with(loaded, block_size=4)
+    try:
+        outputs = [cached.generate(r) for r in (first, second, second)]
+    finally:
+        cached.stop()
+    assert outputs[0].cached_prompt_tokens == 0
+    shared = next(i for i, (a, b) in enumerate(zip(first.prompt_ids, second.prompt_ids,
+                                                    strict=False)) if a != b)
+    assert shared - 4 < outputs[1].cached_prompt_tokens <= shared  # whole blocks of it
+    # The same prompt again: all of it but the last token, to the block.
+    assert outputs[2].cached_prompt_tokens >= len(second.prompt_ids) - 4
+    assert [o.token_ids for o in outputs] == [e.token_ids for e in (*expected, expected[1])]
+
+
+def test_prefix_cache_hits_inside_a_batch_match_generate(loaded):
+    requests = [with_system(loaded, q, max_new=10) for q in QUESTIONS]
+    reference = [loaded.model.generate(
+        torch.tensor([list(r.prompt_ids)]), max_new_tokens=r.max_new_tokens, do_sample=False,
+        eos_token_id=None, pad_token_id=loaded.pad_id)[0, len(r.prompt_ids):].tolist()
+        for r in requests[:2]]
+    cached = engine_with(loaded, block_size=8, max_step_tokens=32)
+    try:
+        cached.generate(requests[0])  # the system prompt is now in the cache
+        _, outputs = run_all(cached, requests)
+    finally:
+        cached.stop()
+    assert all(o.cached_prompt_tokens > 0 for o in outputs)
+    assert [o.token_ids for o in outputs[:2]] == reference
+
+
+def test_a_full_pool_preempts_the_newest_row_and_outputs_do_not_change(loaded, engine):
+    requests = requests_for(loaded, max_new=(40, 40, 40, 40, 40))
+    alone = [engine.generate(request).token_ids for request in requests]
+    # Blocks for about two of these jobs at once: the rest wait, or are preempted and redone.
+    per_token = kv_bytes_per_token(loaded.model.config, loaded.model.dtype)
+    room = 2 * max(r.token_budget for r in requests)
+    small = engine_with(loaded, block_size=4, kv_cache_bytes=room * per_token)
+    try:
+        jobs, outputs = run_all(small, requests)
+    finally:
+        small.stop()
+    assert [o.token_ids for o in outputs] == alone
+    assert any(job.preemptions for job in jobs), "nothing was preempted: the test proves nothing"
+
+
+def test_a_prompt_larger_than_the_pool_fails_alone(loaded):
+    request = requests_for(loaded)[2]
+    per_token = kv_bytes_per_token(loaded.model.config, loaded.model.dtype)
+    tiny = engine_with(loaded, block_size=4, kv_cache_bytes=8 * per_token)
+    try:
+        with pytest.raises(DeviceOutOfMemory, match="prompt tokens"):
+            tiny.generate(request)
+        short = EngineRequest(request.prompt_ids[:3], 2, GREEDY, frozenset())
+        assert len(tiny.generate(short).token_ids) == 2  # and it keeps serving
+    finally:
+        tiny.stop()
+
+
+def test_seeded_sampling_is_reproducible_across_chunks_and_cache_hits(loaded):
+    seeded = SamplingParams(do_sample=True, temperature=1.5, top_p=0.95, top_k=50, seed=7)
+    request = dataclasses.replace(with_system(loaded, "Hi", max_new=16), sampling=seeded)
+    plain = engine_with(loaded, prefix_caching=False)
+    try:
+        alone = plain.generate(request).token_ids
+    finally:
+        plain.stop()
+    busy = engine_with(loaded, max_step_tokens=9, block_size=4)
+    try:
+        busy.generate(request)  # now cached
+        _, outputs = run_all(busy, [*requests_for(loaded), request])
+    finally:
+        busy.stop()
+    assert outputs[-1].cached_prompt_tokens > 0
+    assert outputs[-1].token_ids == alone
