@@ -86,3 +86,53 @@ def run_request(
             f"{max_new_tokens}: the runs would not be comparable"
         )
     return RequestRun(index, prompt_tokens, len(new_ids), latency)
+
+
+@dataclass(frozen=True)
+class PaddedRun:
+    """One left-padded `model.generate` over N prompts: what a user writes without a queue."""
+
+    prompts: int
+    prompt_tokens: list[int]
+    padded_width: int  # every row's prompt is padded to the longest one
+    completion_tokens: int  # all rows together
+    wall_s: float
+
+
+def padded_generate(
+    tm: TutorialModel, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
+    enable_thinking: bool,
+) -> PaddedRun:
+    """The tutorial's pipeline with the N prompts in one left-padded batch: template, tokenize,
+    one greedy generate with EOS ignored, slice, decode -- all timed, as one request is."""
+    started = time.perf_counter()
+    texts = [
+        tm.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=enable_thinking)
+        for m in prompts
+    ]
+    pad_id = _pad_id(tm)
+    inputs = tm.tokenizer(texts, return_tensors="pt", padding=True,
+                          padding_side="left").to(tm.model.device)
+    with torch.inference_mode():
+        output = tm.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                   eos_token_id=None, pad_token_id=pad_id)
+    width = inputs["input_ids"].shape[1]
+    new_ids = output[:, width:]
+    tm.tokenizer.batch_decode(new_ids.tolist(), skip_special_tokens=True)
+    wall = time.perf_counter() - started
+    if new_ids.shape[1] != max_new_tokens:
+        raise RuntimeError(
+            f"padded generate made {new_ids.shape[1]} tokens per row, expected {max_new_tokens}:"
+            " the runs would not be comparable")
+    return PaddedRun(
+        prompts=len(prompts), prompt_tokens=inputs["attention_mask"].sum(dim=1).tolist(),
+        padded_width=width, completion_tokens=int(new_ids.numel()), wall_s=wall,
+    )
+
+
+def _pad_id(tm: TutorialModel) -> int:
+    """The tokenizer's pad token; else the end-of-text token, as generate itself falls back."""
+    if tm.tokenizer.pad_token_id is None:
+        tm.tokenizer.pad_token = tm.tokenizer.eos_token
+    return int(tm.tokenizer.pad_token_id)

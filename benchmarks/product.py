@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from producer import ChatQueueClient, ChatRequest, ChatResult, ProducerSettings
 from tests.support.servers import redis_server, spawn_worker, wait_ready, worker_env
@@ -27,9 +28,16 @@ class WorkerConfig:
     max_batch_size: int
     max_new_tokens_cap: int
     torch_threads: int  # as the baseline's process uses
+    # CHATQUEUE_PREFIX_CACHING; None leaves the worker's default. (A worker that does not know
+    # the setting ignores it.)
+    prefix_caching: bool | None = None
 
     def env_settings(self) -> dict[str, str]:
-        return {key: str(value) for key, value in vars(self).items() if value is not None}
+        return {key: _env_value(value) for key, value in vars(self).items() if value is not None}
+
+
+def _env_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,9 @@ class JobRun:
     first_token_s: float  # the worker's timings: task slot start -> the first token
     generation_s: float  # the worker's timings: task slot start -> result built
     finished_at: float  # the worker's timings, epoch seconds: when the engine gave the result
+    # Prompt tokens the worker took from its prefix cache instead of computing (0 from a
+    # worker without one, or with it off).
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,28 +84,39 @@ def running_product(
             worker.stop()
 
 
+# Qwen3's generation_config (thinking mode), set on every job of the sampled run; plus a seed
+# per job, so a run is reproducible.
+QWEN3_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+
+
 def benchmark_request(
-    messages: list[dict[str, str]], *, max_new_tokens: int, enable_thinking: bool
+    messages: list[dict[str, str]], *, max_new_tokens: int, enable_thinking: bool,
+    sampling: dict[str, Any] | None = None,
 ) -> ChatRequest:
-    """Greedy, with EOS ignored: every job generates exactly max_new_tokens."""
+    """Greedy unless `sampling` says otherwise, with EOS ignored: every job generates exactly
+    max_new_tokens."""
     return ChatRequest.model_validate({
         "messages": messages,
         "params": {"max_new_tokens": max_new_tokens, "do_sample": False, "ignore_eos": True,
-                   "enable_thinking": enable_thinking},
+                   "enable_thinking": enable_thinking, **(sampling or {})},
     })
 
 
 def run_level(
     client: ChatQueueClient, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
-    enable_thinking: bool,
+    enable_thinking: bool, sampled: bool = False,
 ) -> LevelRun:
-    """Submit one job per prompt back to back, then wait for them all.
+    """Submit one job per prompt back to back, then wait for them all. `sampled`: Qwen3's
+    default sampling on every job, job i seeded with i.
 
     Each job gets a waiting thread as soon as it is submitted, so its latency is stamped when
     its own result arrives, not when a loop over the others gets round to it.
     """
-    requests = [benchmark_request(m, max_new_tokens=max_new_tokens,
-                                  enable_thinking=enable_thinking) for m in prompts]
+    requests = [
+        benchmark_request(m, max_new_tokens=max_new_tokens, enable_thinking=enable_thinking,
+                          sampling={**QWEN3_SAMPLING, "seed": i} if sampled else None)
+        for i, m in enumerate(prompts)
+    ]
     with ThreadPoolExecutor(max_workers=len(requests)) as waiters:
         pending = []
         for index, request in enumerate(requests):
@@ -114,6 +136,7 @@ def run_level(
                 first_token_s=result.timings.first_token_s or 0.0,
                 generation_s=result.timings.generation_s,
                 finished_at=result.timings.finished_at.timestamp(),
+                cached_prompt_tokens=getattr(result.usage, "cached_prompt_tokens", None) or 0,
             ))
     return LevelRun(jobs=jobs, wall_s=max(finished) - pending[0][1])
 

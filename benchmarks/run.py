@@ -7,8 +7,15 @@
 3. product: redis-server + a `chatqueue-worker run` process + ChatQueueClient. First each
    baseline request alone through the product, alternating with the baseline (request i in
    the tutorial, then the same request as a job): on a shared machine both sides of a pair see
-   the same load. Then, with the tutorial's model freed, N concurrent jobs for each N.
-4. results: <out>/<model>-<mode>.json and .png, and a table on stdout
+   the same load. Then N concurrent jobs for each N, each level (N > 1) followed by one
+   left-padded `model.generate` over the same prompts in this process; at 32 jobs also a
+   sampled run (Qwen3's defaults); then the decode-heavy mix (256 new tokens, 32 and 64 jobs,
+   each against padded generate). This worker runs with prefix caching off, so that it
+   computes every prompt token as padded generate does (the fixed prompts repeat).
+4. shared system prompt: 32 jobs that open with the same ~400-token system prompt, on that
+   worker (prefix caching off), then on a restarted one with prefix caching on.
+5. results: <out>/<model>-<mode>.json (with a flat `summary` object) and .png, and a table on
+   stdout
 
 Default: the demo model (SmolLM2-135M-Instruct, built if absent). --quick: the tiny test model
 and fewer, shorter jobs, to check that the benchmark works, not to measure anything.
@@ -31,7 +38,7 @@ from typing import Any
 import torch
 
 from benchmarks import baseline, limit, product, report
-from benchmarks.prompts import PROMPTS, prompt_for
+from benchmarks.prompts import PROMPTS, SHARED_SYSTEM_PROMPT, prompt_for, shared_prefix_prompt_for
 from producer import ChatQueueClient
 from worker.manifest import read_manifest
 from worker.model import resolve_device
@@ -49,10 +56,15 @@ class Mode:
     name: str
     levels: tuple[int, ...]
     max_new_tokens: int
+    workload_jobs: int  # jobs in the sampled and the shared-system-prompt runs
+    decode_levels: tuple[int, ...]  # the decode-heavy mix: concurrency levels...
+    decode_max_new_tokens: int  # ...and new tokens per job
 
 
-QUICK = Mode("quick", levels=(1, 4, 8), max_new_tokens=16)
-FULL = Mode("full", levels=(1, 4, 8, 16, 32, 64), max_new_tokens=64)
+QUICK = Mode("quick", levels=(1, 4, 8), max_new_tokens=16, workload_jobs=8, decode_levels=(8,),
+             decode_max_new_tokens=32)
+FULL = Mode("full", levels=(1, 4, 8, 16, 32, 64), max_new_tokens=64, workload_jobs=32,
+            decode_levels=(32, 64), decode_max_new_tokens=256)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,6 +81,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "checkpoint's)")
     parser.add_argument("--levels", type=_int_list, help="concurrency levels, e.g. 1,4,16")
     parser.add_argument("--max-new-tokens", type=int, help="new tokens per job")
+    parser.add_argument("--workload-jobs", type=int,
+                        help="jobs in the sampled and shared-system-prompt runs (default 32; 8 "
+                             "with --quick)")
+    parser.add_argument("--decode-levels", type=_int_list,
+                        help="levels of the decode-heavy mix (default 32,64; 8 with --quick; "
+                             "'' for none)")
+    parser.add_argument("--decode-max-new-tokens", type=int,
+                        help="new tokens per job in the decode-heavy mix (default 256; 32 with "
+                             "--quick)")
+    parser.add_argument("--sweep-prefix-caching", choices=("off", "on", "default"),
+                        default="off",
+                        help="prefix caching in the worker of the sweep, sampled and "
+                             "decode-heavy runs (default off: the fixed prompts repeat, and "
+                             "padded generate computes every prompt token)")
     parser.add_argument("--worker-concurrency", type=int,
                         help="worker task slots (default: the largest level)")
     parser.add_argument("--max-batch-size", type=int,
@@ -80,7 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(","))
+    return tuple(int(part) for part in text.split(",") if part.strip())
 
 
 def choose_mode(args: argparse.Namespace) -> Mode:
@@ -89,6 +115,12 @@ def choose_mode(args: argparse.Namespace) -> Mode:
         mode = replace(mode, levels=args.levels)
     if args.max_new_tokens:
         mode = replace(mode, max_new_tokens=args.max_new_tokens)
+    if args.workload_jobs:
+        mode = replace(mode, workload_jobs=args.workload_jobs)
+    if args.decode_levels is not None:
+        mode = replace(mode, decode_levels=args.decode_levels)
+    if args.decode_max_new_tokens:
+        mode = replace(mode, decode_max_new_tokens=args.decode_max_new_tokens)
     return mode
 
 
@@ -113,7 +145,7 @@ def worker_config(
     args: argparse.Namespace, mode: Mode, device: torch.device, dtype: torch.dtype
 ) -> product.WorkerConfig:
     # Enough task slots and batch rows for the largest N to be one batch, unless told otherwise.
-    largest = max(mode.levels)
+    largest = max((*mode.levels, *mode.decode_levels, mode.workload_jobs))
     default_cap = WorkerSettings.model_construct().max_new_tokens_cap
     return product.WorkerConfig(
         # The dtype the baseline resolved, named: `auto` is decided per process (on a CPU by
@@ -123,10 +155,11 @@ def worker_config(
         max_batch_size=args.max_batch_size or largest,
         # The worker's default cap unless the jobs need more (its default_max_new_tokens must
         # stay under the cap, so the cap is never lowered).
-        max_new_tokens_cap=max(mode.max_new_tokens, default_cap),
+        max_new_tokens_cap=max(mode.max_new_tokens, mode.decode_max_new_tokens, default_cap),
         # Always named: the worker's own default (CHATQUEUE_TORCH_THREADS as the tests set it)
         # may differ from this process's, and both sides must use the same number of threads.
         torch_threads=args.torch_threads or torch.get_num_threads(),
+        prefix_caching={"off": False, "on": True, "default": None}[args.sweep_prefix_caching],
     )
 
 
@@ -218,16 +251,80 @@ def measure_single_jobs(
     return baseline_runs, single
 
 
-def measure_levels(client: ChatQueueClient, mode: Mode) -> dict[int, product.LevelRun]:
-    """Step 3b: N jobs at once for each N, on the same worker, as a deployment would keep it."""
-    levels = {}
+@dataclass
+class Sweep:
+    """What the sweep worker measured (step 3b, c, d)."""
+
+    levels: dict[int, product.LevelRun]
+    padded: dict[int, baseline.PaddedRun]
+    sampled: product.LevelRun
+    decode: dict[int, tuple[product.LevelRun, baseline.PaddedRun]]
+
+
+def measure_sweep(
+    tutorial: baseline.TutorialModel, client: ChatQueueClient, mode: Mode
+) -> Sweep:
+    """Step 3b-d on the same worker, as a deployment would keep it: N jobs at once for each N,
+    each level followed by one padded generate over its prompts (right after it, so both see
+    the same load on a shared machine); the sampled run beside the greedy one; the decode-heavy
+    mix."""
+    levels, padded = {}, {}
+    sampled = None
     for n in mode.levels:
-        progress(f"product: N={n} concurrent jobs")
-        levels[n] = product.run_level(
-            client, [prompt_for(i) for i in range(n)], max_new_tokens=mode.max_new_tokens,
-            enable_thinking=ENABLE_THINKING,
-        )
-    return levels
+        levels[n], padded_run = measure_level(tutorial, client, n, mode.max_new_tokens)
+        if padded_run is not None:
+            padded[n] = padded_run
+        if n == mode.workload_jobs:
+            sampled = measure_sampled(client, mode)
+    if sampled is None:
+        sampled = measure_sampled(client, mode)
+    decode = {}
+    for n in mode.decode_levels:
+        progress(f"decode-heavy mix: {n} jobs x {mode.decode_max_new_tokens} new tokens")
+        run, padded_run = measure_level(tutorial, client, n, mode.decode_max_new_tokens,
+                                        padded_always=True)
+        assert padded_run is not None
+        decode[n] = (run, padded_run)
+    return Sweep(levels=levels, padded=padded, sampled=sampled, decode=decode)
+
+
+def measure_level(
+    tutorial: baseline.TutorialModel, client: ChatQueueClient, n: int, max_new_tokens: int,
+    *, padded_always: bool = False,
+) -> tuple[product.LevelRun, baseline.PaddedRun | None]:
+    """N jobs through the product, then (for N > 1) the same N prompts in one padded generate."""
+    prompts = [prompt_for(i) for i in range(n)]
+    progress(f"product: N={n} concurrent jobs, {max_new_tokens} new tokens")
+    run = product.run_level(client, prompts, max_new_tokens=max_new_tokens,
+                            enable_thinking=ENABLE_THINKING)
+    if n == 1 and not padded_always:
+        return run, None  # a batch of one is the tutorial's own baseline
+    progress(f"padded generate: the same {n} prompts in one batch")
+    return run, baseline.padded_generate(tutorial, prompts, max_new_tokens=max_new_tokens,
+                                         enable_thinking=ENABLE_THINKING)
+
+
+def measure_sampled(client: ChatQueueClient, mode: Mode) -> product.LevelRun:
+    n = mode.workload_jobs
+    progress(f"product: N={n} jobs sampled with Qwen3's defaults {product.QWEN3_SAMPLING}")
+    return product.run_level(client, [prompt_for(i) for i in range(n)],
+                             max_new_tokens=mode.max_new_tokens,
+                             enable_thinking=ENABLE_THINKING, sampled=True)
+
+
+def measure_shared_prefix(client: ChatQueueClient, mode: Mode, caching: str) -> product.LevelRun:
+    """Step 4, once per worker: N jobs opening with the same system prompt.
+
+    One job with that system prompt and a question no timed job asks goes first: a
+    deployment's system prompt has been seen before, and both workers get the same chance.
+    """
+    n = mode.workload_jobs
+    product.warm_up(client, [{"role": "system", "content": SHARED_SYSTEM_PROMPT},
+                             {"role": "user", "content": "Are you open on Sundays?"}],
+                    ENABLE_THINKING)
+    progress(f"shared system prompt: {n} jobs, prefix caching {caching}")
+    return product.run_level(client, [shared_prefix_prompt_for(i) for i in range(n)],
+                             max_new_tokens=mode.max_new_tokens, enable_thinking=ENABLE_THINKING)
 
 
 def release_device_memory(device: torch.device) -> None:
@@ -238,11 +335,26 @@ def release_device_memory(device: torch.device) -> None:
 
 def build_results(
     args: argparse.Namespace, mode: Mode, model_dir: Path, machine: dict[str, Any],
-    config: product.WorkerConfig, limits: dict[str, Any], baseline_runs: list[baseline.RequestRun],
-    single: list[product.JobRun], levels: dict[int, product.LevelRun], log_dir: Path,
+    configs: dict[str, product.WorkerConfig], limits: dict[str, Any],
+    baseline_runs: list[baseline.RequestRun], single: list[product.JobRun], sweep: Sweep,
+    shared: dict[str, product.LevelRun], system_prompt_tokens: int, log_dir: Path,
+    phases: dict[str, float],
 ) -> dict[str, Any]:
     manifest = read_manifest(model_dir)
-    return {
+    levels = [report.summarise_level(n, run, baseline_runs, limits)
+              for n, run in sweep.levels.items()]
+    for row in levels:
+        if (padded_run := sweep.padded.get(row["concurrency"])) is not None:
+            row["padded_tokens_per_s"] = padded_run.completion_tokens / padded_run.wall_s
+            row["ratio_to_padded"] = row["tokens_per_s"] / row["padded_tokens_per_s"]
+    decode_levels = []
+    for n, (run, padded_run) in sweep.decode.items():
+        product_row = report.summarise_run(run, limits)
+        padded_row = report.summarise_padded(padded_run, limits)
+        decode_levels.append({"concurrency": n, "product": product_row, "padded": padded_row,
+                              "ratio_to_padded": (product_row["tokens_per_s"]
+                                                  / padded_row["tokens_per_s"])})
+    results: dict[str, Any] = {
         "mode": mode.name,
         "machine": machine,
         "config": {
@@ -251,18 +363,38 @@ def build_results(
             "device": machine["device"], "dtype": machine["dtype"], "dtype_setting": args.dtype,
             "max_new_tokens": mode.max_new_tokens, "greedy": True, "ignore_eos": True,
             "enable_thinking": ENABLE_THINKING, "concurrency_levels": list(mode.levels),
+            "workload_jobs": mode.workload_jobs, "decode_levels": list(mode.decode_levels),
+            "decode_max_new_tokens": mode.decode_max_new_tokens,
             "prompt_tokens": [r.prompt_tokens for r in baseline_runs],
             "torch_threads": args.torch_threads or torch.get_num_threads(),
-            "worker": asdict(config), "worker_log_dir": str(log_dir),
+            "worker": asdict(configs["sweep"]),
+            "worker_prefix_caching_on": asdict(configs["prefix_caching_on"]),
+            "worker_log_dir": str(log_dir),
+            "phase_s": phases,
         },
         "limit": limits,
         "baseline": report.summarise_baseline(baseline_runs, limits),
         "single_job": report.summarise_single_jobs(single, baseline_runs),
-        "concurrency": [
-            report.summarise_level(n, run, baseline_runs, limits)
-            for n, run in levels.items()
-        ],
+        "concurrency": levels,
+        "padded_generate": [report.summarise_padded(run, limits)
+                            for run in sweep.padded.values()],
+        "sampled": {"sampling": {**product.QWEN3_SAMPLING, "seed": "the job's index"},
+                    **report.summarise_run(sweep.sampled, limits)},
+        "decode_heavy": {"max_new_tokens": mode.decode_max_new_tokens, "levels": decode_levels},
+        "shared_prefix": {
+            "jobs": mode.workload_jobs,
+            "system_prompt_tokens": system_prompt_tokens,
+            "on": report.summarise_run(shared["on"], limits),
+            "off": report.summarise_run(shared["off"], limits),
+        },
     }
+    results["summary"] = report.build_summary(results)
+    results["targets_met"] = report.check_targets(results["summary"])
+    return results
+
+
+def count_tokens(tutorial: baseline.TutorialModel, text: str) -> int:
+    return len(tutorial.tokenizer(text)["input_ids"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,23 +403,56 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     model_dir = prepare_model_dir(args)
     started, load_average_start = datetime.now(UTC), list(os.getloadavg())
+    clock = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase_done(name: str) -> None:
+        nonlocal clock
+        phases[name] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     tutorial = baseline.load_tutorial_model(model_dir, device, args.dtype)
     dtype = tutorial.model.dtype
+    system_prompt_tokens = count_tokens(tutorial, SHARED_SYSTEM_PROMPT)
     limits = measure_limit(tutorial, device, args.quick)
-    config = worker_config(args, mode, device, dtype)
+    configs = {"sweep": worker_config(args, mode, device, dtype)}
+    configs["prefix_caching_on"] = replace(configs["sweep"], prefix_caching=True)
+    phase_done("load_and_limit")
     log_dir = Path(tempfile.mkdtemp(prefix="chatqueue-bench-"))
-    progress(f"product: starting redis-server and a worker ({config}); logs in {log_dir}")
-    with product.running_product(model_dir, config, log_dir, RESULT_TIMEOUT_S) as client:
+    progress(f"product: starting redis-server and a worker ({configs['sweep']}); logs in "
+             f"{log_dir}")
+    shared: dict[str, product.LevelRun] = {}
+    with product.running_product(model_dir, configs["sweep"], log_dir,
+                                 RESULT_TIMEOUT_S) as client:
+        phase_done("worker_start")
         baseline_runs, single = measure_single_jobs(tutorial, client, mode)
-        del tutorial  # the sweep is the worker's alone: no second model holding memory
+        phase_done("baseline_and_single_jobs")
+        sweep = measure_sweep(tutorial, client, mode)
+        phase_done("sweep_padded_sampled_decode")
+        del tutorial  # the rest is the workers' alone: no second model holding memory
         release_device_memory(device)
-        levels = measure_levels(client, mode)
+        if configs["sweep"].prefix_caching is False:
+            shared["off"] = measure_shared_prefix(client, mode, caching="off")
+            phase_done("shared_prefix_off")
+    if "off" not in shared:  # the sweep's worker had prefix caching on: one without it
+        with product.running_product(model_dir, replace(configs["sweep"], prefix_caching=False),
+                                     log_dir, RESULT_TIMEOUT_S) as client:
+            shared["off"] = measure_shared_prefix(client, mode, caching="off")
+            phase_done("shared_prefix_off")
+    # The same workload on a fresh worker that differs only in its prefix caching, right after.
+    progress(f"product: restarting the worker with prefix caching on "
+             f"({configs['prefix_caching_on']})")
+    with product.running_product(model_dir, configs["prefix_caching_on"], log_dir,
+                                 RESULT_TIMEOUT_S) as client:
+        phase_done("worker_restart")
+        shared["on"] = measure_shared_prefix(client, mode, caching="on")
+        phase_done("shared_prefix_on")
     machine = machine_info(device, dtype, started, load_average_start)
 
-    results = build_results(args, mode, model_dir, machine, config, limits, baseline_runs,
-                            single, levels, log_dir)
+    results = build_results(args, mode, model_dir, machine, configs, limits, baseline_runs,
+                            single, sweep, shared, system_prompt_tokens, log_dir, phases)
     stem = f"{results['config']['model_name']}-{mode.name}"
     json_path, chart_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
     report.write_json(results, json_path)

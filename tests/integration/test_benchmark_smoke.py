@@ -13,7 +13,17 @@ from tests.support.servers import REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-EXPECTED_KEYS = {"mode", "machine", "config", "limit", "baseline", "single_job", "concurrency"}
+EXPECTED_KEYS = {"mode", "machine", "config", "limit", "baseline", "single_job", "concurrency",
+                 "padded_generate", "sampled", "decode_heavy", "shared_prefix", "summary",
+                 "targets_met"}
+# The keys runs are compared by (issue 12); each a number, or null where its level was not run.
+SUMMARY_KEYS = {
+    "tok_s_32", "padded_tok_s_32", "ratio_vs_padded_32", "tok_s_64", "padded_tok_s_64",
+    "ratio_vs_padded_64", "mfu_with_prompts_32", "first_token_p50_32", "first_token_p95_32",
+    "shared_prefix_speedup", "sampled_over_greedy_32",
+    "decode_tok_s_32", "decode_padded_tok_s_32", "decode_ratio_vs_padded_32",
+    "decode_tok_s_64", "decode_padded_tok_s_64", "decode_ratio_vs_padded_64",
+}
 LEVEL_KEYS = {"concurrency", "tokens_per_s", "ratio_to_baseline", "speedup_same_requests",
               "latency_p50_s", "latency_p95_s", "queue_wait_p50_s", "queue_wait_p95_s", "mfu"}
 
@@ -36,6 +46,24 @@ def test_quick_benchmark_writes_its_results(tiny_model_dir: Path, tmp_path: Path
     assert [row["concurrency"] for row in results["concurrency"]] == [1, 4, 8]
     assert all(row.keys() >= LEVEL_KEYS for row in results["concurrency"])
     assert (tmp_path / "tiny-qwen3-quick.png").stat().st_size > 0
+
+    # The padded-generate baseline: a row for every level above one, beside the product's.
+    assert [row["concurrency"] for row in results["padded_generate"]] == [4, 8]
+    assert all(row["tokens_per_s"] > 0 for row in results["padded_generate"])
+    assert all(row["ratio_to_padded"] > 0 for row in results["concurrency"][1:])
+    (decode,) = results["decode_heavy"]["levels"]
+    assert decode["product"]["tokens_per_s"] > 0 and decode["padded"]["tokens_per_s"] > 0
+    assert results["sampled"]["jobs"] == 8 and results["sampled"]["tokens_per_s"] > 0
+    assert results["shared_prefix"]["on"]["tokens_per_s"] > 0
+    assert results["shared_prefix"]["off"]["tokens_per_s"] > 0
+
+    summary = results["summary"]
+    assert summary.keys() >= SUMMARY_KEYS
+    for key, value in summary.items():
+        assert value is None or isinstance(value, int | float), (key, value)
+    # --quick runs 1, 4 and 8 jobs: nothing at 32 or 64; the shared-prefix ratio has no level.
+    assert summary["tok_s_32"] is None and summary["decode_ratio_vs_padded_64"] is None
+    assert summary["shared_prefix_speedup"] > 0
 
 
 def test_quick_backends_comparison_writes_its_results(tiny_model_dir: Path, tmp_path: Path) -> None:
