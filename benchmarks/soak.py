@@ -57,6 +57,8 @@ QUEUE = "soak"
 WORKER_SETTINGS = {
     "max_job_seconds": "12",
     "visibility_timeout_s": "20",
+    "job_lease_ttl_s": "6",
+    "job_lease_renew_s": "2",
     "redelivery_check_s": "1",
     "shutdown_grace_s": "5",
     "concurrency": "4",
@@ -177,21 +179,23 @@ class Soak:
         job_id = f"soak-{index:04d}-{uuid.uuid4().hex[:6]}" if isinstance(index, int) \
             else f"soak-{index}-{uuid.uuid4().hex[:6]}"
         valid = long or self.random.random() >= self.invalid_share
+        # Drawn once: a retry sends the same request under the same id (another one would be
+        # refused as a conflicting use of the id).
+        request = {
+            "job_id": job_id,
+            "messages": [{"role": "user", "content": self.random.choice(VALID_PROMPTS)}],
+            "params": {"max_new_tokens": 64 if long else self.random.randint(4, 40),
+                       "ignore_eos": long,
+                       "do_sample": self.random.random() < 0.5,
+                       "seed": self.random.randint(0, 1000)},
+        } if valid else self.random.choice(INVALID_REQUESTS)
         while True:
             try:
                 if valid:
-                    client.submit({
-                        "job_id": job_id,
-                        "messages": [{"role": "user",
-                                      "content": self.random.choice(VALID_PROMPTS)}],
-                        "params": {"max_new_tokens": 64 if long else self.random.randint(4, 40),
-                                   "ignore_eos": long,
-                                   "do_sample": self.random.random() < 0.5,
-                                   "seed": self.random.randint(0, 1000)},
-                    })
+                    client.submit(request)
                 else:  # past the producer's validation, as a buggy client would send it
                     client.app.send_task(TASK_NAME, task_id=job_id, queue=QUEUE,
-                                         kwargs={"request": self.random.choice(INVALID_REQUESTS)})
+                                         kwargs={"request": request})
                 break
             except Exception as exc:  # not accepted: the caller may send it again, same id
                 self.report.submit_retries += 1

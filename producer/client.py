@@ -40,7 +40,7 @@ from producer.settings import (
 _RECONNECT_WAIT_S = 0.5
 
 # KEYS: job record, cancel key; ARGV: ttl, channel, job id. 0 when no such job.
-_CANCEL_IF_KNOWN = """
+CANCEL_IF_KNOWN = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('SET', KEYS[2], 1, 'EX', ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
@@ -116,7 +116,7 @@ class ChatQueueClient:
         self.app = create_celery(self.settings, name="chatqueue-producer", cls=_AcceptingCelery)
         self.app.accepted, self.app.accepted_ttl_s = self._redis, self.settings.result_ttl_s
         # One step, so a cancel never marks an id that has no job record.
-        self._cancel_script = self._redis.register_script(_CANCEL_IF_KNOWN)
+        self._cancel_script = self._redis.register_script(CANCEL_IF_KNOWN)
 
     def submit(self, request: ChatRequest | Mapping[str, Any]) -> str:
         """Queue a request; returns its job id (the client's own when it set one).

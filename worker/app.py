@@ -17,14 +17,21 @@ enter_offline_mode()
 
 from celery import Celery, Task, states  # noqa: E402
 from celery.exceptions import Ignore, Reject  # noqa: E402
-from celery.signals import worker_init, worker_shutdown, worker_shutting_down  # noqa: E402
+from celery.signals import (  # noqa: E402
+    task_postrun,
+    worker_init,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from producer.celery_app import celery_config  # noqa: E402
 from producer.errors import JobFailed  # noqa: E402
 from producer.schemas import Progress  # noqa: E402
-from producer.settings import TASK_NAME  # noqa: E402
+from producer.settings import TASK_NAME, accepted_key  # noqa: E402
+from worker.control import install_revoke  # noqa: E402
 from worker.delivery import CheckedRequest, WorkerLoader, broker_options  # noqa: E402
 from worker.drain import JobInterrupted  # noqa: E402
+from worker.lease import Lease  # noqa: E402
 from worker.service import WorkerRuntime, run_job, task_arguments  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 from worker.startup import start_runtime  # noqa: E402
@@ -58,12 +65,8 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
 def generate_chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """The task: a thin adapter from Celery to `run_job`."""
     job_id = task.request.id
-    if task.backend.get_task_meta(job_id, cache=False).get("status") in states.READY_STATES:
-        # Delivered again after it had ended (its worker died before the ack, or the publish
-        # was retried): its result stands, and running it again would only waste the device.
-        log.info("job %s already has a final result: this delivery is skipped", job_id)
-        raise Ignore()
     runtime = current_runtime()
+    lease = _claim(runtime, task)
     try:
         arguments = task_arguments(args, kwargs)
     except JobFailed as failed:
@@ -79,11 +82,54 @@ def generate_chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     try:
         result = run_job(runtime, arguments.request, job_id=job_id,
-                         submitted_at=arguments.submitted_at, report=report)
+                         submitted_at=arguments.submitted_at, report=report, lease=lease)
     except JobInterrupted as interrupted:
         # Back to the queue, to run again from its start here or on another worker.
         raise Reject(str(interrupted), requeue=True) from None
     return result.model_dump(mode="json")
+
+
+def _claim(runtime: WorkerRuntime, task: Task) -> Lease | None:
+    """Take the job's lease (worker/lease.py), waiting while another live run holds it; skip a
+    job that already has a final result -- delivered again after it ended (its worker died
+    before the ack, or it was published twice): its result stands."""
+    job_id = task.request.id
+
+    def finished() -> bool:
+        meta = task.backend.get_task_meta(job_id, cache=False)
+        return meta.get("status") in states.READY_STATES
+
+    if runtime.leases is None:
+        lease = None
+        done = finished()
+    else:
+        try:
+            lease = runtime.leases.claim(job_id, finished=finished,
+                                         stopping=lambda: runtime.drain.draining)
+        except JobInterrupted as interrupted:
+            raise Reject(str(interrupted), requeue=True) from None
+        done = lease is None
+    if done:
+        log.info("job %s already has a final result: this delivery is skipped", job_id)
+        raise Ignore()
+    task.request.chatqueue_lease = lease  # released by _release_lease once the result is stored
+    return lease
+
+
+@task_postrun.connect
+def _release_lease(task: Any = None, task_id: str | None = None, state: str | None = None,
+                   **_: Any) -> None:
+    """After Celery stored the job's result (and before the ack): a delivery waiting for the
+    lease now finds the result and skips the job."""
+    lease = getattr(getattr(task, "request", None), "chatqueue_lease", None)
+    if lease is None or _runtime is None or _runtime.leases is None or task_id is None:
+        return
+    ended = state in states.READY_STATES
+    try:
+        _runtime.leases.release(lease, record_key=accepted_key(task_id) if ended else None,
+                                record_ttl_s=settings.result_ttl_s)
+    except Exception as exc:  # it lapses on its own within job_lease_ttl_s
+        log.warning("job %s: lease not released (%s)", task_id, exc)
 
 
 def current_runtime() -> WorkerRuntime:
@@ -118,3 +164,4 @@ def _stop_engine(**_: Any) -> None:
 
 settings = WorkerSettings()
 app = create_worker_app(settings)
+install_revoke(lambda: _runtime.control if _runtime is not None else None)

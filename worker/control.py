@@ -11,15 +11,41 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
+from celery.utils.functional import maybe_list
+from celery.worker.control import control_command, ok
 
+from producer.client import CANCEL_IF_KNOWN
 from producer.schemas import StreamEvent
-from producer.settings import CANCEL_CHANNEL, cancel_key, stream_key
+from producer.settings import CANCEL_CHANNEL, accepted_key, cancel_key, lease_key, stream_key
 from worker.engine import EngineJob
+from worker.lease import Lease
 
 log = logging.getLogger(__name__)
+
+# KEYS: stream, lease; ARGV: token, lease ms, restart (0/1), maxlen, stream ttl s, then per
+# event its field count and fields. 0 (nothing written) when another run holds the lease.
+FENCED_PUBLISH = """
+local holder = redis.call('GET', KEYS[2])
+if holder ~= ARGV[1] then
+  if holder then return 0 end
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+end
+if ARGV[3] == '1' then redis.call('DEL', KEYS[1]) end
+local i = 6
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local entry = {KEYS[1], 'MAXLEN', '~', ARGV[4], '*'}
+  for j = 1, 2 * n do entry[#entry + 1] = ARGV[i + j] end
+  redis.call('XADD', unpack(entry))
+  i = i + 1 + 2 * n
+end
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 
 
 class JobControl:
@@ -31,6 +57,8 @@ class JobControl:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="chatqueue-cancel", daemon=True)
+        self._fenced_publish = client.register_script(FENCED_PUBLISH)
+        self._cancel_if_known = client.register_script(CANCEL_IF_KNOWN)
 
     @classmethod
     def connect(cls, url: str, *, ttl_s: int, stream_maxlen: int) -> JobControl:
@@ -75,6 +103,14 @@ class JobControl:
             finally:
                 pubsub.close()
 
+    def revoke(self, job_id: str) -> bool:
+        """Celery's revoke, as our cancel: the running job ends within a decode step, a queued
+        one (here or on any worker, now or later) ends "cancelled" without running. False: no
+        such job (never submitted, or expired); a job running here is cancelled all the same."""
+        self._cancel(job_id)
+        return bool(self._cancel_if_known(keys=[accepted_key(job_id), cancel_key(job_id)],
+                                          args=[self.ttl_s, CANCEL_CHANNEL, job_id]))
+
     def _cancel(self, job_id: str) -> None:
         with self._lock:
             job = self._active.get(job_id)
@@ -83,19 +119,61 @@ class JobControl:
             job.cancel()
 
     # --- streaming
-    def publish(self, job_id: str, events: list[StreamEvent], *, restart: bool = False) -> None:
-        """Append events to the job's stream, bounded in length and expiring with its result."""
+    def publish(self, job_id: str, events: list[StreamEvent], *, restart: bool = False,
+                lease: Lease | None = None) -> bool:
+        """Append events to the job's stream, bounded in length and expiring with its result.
+
+        With the run's `lease`, the write is fenced: it happens only while this run holds the
+        job's lease (taken back if it lapsed with nobody else taking it), so a job's stream
+        never has two writers. False: another run holds it and nothing was written."""
+        if lease is not None:
+            args: list[Any] = [lease.token, lease.ttl_ms, int(restart), self.stream_maxlen,
+                               self.ttl_s]
+            for event in events:
+                dumped = event.model_dump(mode="json", exclude_none=True)
+                args.append(len(dumped))
+                for name, value in dumped.items():
+                    args += [name, value]
+            return bool(self._fenced_publish(keys=[stream_key(job_id), lease_key(job_id)],
+                                             args=args))
         key = stream_key(job_id)
         pipe = self.redis.pipeline(transaction=False)
         if restart:
             pipe.delete(key)  # a redelivered job streams again from its start
         for event in events:
-            fields: dict[Any, Any] = event.model_dump(mode="json", exclude_none=True)
-            pipe.xadd(key, fields, maxlen=self.stream_maxlen, approximate=True)
+            entry: dict[Any, Any] = event.model_dump(mode="json", exclude_none=True)
+            pipe.xadd(key, entry, maxlen=self.stream_maxlen, approximate=True)
         pipe.expire(key, self.ttl_s)
         pipe.execute()
+        return True
 
 
 def wait_interval(started: float, *, first: float = 0.05, steady: float = 0.25) -> float:
     """Poll fast at first so a short job's stream and progress show up at once."""
     return first if time.monotonic() - started < 1.0 else steady
+
+
+def install_revoke(control_for: Callable[[], JobControl | None]) -> None:
+    """Make Celery's `revoke` control command -- `app.control.revoke(id)`,
+    `revoke(id, terminate=True)`, `AsyncResult.revoke()`, Flower's buttons -- mean our cancel.
+
+    Celery's own one stores REVOKED for a queued job (a TaskRevokedError where our cancel gives
+    a "cancelled" result), and its terminate is not implemented by the threads pool: a running
+    job ran on. Every worker receives the broadcast: each cancels the job if it runs it, and
+    the cancel key ends it wherever it is queued.
+    """
+
+    @control_command(name="revoke", variadic="task_id", signature="[id1 [id2 [... [idN]]]]")
+    def revoke(state: Any, task_id: Any, terminate: bool = False, signal: Any = None,
+               **_: Any) -> dict[str, Any]:
+        """Cancel jobs by id: queued ones end cancelled, running ones within a decode step."""
+        control = control_for()
+        if control is None:
+            return {"error": "this worker has no job control: it is not started"}
+        job_ids = sorted(set(maybe_list(task_id) or []))
+        known = [job_id for job_id in job_ids if control.revoke(job_id)]
+        log.info("revoke%s of %s: cancelled as chatqueue jobs (%d known)",
+                 " (terminate)" if terminate else "", ", ".join(job_ids), len(known))
+        unknown = sorted(set(job_ids) - set(known))
+        return ok(f"jobs {', '.join(known) or '-'} cancelled"
+                  + (f"; no such job: {', '.join(unknown)}" if unknown else ""))

@@ -53,6 +53,11 @@ class Drain:
         for job in running:
             job.cancel()
 
+    @property
+    def draining(self) -> bool:
+        """Asked to stop: no new job should start here."""
+        return self._timer is not None or self.stopping.is_set()
+
     def cancel_timer(self) -> None:
         with self._lock:
             if self._timer is not None:

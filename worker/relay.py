@@ -13,14 +13,17 @@ import redis
 
 from producer.schemas import StreamEvent
 from worker.control import JobControl
+from worker.lease import Lease
 
 log = logging.getLogger(__name__)
 
 
 class StreamRelay:
-    def __init__(self, control: JobControl | None, job_id: str) -> None:
+    def __init__(self, control: JobControl | None, job_id: str,
+                 lease: Lease | None = None) -> None:
         self.control = control
         self.job_id = job_id
+        self.lease = lease  # writes are fenced by it: another run's lease stops them
         self._pending: list[StreamEvent] = []
         # The first write also clears what an earlier run of this job streamed (a redelivery).
         self._restart = True
@@ -33,14 +36,23 @@ class StreamRelay:
         self._pending += events
         if not self._pending:
             return True
+        if self.lease is not None and self.lease.lost.is_set():
+            self._pending = []  # the stream is another run's now
+            return True
         try:
-            self.control.publish(self.job_id, self._pending, restart=self._restart)
+            fence = {} if self.lease is None else {"lease": self.lease}
+            written = self.control.publish(self.job_id, self._pending, restart=self._restart,
+                                           **fence)
         except redis.RedisError as exc:
             if not self._failing:
                 log.warning("job %s: stream paused, Redis unreachable (%s); the job goes on",
                             self.job_id, exc)
                 self._failing = True
             return False
+        if written is False and self.lease is not None:
+            self.lease.mark_lost()
+            self._pending = []
+            return True
         if self._failing:
             log.info("job %s: stream resumed", self.job_id)
             self._failing = False

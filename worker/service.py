@@ -40,6 +40,7 @@ from worker.engine import (
     EngineRequest,
     EngineStopped,
 )
+from worker.lease import Lease, LeaseKeeper
 from worker.metrics import WorkerMetrics
 from worker.model import LoadedModel
 from worker.pipeline.prompt import build_prompt
@@ -65,6 +66,7 @@ class WorkerRuntime:
     control: JobControl | None = None
     worker_name: str | None = None
     drain: Drain = field(default_factory=Drain)
+    leases: LeaseKeeper | None = None
 
     @classmethod
     def start(cls, settings: WorkerSettings, loaded: LoadedModel, metrics: WorkerMetrics,
@@ -76,8 +78,11 @@ class WorkerRuntime:
         )
         engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits,
                         think=loaded.think).start()
+        leases = None if control is None else LeaseKeeper(
+            control.redis, ttl_s=settings.job_lease_ttl_s, renew_s=settings.job_lease_renew_s,
+            owner=worker_name).start()
         return cls(settings=settings, loaded=loaded, engine=engine, host=socket.gethostname(),
-                   metrics=metrics, control=control, worker_name=worker_name)
+                   metrics=metrics, control=control, worker_name=worker_name, leases=leases)
 
     def warm_up(self) -> None:
         """One short generation, so the first real job does not pay for lazy initialisation."""
@@ -90,6 +95,8 @@ class WorkerRuntime:
         self.drain.stopping.set()  # jobs the engine drops now go back to the queue
         self.drain.cancel_timer()
         self.engine.stop()
+        if self.leases is not None:
+            self.leases.stop()
         if self.control is not None:
             self.control.stop()
         self.metrics.model_unloaded()
@@ -198,14 +205,15 @@ def prepare_job(runtime: WorkerRuntime, request: ChatRequest) -> PreparedJob:
 
 def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
             submitted_at: float | None = None,
-            report: Callable[[Progress], None] | None = None) -> ChatResult:
+            report: Callable[[Progress], None] | None = None,
+            lease: Lease | None = None) -> ChatResult:
     """Run one job to its result; raises JobFailed with a structured error (never retried),
-    or JobInterrupted when this worker cannot finish it (it stops, or Redis went away) and the
-    job should go back to the queue. Every job that ends is counted in the metrics; every job,
-    whatever its end, is logged in one line."""
+    or JobInterrupted when this worker cannot finish it (it stops, Redis went away, or its
+    `lease` went to another run) and the job should go back to the queue. Every job that ends
+    is counted in the metrics; every job, whatever its end, is logged in one line."""
     try:
         result, batch_size = _run(runtime, raw_request, job_id=job_id,
-                                  submitted_at=submitted_at, report=report)
+                                  submitted_at=submitted_at, report=report, lease=lease)
     except JobFailed as failed:
         runtime.metrics.job_failed(failed.error.code)
         log.info("job %s failed: %s", job_id, failed)
@@ -233,7 +241,8 @@ def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
 
 
 def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at: float | None,
-         report: Callable[[Progress], None] | None) -> tuple[ChatResult, int]:
+         report: Callable[[Progress], None] | None,
+         lease: Lease | None = None) -> tuple[ChatResult, int]:
     """Returns the result and the largest batch the job ran in.
 
     While the engine decodes, this thread (the task slot) streams the new text to Redis and
@@ -247,11 +256,13 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
         return _result(runtime, prepared, job_id, never_started, submitted_at, started), 0
     try:
         job = runtime.engine.submit(prepared.engine_request)
+        if lease is not None:
+            lease.on_lost(job.cancel)  # another run owns the job now: free the device
         with drain.hold(job):
             try:
                 if control is not None:
                     control.track(job_id, job)
-                _follow(runtime, job_id, job, prepared, report)
+                _follow(runtime, job_id, job, prepared, report, lease)
                 output = job.future.result()
             finally:
                 if not job.future.done():
@@ -264,16 +275,18 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
         raise JobInterrupted(str(exc)) from exc
     if drain.stopped(output.finish_reason):
         raise JobInterrupted("this worker is stopping and its grace period is over")
+    if lease is not None and lease.lost.is_set():
+        raise JobInterrupted("its lease is held by another run, whose result will stand")
     return _result(runtime, prepared, job_id, output, submitted_at, started), output.batch_size
 
 
 def _follow(runtime: WorkerRuntime, job_id: str, job: EngineJob, prepared: PreparedJob,
-            report: Callable[[Progress], None] | None) -> None:
+            report: Callable[[Progress], None] | None, lease: Lease | None = None) -> None:
     """Relay the job's new tokens as stream events and progress until the engine ends it."""
     loaded = runtime.loaded
     splitter = StreamSplitter(loaded.tokenizer, loaded.think,
                               prompt_opened_thinking=prepared.prompt_opened_thinking)
-    stream = StreamRelay(runtime.control, job_id)
+    stream = StreamRelay(runtime.control, job_id, lease)
     stream.send([StreamEvent(type="start")])
     sent, since = 0, time.monotonic()
     while True:

@@ -90,6 +90,15 @@ class WorkerSettings(ConnectionSettings):
         "the queue: a crashed worker's job runs again visibility_timeout_s + up to this after it "
         "was first delivered.",
     )
+    job_lease_ttl_s: float = Field(
+        default=30.0, gt=0,
+        description="A running job's lease in Redis lives this long unless its worker renews "
+        "it: another delivery of the job waits while it is held, and runs the job once it "
+        "lapses without a result (its worker died). Keep it below visibility_timeout_s.",
+    )
+    job_lease_renew_s: float = Field(
+        default=10.0, gt=0, description="How often a worker renews the leases of its jobs."
+    )
     shutdown_grace_s: float = Field(
         default=60.0, ge=0,
         description="On SIGTERM, how long running jobs may go on; then they are stopped and put "
@@ -119,6 +128,17 @@ class WorkerSettings(ConnectionSettings):
                 f"visibility_timeout_s ({self.visibility_timeout_s}) must be longer than "
                 f"max_job_seconds ({self.max_job_seconds}): Redis would hand a healthy running "
                 "job to a second worker"
+            )
+        if self.job_lease_renew_s >= self.job_lease_ttl_s:
+            raise ValueError(
+                f"job_lease_renew_s ({self.job_lease_renew_s}) must be shorter than "
+                f"job_lease_ttl_s ({self.job_lease_ttl_s}): leases would lapse between renewals"
+            )
+        if self.job_lease_ttl_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"job_lease_ttl_s ({self.job_lease_ttl_s}) must be shorter than "
+                f"visibility_timeout_s ({self.visibility_timeout_s}): a dead worker's job, "
+                "delivered again, would wait for its lease to lapse"
             )
         return self
 

@@ -39,7 +39,8 @@ from worker.settings import WorkerSettings
 pytestmark = pytest.mark.integration
 
 # Short delivery settings: a dead worker's job is back after ~8 s (+ up to 1 s).
-FAST_REDELIVERY = {"max_job_seconds": "5", "visibility_timeout_s": "8", "redelivery_check_s": "1"}
+FAST_REDELIVERY = {"max_job_seconds": "5", "visibility_timeout_s": "8", "redelivery_check_s": "1",
+                   "job_lease_ttl_s": "3", "job_lease_renew_s": "1"}
 FINAL = ("SUCCESS", "FAILURE")
 
 
@@ -190,24 +191,33 @@ def test_a_job_delivered_again_after_it_ended_keeps_its_one_result(fault_redis, 
     the ack, delivers a finished job again: its result stands and it does not run again."""
     queue = f"twice-{uuid.uuid4().hex[:6]}"
     worker = start(queue, concurrency="2", **FAST_REDELIVERY)
+    # Published around the producer's job record (which would queue the same request once),
+    # as a retried publish or a redelivery puts a job in the queue again.
+    raw = Celery("raw-publisher", set_as_current=False)
+    raw.conf.update(celery_config(ProducerSettings(broker_url=fault_redis.url)))
     with client_for(fault_redis, queue) as client:
         job_id = f"twice-{uuid.uuid4().hex[:8]}"
-        request = {"messages": TINY_MESSAGES, "params": {"do_sample": False}, "job_id": job_id}
+        body = {"request": {"messages": TINY_MESSAGES, "params": {"do_sample": False},
+                            "job_id": job_id}}
         finals = FinalWrites(fault_redis, [job_id])
-        # Two deliveries at once: both may run; only one stores.
-        client.submit(request)
-        client.submit(request)
+        # Two deliveries at once: one runs, the other waits for its lease, then skips it.
+        for _ in range(2):
+            raw.send_task("chatqueue.generate_chat", kwargs=body, task_id=job_id, queue=queue)
         first = client.result(job_id)
         wait_until(lambda: settled(fault_redis, queue), timeout=60, what="both deliveries")
         stored = stored_meta(fault_redis, job_id)
 
-        client.submit(request)  # and once more, well after it ended
-        wait_until(lambda: "already has a final result: this delivery is skipped"
-                   in worker.log(), timeout=60, what="the late delivery to be skipped")
+        # And once more, well after it ended.
+        raw.send_task("chatqueue.generate_chat", kwargs=body, task_id=job_id, queue=queue)
+        wait_until(lambda: worker.log().count("already has a final result: this delivery is "
+                                              "skipped") == 2,
+                   timeout=60, what="the second and late deliveries to be skipped")
         wait_until(lambda: settled(fault_redis, queue), timeout=30, what="its ack")
         finals.caught_up(job_id)
+    raw.close()
 
     assert finals.counts[job_id] == 1
+    assert worker.log().count(f"job {job_id} done:") == 1  # one generation
     assert stored_meta(fault_redis, job_id) == stored  # never replaced
     assert client.result(job_id) == first
 

@@ -38,7 +38,8 @@ def worker_app(settings: WorkerSettings) -> Celery:
 
 def test_redelivery_settings_reach_kombu():
     options = broker_options(worker_settings(max_job_seconds=5, visibility_timeout_s=8,
-                                             redelivery_check_s=1))
+                                             redelivery_check_s=1, job_lease_ttl_s=3,
+                                             job_lease_renew_s=1))
     assert options["broker_transport_options"] == {
         "visibility_timeout": 8, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
     }
