@@ -58,6 +58,12 @@ def test_secrets_are_hidden_and_url_gets_the_password(monkeypatch):
                       "CHATQUEUE_MAX_NEW_TOKENS_CAP": "100"},
                      ["default_max_new_tokens", "900", "100"], id="default-over-cap"),
         pytest.param({"CHATQUEUE_CONCURRENCY": "0"}, ["concurrency", "0"], id="zero-slots"),
+        pytest.param({"CHATQUEUE_JOB_LEASE_TTL_S": "5", "CHATQUEUE_JOB_LEASE_RENEW_S": "5"},
+                     ["job_lease_renew_s", "job_lease_ttl_s", "5.0"], id="lease-renewed-too-late"),
+        pytest.param({"CHATQUEUE_JOB_LEASE_TTL_S": "40", "CHATQUEUE_VISIBILITY_TIMEOUT_S": "40",
+                      "CHATQUEUE_MAX_JOB_SECONDS": "20"},
+                     ["job_lease_ttl_s", "visibility_timeout_s", "40.0"],
+                     id="lease-outlives-visibility"),
     ],
 )
 def test_bad_settings_are_refused_with_the_values(monkeypatch, env, words):
