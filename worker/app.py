@@ -32,13 +32,24 @@ from worker.control import install_revoke  # noqa: E402
 from worker.delivery import CheckedRequest, WorkerLoader, broker_options  # noqa: E402
 from worker.drain import JobInterrupted  # noqa: E402
 from worker.lease import Lease  # noqa: E402
+from worker.manifest import ModelNotReady  # noqa: E402
 from worker.service import WorkerRuntime, run_job, task_arguments  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 from worker.startup import start_runtime  # noqa: E402
+from worker.watchdog import EXIT_ENGINE_DIED, stop_consuming, watch_engine  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 _runtime: WorkerRuntime | None = None
+exit_status = 0  # what `chatqueue-worker run` exits with once Celery's worker returns
+
+
+class WorkerMisconfigured(RuntimeError):
+    """A setting this worker cannot run with; the message says which."""
+
+
+# The exit status of a worker that could not become ready (sysexits.h EX_CONFIG).
+EXIT_START_FAILED = 78
 
 
 def create_worker_app(settings: WorkerSettings) -> Celery:
@@ -142,10 +153,32 @@ def current_runtime() -> WorkerRuntime:
 def _load_model_once(sender: Any = None, **_: Any) -> None:
     global _runtime
     pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
-    if pool.endswith("prefork"):
-        # CUDA initialised in a prefork parent breaks its children; one process owns the device.
-        raise RuntimeError("chatqueue workers run the threads pool (or solo), not prefork")
-    _runtime = start_runtime(settings, worker_name=getattr(sender, "hostname", None))
+    try:
+        if pool.endswith("prefork"):
+            # CUDA initialised in a prefork parent breaks its children; one process owns the
+            # device.
+            raise WorkerMisconfigured(
+                "chatqueue workers run the threads pool (or solo), not prefork")
+        _runtime = start_runtime(settings, worker_name=getattr(sender, "hostname", None))
+    except Exception as exc:
+        # Celery logs an exception raised by a signal receiver and carries on: the worker would
+        # say "ready." and fail every job it takes. Exit before the consumer starts instead, so
+        # the jobs stay queued for healthy workers (SystemExit is not an Exception: Celery's
+        # dispatch lets it through).
+        log.critical("worker start failed, exiting before taking any job: %s", exc,
+                     exc_info=not isinstance(exc, (ModelNotReady, WorkerMisconfigured)))
+        raise SystemExit(EXIT_START_FAILED) from exc
+    watch_engine(_runtime.engine, on_death=_engine_died)
+
+
+def _engine_died() -> None:
+    global exit_status
+    exit_status = EXIT_ENGINE_DIED
+    if _runtime is not None:
+        _runtime.metrics.model_unloaded()  # the health check fails from now on
+    log.critical("the engine thread died: this worker stops taking jobs, puts its running jobs "
+                 "back in the queue and exits with status %d", EXIT_ENGINE_DIED)
+    stop_consuming(EXIT_ENGINE_DIED)
 
 
 @worker_shutting_down.connect

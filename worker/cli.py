@@ -74,7 +74,11 @@ def run_worker(extra: list[str]) -> int:
     app.worker_main(
         ["worker", f"--loglevel={settings.log_level}", "-Q", settings.serving_queue, *extra]
     )
-    return 0
+    # worker_main drops the worker's exit status; a worker that stopped because its engine
+    # died must still exit non-zero (worker/watchdog.py).
+    from worker import app as worker_app
+
+    return worker_app.exit_status
 
 
 class JsonFormatter(logging.Formatter):

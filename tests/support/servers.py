@@ -162,13 +162,15 @@ def worker_env(
 
 
 def spawn_worker(
-    env: dict[str, str], log_dir: Path, *, extra_args: tuple[str, ...] = ()
+    env: dict[str, str], log_dir: Path, *, extra_args: tuple[str, ...] = (),
+    module: str = "worker.cli",
 ) -> WorkerProcess:
-    """Start `chatqueue-worker run` as a real process; its output is kept for assertions."""
+    """Start `chatqueue-worker run` as a real process; its output is kept for assertions.
+    `module`: another entry point taking the same arguments (a fault-injecting wrapper)."""
     name = f"w{uuid.uuid4().hex[:8]}@%h"
     log_path = log_dir / f"{name.split('@')[0]}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "run", "-n", name, "--without-mingle",
+        [sys.executable, "-m", module, "run", "-n", name, "--without-mingle",
          "--without-gossip", *extra_args],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=die_with_parent,
