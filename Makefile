@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install demo test test-unit test-integration lint bench bench-quick models clean
+.PHONY: install demo test test-unit test-integration lint bench bench-quick bench-gpu models clean
 
 install: .venv/.installed
 
@@ -31,6 +31,10 @@ bench: install
 
 bench-quick: install
 	$(PY) -m benchmarks.run --quick
+
+# No install: a GPU machine has torch + transformers and no .venv (see benchmarks/gpu.py).
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),python3) -m benchmarks.gpu $(ARGS)
 
 models: install
 	.venv/bin/chatqueue-worker build-model demo --out models/HuggingFaceTB--SmolLM2-135M-Instruct
