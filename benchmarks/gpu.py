@@ -136,13 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                                                        DEFAULT_CONFIG))
     levels = args.levels or ((1, 4, 8) if args.quick else (1, 32, 128, 256))
     new_tokens = args.max_new_tokens or (16 if args.quick else 128)
-    bench = Bench(started=started, budget_s=args.budget_s)
     results: dict[str, Any] = {
         "what": "chatqueue's engine on one device against transformers, random weights, EOS "
                 "ignored, greedy; tokens/s = all jobs' new tokens / wall time",
         "mode": "quick" if args.quick else "full",
         "machine": machine_info(device),
     }
+    name = _slug(results["machine"]["device_name"] or device.type)
+    path = args.out / f"gpu-{name}{'-quick' if args.quick else ''}.json"
+    # Written after every step: a run cut short by the machine's time limit keeps what it had.
+    bench = Bench(started=started, budget_s=args.budget_s, results=results, path=path)
 
     progress(f"equality check: tiny model, float32 on {device}")
     results["equality_check"] = bench.step(
@@ -179,13 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         "hf_batch1", lambda: hf_one_at_a_time(model, batch1_prompts, new_tokens))
     results["generate_batch"] = generate_batch_levels(model, prompts, many, new_tokens, bench)
     results["summary"] = summarise(results, levels)
-    results["errors"], results["skipped"] = bench.errors, bench.skipped
-    results["elapsed_s"] = round(time.perf_counter() - started, 1)
-
-    name = _slug(results["machine"]["device_name"] or device.type)
-    path = args.out / f"gpu-{name}{'-quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    results["complete"] = True
+    results.pop("partial", None)
+    bench.save()
     print(format_table(results))
     print(f"\nresults: {path}")
     return 0
@@ -194,10 +193,20 @@ def main(argv: list[str] | None = None) -> int:
 class Bench:
     """Runs the steps: each within the time budget, a failure recorded rather than fatal."""
 
-    def __init__(self, started: float, budget_s: float) -> None:
+    def __init__(self, started: float, budget_s: float, results: dict[str, Any],
+                 path: Path) -> None:
         self.started, self.budget_s = started, budget_s
+        self.results, self.path = results, path
         self.errors: dict[str, str] = {}
         self.skipped: list[str] = []
+        results.update(complete=False, errors=self.errors, skipped=self.skipped)
+
+    def save(self) -> None:
+        self.results["elapsed_s"] = round(time.perf_counter() - self.started, 1)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_name(self.path.name + ".tmp")
+        staging.write_text(json.dumps(self.results, indent=2) + "\n")
+        os.replace(staging, self.path)
 
     def over_budget(self) -> bool:
         return time.perf_counter() - self.started > self.budget_s
@@ -208,11 +217,15 @@ class Bench:
             self.skipped.append(name)
             return None
         try:
-            return run()
+            value = run()
         except Exception as exc:  # one backend's failure must not lose the others' numbers
             progress(f"{name} failed: {type(exc).__name__}: {exc}")
             self.errors[name] = f"{type(exc).__name__}: {exc}"[:2000]
-            return None
+            value = None
+        # Each step's result as it comes, for a run cut short; a finished run drops this.
+        self.results.setdefault("partial", {})[name] = value
+        self.save()
+        return value
 
 
 def progress(message: str) -> None:
