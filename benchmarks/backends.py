@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from benchmarks.gpu import cache_sized_to_work
 from benchmarks.prompts import prompt_for
 from benchmarks.run import ENABLE_THINKING, REPO_ROOT, machine_info, prepare_model_dir
 from producer.schemas import ChatRequest
@@ -112,7 +113,9 @@ class BatchRunner:
                                   eos_token_id=None, pad_token_id=self.pad_id)
         with torch.inference_mode():
             outputs = self.model.generate_batch(prompts, generation_config=config,
-                                                progress_bar=False)
+                                                progress_bar=False,
+                                                **cache_sized_to_work(self.model, prompts,
+                                                                      new_tokens))
         # Results are keyed by request id in submission order ("req_0", "req_1", ...).
         ordered = sorted(outputs.values(), key=lambda o: int(o.request_id.rsplit("_", 1)[-1]))
         return [list(o.generated_tokens) for o in ordered]

@@ -399,7 +399,7 @@ def run_generate_batch(model: Any, prompts: Sequence[Sequence[int]], new_tokens:
     with torch.inference_mode():
         outputs = model.generate_batch([list(p) for p in prompts], generation_config=config,
                                        progress_bar=False,
-                                       **_cache_sized_to_work(model, prompts, new_tokens))
+                                       **cache_sized_to_work(model, prompts, new_tokens))
     wall = time.perf_counter() - began
     lengths = {len(o.generated_tokens) for o in outputs.values()}
     if len(outputs) != len(prompts) or lengths != {new_tokens}:
@@ -408,7 +408,7 @@ def run_generate_batch(model: Any, prompts: Sequence[Sequence[int]], new_tokens:
     return wall
 
 
-def _cache_sized_to_work(model: Any, prompts: Sequence[Sequence[int]],
+def cache_sized_to_work(model: Any, prompts: Sequence[Sequence[int]],
                          new_tokens: int) -> dict[str, Any]:
     """On a CPU, a paged cache as large as the work: left to size itself from free memory it
     allocates gigabytes per call (measured here: 13 s against 0.7 s for 4 tiny jobs). On CUDA
