@@ -34,7 +34,7 @@ there, carry it with the working tree, e.g. built here for the GPU host's Python
         typing-inspection typing-extensions
     # then on the GPU machine: PYTHONPATH=gpu-deps python -m benchmarks.gpu
 
-(about 5 MB). The script checks this first and names what is missing.
+(11 MB installed). The script checks this first and names what is missing.
 """
 
 from __future__ import annotations
