@@ -127,6 +127,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # No hub on a lent machine: anything that would fetch (a kernel, a config) fails fast.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_imports()
     import torch
 
