@@ -104,6 +104,9 @@ class Usage(_Reply):
     prompt_tokens: int
     completion_tokens: int
     thinking_tokens: int
+    # Prompt tokens served from the worker's prefix cache (OpenAI's prompt_tokens_details.
+    # cached_tokens); 0 from workers older than this field.
+    cached_prompt_tokens: int = 0
 
 
 class Timings(_Reply):

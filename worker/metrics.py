@@ -76,6 +76,9 @@ class WorkerMetrics:
             Counter, "chatqueue_generated_tokens", "Tokens generated (thinking included).")
         self._prompt_tokens = per_model(
             Counter, "chatqueue_prompt_tokens", "Prompt tokens of finished jobs.")
+        self._cached_prompt_tokens = per_model(
+            Counter, "chatqueue_cached_prompt_tokens",
+            "Prompt tokens of finished jobs whose KV came from the prefix cache.")
         self._queue_wait = per_model(
             Histogram, "chatqueue_queue_wait_seconds",
             "From submission to the start of work on the job.", buckets=QUEUE_WAIT_BUCKETS)
@@ -121,6 +124,7 @@ class WorkerMetrics:
         self._jobs.labels(model=self.model_id, outcome=result.finish_reason).inc()
         self._generated_tokens.inc(result.usage.completion_tokens)
         self._prompt_tokens.inc(result.usage.prompt_tokens)
+        self._cached_prompt_tokens.inc(result.usage.cached_prompt_tokens)
         timings = result.timings
         if timings.queue_wait_s is not None:
             self._queue_wait.observe(timings.queue_wait_s)

@@ -75,6 +75,11 @@ class WorkerRuntime:
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             batch_wait_s=settings.batch_wait_ms / 1000,
+            max_step_tokens=settings.max_step_tokens,
+            block_size=settings.kv_block_size,
+            prefix_caching=settings.prefix_caching,
+            kv_cache_bytes=settings.kv_cache_bytes,
+            kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
         )
         engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits,
                         think=loaded.think).start()
@@ -329,7 +334,8 @@ def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: 
         content=decode_part(loaded.tokenizer, split.content_ids, loaded.think),
         finish_reason=output.finish_reason,
         usage=Usage(prompt_tokens=len(prepared.engine_request.prompt_ids),
-                    completion_tokens=completion, thinking_tokens=split.thinking_tokens),
+                    completion_tokens=completion, thinking_tokens=split.thinking_tokens,
+                    cached_prompt_tokens=output.cached_prompt_tokens),
         timings=Timings(
             queued_at=_utc(submitted_at) if submitted_at else None,
             started_at=_utc(started_at),

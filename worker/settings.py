@@ -78,6 +78,26 @@ class WorkerSettings(ConnectionSettings):
         default=65_536, gt=0, description="Bound on batch rows x (prompt + new tokens) in flight."
     )
     batch_wait_ms: float = Field(default=5.0, ge=0, description="How long to let a batch fill.")
+    max_step_tokens: int = Field(
+        default=512, gt=0,
+        description="Tokens one engine step computes: every decoding row's next token plus "
+        "chunks of the prompts being prefilled (chunked prefill). Larger: faster prefill, "
+        "longer stalls of the decoding rows while a long prompt is prefilled.",
+    )
+    kv_block_size: int = Field(default=16, gt=0, description="Token positions per KV block.")
+    prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV cache of prompt prefixes computed before (shared system "
+        "prompts, earlier turns); usage.cached_prompt_tokens counts the hits.",
+    )
+    kv_cache_bytes: int | None = Field(
+        default=None, gt=0,
+        description="The KV pool's size in bytes; unset: on CUDA kv_cache_memory_fraction of "
+        "the free memory after load, elsewhere what max_batch_tokens needs (at most 2 GiB).",
+    )
+    kv_cache_memory_fraction: float = Field(
+        default=0.8, gt=0, lt=1, description="CUDA: share of free device memory for the KV pool."
+    )
 
     # --- delivery (README "Guarantees")
     max_job_seconds: float = Field(default=1800.0, gt=0)
