@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config_path, device, dtype)
     prompts = random_prompts(max(levels), model.config.vocab_size, seed=args.seed,
                              low=8 if args.quick else 16, high=64 if args.quick else 512)
-    limits = engine_limits(max(levels), prompts, new_tokens, device, args.max_step_tokens)
+    limits = bench.step("engine_limits", lambda: engine_limits(
+        max(levels), prompts, new_tokens, device, args.max_step_tokens)) or {}
     results["config"] = {
         "model_config": str(config_path.relative_to(REPO_ROOT)
                             if config_path.is_relative_to(REPO_ROOT) else config_path),
@@ -281,7 +282,8 @@ def random_prompts(count: int, vocab: int, *, seed: int, low: int, high: int) ->
 
 
 def engine_limits(jobs: int, prompts: Sequence[Sequence[int]], new_tokens: int, device: Any,
-                  max_step_tokens: int | None) -> dict[str, Any]:
+                  max_step_tokens: int | None, kv_cache_bytes: int | None = None
+                  ) -> dict[str, Any]:
     """The EngineLimits to use, as a dict: only fields this engine version has."""
     from worker.engine import EngineLimits
 
@@ -293,7 +295,9 @@ def engine_limits(jobs: int, prompts: Sequence[Sequence[int]], new_tokens: int, 
     }
     if max_step_tokens is not None or device.type == "cuda":
         wanted["max_step_tokens"] = max_step_tokens or 8192
-    if device.type == "cuda":
+    if kv_cache_bytes is not None:
+        wanted["kv_cache_bytes"] = kv_cache_bytes
+    elif device.type == "cuda":
         # Leave room for transformers' own runs in the same process once the engine is gone.
         wanted["kv_cache_memory_fraction"] = 0.5
     return {key: value for key, value in wanted.items() if key in known}
@@ -460,9 +464,8 @@ def equality_check(device: Any, *, quick: bool, seed: int) -> dict[str, Any]:
     # One job starts with another's whole prompt: a prefix-cache hit where the engine has one.
     prompts.append(max(prompts, key=len) + prompts[0][:20])
     new_tokens = 16 if quick else 32
-    limits = {key: value for key, value in engine_limits(
-        len(prompts), prompts, new_tokens, device, max_step_tokens=64).items()
-        if key != "kv_cache_memory_fraction"}
+    limits = engine_limits(len(prompts), prompts, new_tokens, device, max_step_tokens=64,
+                           kv_cache_bytes=64 << 20)  # not a share of the GPU for a tiny model
     engine = start_engine(model, limits)
     try:
         engine_tokens = run_engine(engine, prompts, new_tokens)["token_ids"]
