@@ -201,8 +201,8 @@ def test_a_job_delivered_again_after_it_ended_keeps_its_one_result(fault_redis, 
                             "job_id": job_id}}
         finals = FinalWrites(fault_redis, [job_id])
         # Two deliveries at once: one runs, the other waits for its lease, then skips it.
-        for _ in range(2):
-            raw.send_task("chatqueue.generate_chat", kwargs=body, task_id=job_id, queue=queue)
+        client.submit(body["request"])
+        raw.send_task("chatqueue.generate_chat", kwargs=body, task_id=job_id, queue=queue)
         first = client.result(job_id)
         wait_until(lambda: settled(fault_redis, queue), timeout=60, what="both deliveries")
         stored = stored_meta(fault_redis, job_id)
@@ -210,7 +210,7 @@ def test_a_job_delivered_again_after_it_ended_keeps_its_one_result(fault_redis, 
         # And once more, well after it ended.
         raw.send_task("chatqueue.generate_chat", kwargs=body, task_id=job_id, queue=queue)
         wait_until(lambda: worker.log().count("already has a final result: this delivery is "
-                                              "skipped") == 2,
+                                              "skipped") >= 2,
                    timeout=60, what="the second and late deliveries to be skipped")
         wait_until(lambda: settled(fault_redis, queue), timeout=30, what="its ack")
         finals.caught_up(job_id)
