@@ -40,7 +40,9 @@ class ConnectionSettings(BaseSettings):
     """How to reach Redis and where jobs go. The worker's settings extend these."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CHATQUEUE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="CHATQUEUE_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        # A refused value is not echoed: it may be a password (or hold one, in a URL).
+        hide_input_in_errors=True,
     )
 
     broker_url: str = Field(
@@ -49,6 +51,11 @@ class ConnectionSettings(BaseSettings):
     )
     result_backend: str | None = Field(
         default=None, description="Redis URL for results; the broker URL when unset."
+    )
+    redis_username: str | None = Field(
+        default=None,
+        description="Redis ACL user of this side (producer, worker, ...; README \"Security\"); "
+        "unset: the URL's user, else Redis's default user.",
     )
     redis_password: SecretStr | None = Field(
         default=None, description="Kept apart from the URLs so it is never logged with them."
@@ -59,16 +66,22 @@ class ConnectionSettings(BaseSettings):
         "chatqueue.<model id>, so one Redis serves several models.",
     )
     result_ttl_s: int = Field(default=86_400, gt=0, description="How long results stay in Redis.")
+    log_content: bool = Field(
+        default=False,
+        description="Debug only: let prompts and generated text into logs and task events "
+        "(Flower). Off: they appear only in the result and the stream.",
+    )
     stream_maxlen: int = Field(default=10_000, gt=0, description="Entries kept per job stream.")
 
     def queue_for(self, model_id: str) -> str:
         return self.queue or f"{QUEUE_PREFIX}{model_id}"
 
     def broker_connection_url(self) -> str:
-        return _with_password(self.broker_url, self.redis_password)
+        return _with_password(self.broker_url, self.redis_username, self.redis_password)
 
     def backend_connection_url(self) -> str:
-        return _with_password(self.result_backend or self.broker_url, self.redis_password)
+        return _with_password(self.result_backend or self.broker_url, self.redis_username,
+                              self.redis_password)
 
 
 class ProducerSettings(ConnectionSettings):
@@ -78,11 +91,11 @@ class ProducerSettings(ConnectionSettings):
     wait_timeout_s: float = Field(default=600.0, gt=0, description="Default wait for a result.")
 
 
-def _with_password(url: str, password: SecretStr | None) -> str:
+def _with_password(url: str, username: str | None, password: SecretStr | None) -> str:
     if password is None:
         return url
     parts = urlsplit(url)
     host = parts.netloc.rsplit("@", 1)[-1]
-    user = parts.username or ""
+    user = username or parts.username or ""
     netloc = f"{quote(user, safe='')}:{quote(password.get_secret_value(), safe='')}@{host}"
     return urlunsplit(parts._replace(netloc=netloc))

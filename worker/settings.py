@@ -14,7 +14,7 @@ from producer.settings import DEMO_MODEL_ID, ConnectionSettings
 class WorkerSettings(ConnectionSettings):
     model_config = SettingsConfigDict(
         env_prefix="CHATQUEUE_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
-        protected_namespaces=(),
+        protected_namespaces=(), hide_input_in_errors=True,
     )
 
     # --- the model and where it comes from
