@@ -133,6 +133,7 @@ class LeaseKeeper:
         queue) when the worker stops while waiting; keeps trying while Redis is unreachable."""
         waiting_since: float | None = None
         while True:
+            lease = None
             try:
                 lease = self.acquire(job_id)
                 if lease is not None:
@@ -150,6 +151,9 @@ class LeaseKeeper:
                     log.info("job %s is running under lease %s: this delivery waits for it",
                              job_id, self.holder(job_id))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if lease is not None:  # taken, then Redis went away: let it lapse, try again
+                    with self._lock:
+                        self._held.pop(lease.token, None)
                 log.warning("job %s: lease not taken, Redis unreachable (%s); retrying",
                             job_id, exc)
             if stopping():

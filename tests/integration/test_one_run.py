@@ -27,7 +27,7 @@ from producer.cli import EXIT_CONFLICT, EXIT_NOT_FOUND
 from producer.cli import main as cli_main
 from producer.client import request_digest
 from producer.schemas import StreamEvent
-from producer.settings import TASK_NAME
+from producer.settings import TASK_NAME, accepted_key, lease_key, stream_key
 from tests.support.servers import (
     RedisServer,
     WorkerProcess,
@@ -38,7 +38,10 @@ from tests.support.servers import (
     wait_until,
     worker_env,
 )
+from worker.control import JobControl
 from worker.devmodels import TINY_CONTENT, TINY_MESSAGES
+from worker.drain import JobInterrupted
+from worker.lease import LeaseKeeper
 
 pytestmark = pytest.mark.integration
 
@@ -320,3 +323,60 @@ def test_a_waiting_delivery_takes_over_when_the_owner_dies(server, pair):
     assert result.worker_name.startswith(waiting.name.split("@")[0])
     assert result.usage.completion_tokens == 200
     assert took < 3 + 30  # the lease lapses in 3 s; the rest is the run itself on a busy machine
+
+
+# ----------------------------------------------------------------------------- the lease itself
+
+
+def test_a_lease_is_held_renewed_fenced_and_released(server):
+    client = server.client()
+    keeper = LeaseKeeper(client, ttl_s=1.0, renew_s=0.2, owner="test").start()
+    control = JobControl(client, ttl_s=60, stream_maxlen=100)
+    job_id = f"lease-{uuid.uuid4().hex[:8]}"
+    try:
+        lease = keeper.acquire(job_id)
+        assert lease is not None and keeper.acquire(job_id) is None
+        assert keeper.holder(job_id) == lease.token
+        time.sleep(1.5)  # past the TTL: renewed meanwhile
+        assert keeper.holder(job_id) == lease.token
+
+        start = [StreamEvent(type="start")]
+        assert control.publish(job_id, start, restart=True, lease=lease)
+        client.delete(lease_key(job_id))  # lapsed, nobody else took it: the writer takes it back
+        assert control.publish(job_id, [StreamEvent(type="content", text="a")], lease=lease)
+        assert keeper.holder(job_id) == lease.token
+
+        stopped: list[bool] = []
+        lease.on_lost(lambda: stopped.append(True))
+        client.set(lease_key(job_id), "another-run", px=60_000)  # another run holds it now
+        assert not control.publish(job_id, [StreamEvent(type="content", text="b")], lease=lease)
+        wait_until(lambda: stopped, timeout=10, what="the keeper to find the lease lost")
+        assert lease.lost.is_set()
+        types = [fields[b"type"] for _, fields in client.xrange(stream_key(job_id))]
+        assert types == [b"start", b"content"]  # one writer: nothing after the lease went
+
+        keeper.release(lease)
+        assert keeper.holder(job_id) == "another-run"  # not ours: left alone
+        client.delete(lease_key(job_id))
+        mine = keeper.acquire(job_id)
+        assert mine is not None
+        client.set(accepted_key(job_id), "queued x", ex=5)
+        keeper.release(mine, record_key=accepted_key(job_id), record_ttl_s=600)
+        assert keeper.holder(job_id) is None
+        assert client.ttl(accepted_key(job_id)) > 500  # the record outlives the result
+    finally:
+        keeper.stop()
+
+
+def test_claim_skips_a_finished_job_and_gives_up_waiting_when_the_worker_stops(server):
+    keeper = LeaseKeeper(server.client(), ttl_s=5.0, renew_s=1.0, owner="test")
+    job_id = f"claim-{uuid.uuid4().hex[:8]}"
+    assert keeper.claim(job_id, finished=lambda: True, stopping=lambda: False) is None
+    assert keeper.holder(job_id) is None  # taken to look, then given back
+    other = keeper.acquire(job_id)
+    assert other is not None
+    with pytest.raises(JobInterrupted):
+        keeper.claim(job_id, finished=lambda: False, stopping=lambda: True, poll_s=0.01)
+    keeper.release(other)
+    lease = keeper.claim(job_id, finished=lambda: False, stopping=lambda: False)
+    assert lease is not None and keeper.holder(job_id) == lease.token
