@@ -7,9 +7,12 @@ step's keys and values into the paged KV pool and computes each row's attention 
 blocks only. Everything a layer needs (slots to write, gather indices, masks) is computed once
 per step (`StepContext`) and shared by all layers:
 
-- decoding rows: their keys/values are gathered from the pool into one padded tensor
-  [rows, kv_heads, longest, head_dim] and attended in one SDPA call, the query heads of a KV
-  head folded into the query length (no repeat of K/V for grouped-query attention);
+- decoding rows, sorted by context length and cut into groups of similar lengths: a group's
+  keys/values are gathered from the pool (one index_select) into a tensor padded to its
+  longest row, [rows, kv_heads, longest, head_dim], and attended in one SDPA call, the query
+  heads of a KV head folded into the query length (no repeat of K/V for grouped-query
+  attention); one group for all rows padded everything to the longest context, and gathering
+  plus attending over that padding cost more than the rest of the step;
 - prefill chunks: one SDPA call each, causal; a chunk with nothing before it attends to its
   own keys directly (is_causal), a later chunk to its row's gathered context.
 
@@ -47,14 +50,23 @@ class _Chunk:
 
 
 @dataclass
+class _DecodeGroup:
+    """Single-token rows start..end (their tokens' places in the step) of similar context
+    lengths, attended in one SDPA call over their contexts gathered and padded to the longest."""
+
+    start: int
+    end: int
+    index: torch.Tensor  # [rows * longest]: slots of each row's context, padding on slot 0
+    mask: torch.Tensor | None  # [rows, 1, 1, longest]: 0 on a row's own slots, -inf after
+
+
+@dataclass
 class StepContext:
     """Everything the attention layers need for one step, computed once."""
 
     storage: KVStorage
     slots: torch.Tensor  # [T]: where each new token's key and value are written
-    decode_rows: int  # the first `decode_rows` tokens are single-token rows
-    decode_index: torch.Tensor | None = None  # [rows, longest]: slots of each row's context
-    decode_mask: torch.Tensor | None = None  # [rows, 1, 1, longest]: True on a row's own slots
+    decode_groups: list[_DecodeGroup] = field(default_factory=list)
     chunks: list[_Chunk] = field(default_factory=list)
     context_cells: int = 0  # sum over rows of the positions attended (what memory scales with)
 
@@ -81,16 +93,18 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     value_pool.index_copy_(0, step.slots, value[0].transpose(0, 1))
     _, heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
-    group = heads // kv_heads
+    group_size = heads // kv_heads
     out = query.new_empty(tokens, heads, dim)
-    rows = step.decode_rows
-    if rows:
+    for group in step.decode_groups:
+        rows = group.end - group.start
         # [rows, kv_heads, group, dim]: a KV head's query heads take the query-length axis.
-        q = query[0, :, :rows].transpose(0, 1).reshape(rows, kv_heads, group, dim)
-        k = key_pool[step.decode_index].transpose(1, 2)
-        v = value_pool[step.decode_index].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.decode_mask, scale=scaling)
-        out[:rows] = o.reshape(rows, heads, dim)
+        q = query[0, :, group.start:group.end].transpose(0, 1).reshape(rows, kv_heads, group_size,
+                                                                       dim)
+        shape = (rows, -1, kv_heads, dim)
+        k = key_pool.index_select(0, group.index).view(shape).transpose(1, 2)
+        v = value_pool.index_select(0, group.index).view(shape).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask, scale=scaling)
+        out[group.start:group.end] = o.reshape(rows, heads, dim)
     for chunk in step.chunks:
         q = query[:, :, chunk.start:chunk.end]
         if chunk.context is None:
@@ -100,7 +114,7 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
             v = value_pool[chunk.context].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=chunk.mask, is_causal=chunk.context is None, scale=scaling,
-            enable_gqa=group > 1)
+            enable_gqa=group_size > 1)
         out[chunk.start:chunk.end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
 
@@ -112,6 +126,7 @@ class ModelRunner:
     def __init__(self, model: Any, kv: KVCacheManager) -> None:
         self.model = model
         self.device = model.device
+        self.dtype = getattr(model, "dtype", None) or torch.get_default_dtype()
         self.kv = kv
         self.storage = KVStorage(kv.num_blocks, kv.block_size)
         _check_attention_layers(model.config)
@@ -120,8 +135,8 @@ class ModelRunner:
     def execute(self, rows: Sequence[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
         """Run one step; returns the rows that sample, in order, and their logits [rows, vocab].
 
-        `rows` are reordered: single-token rows first (they share one attention call)."""
-        ordered = sorted(rows, key=lambda row: row.count != 1)
+        `rows` are reordered: single-token rows first, by context length (for decode groups)."""
+        ordered = sorted(rows, key=lambda row: (row.count != 1, row.start))
         step, input_ids, positions, keep = self._prepare(ordered)
         sampling = [row for row in ordered if row.samples]
         with _running(step), _attention(self.model.config):
@@ -146,11 +161,13 @@ class ModelRunner:
             if row.samples:
                 keep.append(len(ids) - 1)
         device = self.device
-        step = StepContext(self.storage, _tensor(slots, device), decode_rows,
+        step = StepContext(self.storage, _tensor(slots, device),
                            context_cells=sum(row.start + row.count for row in rows))
-        if decode_rows:
-            step.decode_index, step.decode_mask = _decode_gather(
-                rows[:decode_rows], tables[:decode_rows], block, device)
+        start = 0
+        for end in _similar_lengths([row.start + 1 for row in rows[:decode_rows]]):
+            step.decode_groups.append(_decode_group(
+                rows[start:end], tables[start:end], start, block, device, self.dtype))
+            start = end
         start = decode_rows
         for row, table in zip(rows[decode_rows:], tables[decode_rows:], strict=True):
             step.chunks.append(_chunk(row, table, start, block, device))
@@ -159,16 +176,36 @@ class ModelRunner:
                 _tensor(keep or [len(ids) - 1], device))
 
 
-def _decode_gather(rows: list[ScheduledRow], tables: list[list[int]], block: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+# A decode group's padding may cost up to this share of its own work before it is split: one
+# SDPA call per layer costs about as much as attending over a few hundred positions here.
+_GROUP_SPREAD = 1.5
+
+
+def _similar_lengths(lengths: list[int]) -> list[int]:
+    """Where groups of rows end, the rows sorted by context length ascending."""
+    ends: list[int] = []
+    first = 0
+    for i, length in enumerate(lengths):
+        if length > _GROUP_SPREAD * lengths[first] + 64:
+            ends.append(i)
+            first = i
+    return [*ends, len(lengths)] if lengths else []
+
+
+def _decode_group(rows: list[ScheduledRow], tables: list[list[int]], start: int, block: int,
+                  device: torch.device, dtype: torch.dtype) -> _DecodeGroup:
     lengths = [row.start + 1 for row in rows]
     longest = max(lengths)
     width = -(-longest // block)
     padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
     position = torch.arange(longest)
-    index = padded[:, position // block] * block + position % block
-    mask = position < torch.tensor(lengths).unsqueeze(1)
-    return index.to(device), mask[:, None, None, :].to(device)
+    index = (padded[:, position // block] * block + position % block).reshape(-1)
+    mask = None
+    if min(lengths) < longest:
+        outside = position >= torch.tensor(lengths).unsqueeze(1)
+        mask = torch.zeros(outside.shape, dtype=dtype).masked_fill(outside, float("-inf"))
+        mask = mask[:, None, None, :].to(device)
+    return _DecodeGroup(start, start + len(rows), index.to(device), mask)
 
 
 def _chunk(row: ScheduledRow, table: list[int], start: int, block: int,
