@@ -52,8 +52,11 @@ def test_mixed_lengths_batched_equal_each_alone(redis, start_worker, tiny_model_
     assert alone[3].finish_reason == "length" and alone[3].thinking  # cut off mid-thought
     assert [alone[0].usage.completion_tokens, alone[1].usage.completion_tokens] == [250, 1]
     for one, batched in zip(alone, together, strict=True):
-        assert (batched.thinking, batched.content, batched.finish_reason, batched.usage) == (
+        # The second time, the prompts' blocks come from the prefix cache: only that differs.
+        uncached = batched.usage.model_copy(update={"cached_prompt_tokens": 0})
+        assert (batched.thinking, batched.content, batched.finish_reason, uncached) == (
             one.thinking, one.content, one.finish_reason, one.usage)
+    assert together[0].usage.cached_prompt_tokens > 0
     # They did share the device: the long job decoded alongside at least one other.
     sizes = batch_sizes(worker.log(), [r.job_id for r in together])
     assert sizes[long_id] >= 2, sizes
