@@ -8,6 +8,7 @@ skip, so a machine without it cannot pass these tests by not running them.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -29,7 +30,10 @@ ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
 
 SECRETS = {
-    "REDIS_PASSWORD": "test-redis-password",
+    "REDIS_ADMIN_PASSWORD": "test-redis-admin-password",
+    "REDIS_PRODUCER_PASSWORD": "test-redis-producer-password",
+    "REDIS_WORKER_PASSWORD": "test-redis-worker-password",
+    "REDIS_FLOWER_PASSWORD": "test-redis-flower-password",
     "FLOWER_USER": "test-flower-user",
     "FLOWER_PASSWORD": "test-flower-password",
 }
@@ -242,7 +246,8 @@ def test_worker_environment_is_what_worker_settings_read(
         settings = WorkerSettings(_env_file=None)  # the worker in the container would start
         assert settings.broker_url == "redis://redis:6379/0"
         assert settings.redis_password is not None
-        assert settings.redis_password.get_secret_value() == SECRETS["REDIS_PASSWORD"]
+        assert settings.redis_username == "worker"
+        assert settings.redis_password.get_secret_value() == SECRETS["REDIS_WORKER_PASSWORD"]
         assert settings.metrics_port is not None
         assert settings.resolved_model_dir.is_relative_to("/models")
 
@@ -292,19 +297,24 @@ def test_stopping_workers_get_longer_than_the_longest_job(config: dict[str, Any]
 # --------------------------------------------------------------------------- Redis and Flower
 
 
-def test_redis_persists_requires_the_password_and_checks_health(config: dict[str, Any]) -> None:
+def test_redis_persists_starts_on_the_role_acl_and_checks_health(config: dict[str, Any]) -> None:
     redis = services(config)["redis"]
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
-    assert command[command.index("--requirepass") + 1] == SECRETS["REDIS_PASSWORD"]
+    assert "--requirepass" not in command, "one shared password: the ACL has one user per role"
+
+    # The entrypoint is the project's script, mounted read-only from deploy/redis.
+    (mount,) = [v for v in redis["volumes"] if v["type"] == "bind"]
+    assert Path(mount["source"]) == ROOT / "deploy" / "redis" and mount["read_only"] is True
+    script = redis["entrypoint"][-1]
+    assert script.startswith(mount["target"] + "/")
+    assert (ROOT / "deploy" / "redis" / Path(script).name).is_file()
 
     probe = " ".join(redis["healthcheck"]["test"])
-    assert "redis-cli" in probe
-    authenticated = (
-        redis.get("environment", {}).get("REDISCLI_AUTH") == SECRETS["REDIS_PASSWORD"]
-        or "-a" in probe.split()
-    )
-    assert authenticated, "the health check must authenticate, or it only ever sees NOAUTH"
+    assert "redis-cli" in probe and "--user admin" in probe
+    environment = redis.get("environment", {})
+    assert environment.get("REDISCLI_AUTH") == SECRETS["REDIS_ADMIN_PASSWORD"], (
+        "the health check must authenticate, or it only ever sees NOAUTH")
 
     (data,) = [v for v in redis["volumes"] if v["target"] == "/data"]
     assert data["type"] == "volume" and data["source"] in config["volumes"]
@@ -327,7 +337,39 @@ def test_flower_requires_basic_auth_and_listens_on_loopback_only(config: dict[st
     broker = environment.get("CELERY_BROKER_URL") or next(
         (arg.split("=", 1)[1] for arg in command if arg.startswith("--broker=")), ""
     )
-    assert broker == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+    assert broker == f"redis://flower:{SECRETS['REDIS_FLOWER_PASSWORD']}@redis:6379/0"
+    assert environment.get("FLOWER_ENABLE_EVENTS") == "false"  # that would be a broadcast
+
+
+def test_redis_acl_is_written_from_the_compose_secrets_as_digests(
+    config: dict[str, Any],
+) -> None:
+    """deploy/redis/acl.sh run on the environment compose gives the Redis container: a user per
+    role, each with its password's sha256 and never the password; the default user off."""
+    environment = services(config)["redis"]["environment"]
+    done = subprocess.run(["sh", str(ROOT / "deploy" / "redis" / "acl.sh")],
+                          env={"PATH": os.environ["PATH"], **environment},
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    users = {line.split()[1]: line for line in done.stdout.splitlines()}
+    assert set(users) == {"default", "admin", "producer", "worker", "flower"}
+    assert " off " in users["default"]
+    for role in ("admin", "producer", "worker", "flower"):
+        password = SECRETS[f"REDIS_{role.upper()}_PASSWORD"]
+        assert f"#{hashlib.sha256(password.encode()).hexdigest()}" in users[role]
+        assert password not in done.stdout
+    for role in ("producer", "worker", "flower"):
+        assert "@admin" not in users[role] and "@dangerous" not in users[role]
+        assert "+@all" not in users[role] and " ~* " not in users[role]
+
+
+def test_redis_acl_refuses_to_be_written_without_a_password() -> None:
+    environment = {f"REDIS_{role}_PASSWORD": "x" for role in ("ADMIN", "PRODUCER", "WORKER")}
+    done = subprocess.run(["sh", str(ROOT / "deploy" / "redis" / "acl.sh")],
+                          env={"PATH": os.environ["PATH"], **environment},
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode != 0 and "REDIS_FLOWER_PASSWORD" in done.stderr
+    assert "user" not in done.stdout
 
 
 def test_every_published_port_is_on_loopback(config: dict[str, Any]) -> None:
