@@ -83,12 +83,20 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
 
     accepted: redis.Redis | None = None
     accepted_ttl_s: int = 86_400
+    log_content: bool = False
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None,
                   **options: Any) -> AsyncResult:
+        # No queue declaration: the worker declares its queue; a publish only pushes, which is
+        # all the producer's Redis user may do to a queue (README "Security").
+        options.setdefault("declare", [])
         if name != TASK_NAME or self.accepted is None:
             return super().send_task(name, args, kwargs, **options)
         job_id = options["task_id"] = options.get("task_id") or uuid.uuid4().hex
+        if not self.log_content:
+            # What task events (Flower) and worker logs show of the job instead of the prompt.
+            options.setdefault("argsrepr", "()")
+            options.setdefault("kwargsrepr", "{'request': '<redacted>'}")
         key, digest = accepted_key(job_id), request_digest(args, kwargs)
         while not self.accepted.set(key, f"pending {digest}", nx=True, ex=self.accepted_ttl_s):
             current = self.accepted.get(key)
@@ -115,6 +123,7 @@ class ChatQueueClient:
                                            retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10))
         self.app = create_celery(self.settings, name="chatqueue-producer", cls=_AcceptingCelery)
         self.app.accepted, self.app.accepted_ttl_s = self._redis, self.settings.result_ttl_s
+        self.app.log_content = self.settings.log_content
         # One step, so a cancel never marks an id that has no job record.
         self._cancel_script = self._redis.register_script(CANCEL_IF_KNOWN)
 

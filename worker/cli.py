@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def health(argv: list[str]) -> int:
-    """Exit 0 when the worker behind a metrics port has its model loaded (a container or
-    load-balancer health check); 1 with the reason otherwise."""
+    """Exit 0 when the worker behind a metrics port has its model loaded and consumes its
+    queue (a container or load-balancer health check); 1 with the reason otherwise."""
     from urllib.error import URLError
     from urllib.request import urlopen
 
@@ -54,12 +54,13 @@ def health(argv: list[str]) -> int:
     except (URLError, OSError) as exc:
         print(f"unhealthy: {url} does not answer ({exc})", file=sys.stderr)
         return 1
-    loaded = [line for line in text.splitlines() if line.startswith("chatqueue_model_loaded")]
-    if not loaded or not all(line.rstrip().endswith(" 1.0") for line in loaded):
-        print(f"unhealthy: model not loaded ({loaded or 'no chatqueue_model_loaded metric'})",
-              file=sys.stderr)
-        return 1
-    print("healthy: model loaded")
+    for metric, reason in (("chatqueue_model_loaded", "model not loaded"),
+                           ("chatqueue_consuming", "not consuming its queue")):
+        lines = [line for line in text.splitlines() if line.startswith(metric)]
+        if not lines or not all(line.rstrip().endswith(" 1.0") for line in lines):
+            print(f"unhealthy: {reason} ({lines or f'no {metric} metric'})", file=sys.stderr)
+            return 1
+    print("healthy: model loaded, consuming its queue")
     return 0
 
 
@@ -71,8 +72,12 @@ def run_worker(extra: list[str]) -> int:
     handler.setFormatter(JsonFormatter() if settings.log_json else logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=settings.log_level, handlers=[handler])
+    # Without mingle and gossip: chatqueue uses neither (revoke is our cancel, kept in Redis,
+    # not in a worker's memory to sync), and mingle's hello is a broadcast on the control
+    # channel, which the worker's Redis user may not publish to (README "Security").
     app.worker_main(
-        ["worker", f"--loglevel={settings.log_level}", "-Q", settings.serving_queue, *extra]
+        ["worker", f"--loglevel={settings.log_level}", "-Q", settings.serving_queue,
+         "--without-mingle", "--without-gossip", *extra]
     )
     # worker_main drops the worker's exit status; a worker that stopped because its engine
     # died must still exit non-zero (worker/watchdog.py).

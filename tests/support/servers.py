@@ -55,6 +55,7 @@ class RedisServer:
     process: subprocess.Popen[bytes]
     workdir: Path
     password: str | None = None
+    username: str | None = None
     command: tuple[str, ...] = ()
 
     @property
@@ -62,7 +63,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
+        return redis.Redis(host="127.0.0.1", port=self.port, username=self.username,
+                           password=self.password)
 
     def stop(self, timeout: float = 30) -> None:
         """Shut Redis down the way an orchestrator does (SIGTERM): with appendonly it fsyncs its
@@ -85,7 +87,10 @@ class RedisServer:
 
 
 @contextmanager
-def redis_server(*, password: str | None = None, appendonly: bool = False) -> Iterator[RedisServer]:
+def redis_server(*, password: str | None = None, appendonly: bool = False,
+                 acl: str | None = None, username: str | None = None) -> Iterator[RedisServer]:
+    """`acl`: the text of an ACL file to start with (deploy/redis/acl.sh writes one); then
+    `username` / `password` are the login server.client() uses (the admin's)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError(
@@ -95,11 +100,14 @@ def redis_server(*, password: str | None = None, appendonly: bool = False) -> It
     port = free_port()
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
                "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)]
-    if password:
+    if acl is not None:
+        (workdir / "users.acl").write_text(acl)
+        command += ["--aclfile", str(workdir / "users.acl")]
+    elif password:
         command += ["--requirepass", password]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisServer(port=port, process=process, workdir=workdir, password=password,
-                         command=tuple(command))
+                         username=username, command=tuple(command))
     try:
         wait_until(lambda: _pings(server), timeout=20, what=f"redis-server on port {port}")
         yield server
