@@ -15,7 +15,7 @@ from worker.offline import enter_offline_mode
 # Before anything imports huggingface_hub or transformers: they read these at import time.
 enter_offline_mode()
 
-from celery import Celery, Task, states  # noqa: E402
+from celery import Celery, Task, bootsteps, states  # noqa: E402
 from celery.exceptions import Ignore, Reject  # noqa: E402
 from celery.signals import (  # noqa: E402
     task_postrun,
@@ -33,6 +33,8 @@ from worker.delivery import CheckedRequest, WorkerLoader, broker_options  # noqa
 from worker.drain import JobInterrupted  # noqa: E402
 from worker.lease import Lease  # noqa: E402
 from worker.manifest import ModelNotReady  # noqa: E402
+from worker.redact import describe_failure  # noqa: E402
+from worker.redact import install as redact_logs  # noqa: E402
 from worker.service import WorkerRuntime, run_job, task_arguments  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 from worker.startup import start_runtime  # noqa: E402
@@ -41,6 +43,7 @@ from worker.watchdog import EXIT_ENGINE_DIED, stop_consuming, watch_engine  # no
 log = logging.getLogger(__name__)
 
 _runtime: WorkerRuntime | None = None
+_consumer: Any = None  # Celery's consumer while it runs (ConsumerProbe), for the health check
 exit_status = 0  # what `chatqueue-worker run` exits with once Celery's worker returns
 
 
@@ -70,7 +73,44 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
         **broker_options(settings),
     )
     app.task(name=TASK_NAME, bind=True, throws=(JobFailed,), Request=CheckedRequest)(generate_chat)
+    app.steps["consumer"].add(ConsumerProbe)
+    # Celery's built-in tasks (celery.accumulate, celery.chord_unlock, celery.map, ...) would
+    # run from any message on our queue: this worker knows one task; the rest arrive as
+    # unregistered, and Celery drops (acknowledges) them and stores a NotRegistered failure.
+    for name in [name for name in app.tasks if name != TASK_NAME]:
+        app.tasks.unregister(name)
     return app
+
+
+class ConsumerProbe(bootsteps.StartStopStep):
+    """Knows Celery's consumer while it runs -- started after its task consumer, stopped when
+    the consumer stops or restarts (a lost broker) -- so that `consuming()` can tell the health
+    check whether this worker takes jobs from its queue."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, parent: Any) -> None:
+        global _consumer
+        _consumer = parent
+
+    def stop(self, parent: Any) -> None:
+        global _consumer
+        _consumer = None
+
+    shutdown = stop
+
+
+def consuming() -> bool:
+    """True while the consumer runs and consumes this worker's queue: False after a
+    cancel_consumer of it, while the consumer is stopped or reconnecting, and before it starts."""
+    consumer = _consumer
+    task_consumer = getattr(consumer, "task_consumer", None)
+    if task_consumer is None:
+        return False
+    try:
+        return bool(task_consumer.consuming_from(settings.serving_queue))
+    except Exception:  # a consumer being torn down: not consuming
+        return False
 
 
 def generate_chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -82,7 +122,7 @@ def generate_chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         arguments = task_arguments(args, kwargs)
     except JobFailed as failed:
         runtime.metrics.job_failed(failed.error.code)
-        log.info("job %s failed: %s", job_id, failed)
+        log.info("job %s failed: %s", job_id, describe_failure(failed))
         raise
 
     def report(progress: Progress) -> None:
@@ -168,6 +208,7 @@ def _load_model_once(sender: Any = None, **_: Any) -> None:
         log.critical("worker start failed, exiting before taking any job: %s", exc,
                      exc_info=not isinstance(exc, (ModelNotReady, WorkerMisconfigured)))
         raise SystemExit(EXIT_START_FAILED) from exc
+    _runtime.metrics.watch_consuming(consuming)
     watch_engine(_runtime.engine, on_death=_engine_died)
 
 
@@ -196,5 +237,6 @@ def _stop_engine(**_: Any) -> None:
 
 
 settings = WorkerSettings()
+redact_logs(settings.log_content)
 app = create_worker_app(settings)
 install_revoke(lambda: _runtime.control if _runtime is not None else None)

@@ -9,6 +9,7 @@ the registry.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -19,12 +20,19 @@ from celery.utils.functional import maybe_list
 from celery.worker.control import control_command, ok
 
 from producer.client import CANCEL_IF_KNOWN
-from producer.schemas import StreamEvent
+from producer.schemas import JOB_ID_PATTERN, StreamEvent
 from producer.settings import CANCEL_CHANNEL, accepted_key, cancel_key, lease_key, stream_key
 from worker.engine import EngineJob
 from worker.lease import Lease
 
 log = logging.getLogger(__name__)
+
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+def valid_job_id(job_id: str) -> bool:
+    """A job id the contract accepts: no control characters, so never a forged log line."""
+    return bool(_JOB_ID.fullmatch(job_id))
 
 # KEYS: stream, lease; ARGV: token, lease ms, restart (0/1), maxlen, stream ttl s, then per
 # event its field count and fields. 0 (nothing written) when another run holds the lease.
@@ -96,12 +104,28 @@ class JobControl:
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None:
-                        self._cancel(message["data"].decode())
+                        self._on_cancel_message(message.get("data"))
             except redis.RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); reconnecting", exc)
                 self._stop.wait(1.0)
             finally:
                 pubsub.close()
+
+    def _on_cancel_message(self, data: Any) -> None:
+        """One message on the cancel channel; whatever it holds, the listener goes on (a
+        message that was not UTF-8 once ended it for good: later cancels were ignored)."""
+        try:
+            job_id = data.decode("utf-8") if isinstance(data, bytes) else str(data)
+        except UnicodeDecodeError:
+            log.warning("cancel channel: ignored a message that is not UTF-8 (%r)", data[:80])
+            return
+        if not valid_job_id(job_id):
+            log.warning("cancel channel: ignored an invalid job id %r", job_id[:140])
+            return
+        try:
+            self._cancel(job_id)
+        except Exception:
+            log.exception("cancel of job %s failed", job_id)
 
     def revoke(self, job_id: str) -> bool:
         """Celery's revoke, as our cancel: the running job ends within a decode step, a queued
@@ -170,7 +194,10 @@ def install_revoke(control_for: Callable[[], JobControl | None]) -> None:
         control = control_for()
         if control is None:
             return {"error": "this worker has no job control: it is not started"}
-        job_ids = sorted(set(maybe_list(task_id) or []))
+        given = [str(job_id) for job_id in maybe_list(task_id) or []]
+        job_ids = sorted({job_id for job_id in given if valid_job_id(job_id)})
+        if len(job_ids) < len(set(given)):
+            log.warning("revoke: ignored %d invalid job id(s)", len(set(given)) - len(job_ids))
         known = [job_id for job_id in job_ids if control.revoke(job_id)]
         log.info("revoke%s of %s: cancelled as chatqueue jobs (%d known)",
                  " (terminate)" if terminate else "", ", ".join(job_ids), len(known))

@@ -17,6 +17,7 @@ is stored). What they leave open, and this module closes:
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -29,7 +30,11 @@ from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport import redis as kombu_redis
 
+from producer.schemas import JOB_ID_PATTERN
+from worker.redact import REDACTED, redact_event, show_content
 from worker.settings import WorkerSettings
+
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +134,22 @@ class CheckedRequest(Request):
             raise
         except Exception as exc:
             raise InvalidTaskError(f"malformed task message: {exc!r}") from exc
+        # The job id goes into log lines, Redis keys and metrics: one the contract would refuse
+        # (a "\n" in it forged a log line) is refused here too, before anything logs it.
+        if not isinstance(self.id, str) or not _JOB_ID.fullmatch(self.id):
+            raise InvalidTaskError(
+                f"job id {str(self.id)[:140]!r} is not a valid job id ({JOB_ID_PATTERN})")
+        if not show_content():
+            # What the task-received event (Flower) and the logs show of the request.
+            self._argsrepr = self._kwargsrepr = REDACTED
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        """Task events without content: Flower shows what they carry."""
+        super().send_event(type, **redact_event(type, fields))
+
+    def info(self, safe: bool = False) -> Any:
+        """`inspect active/reserved`: the request's redacted repr unless content may be shown."""
+        return super().info(safe=safe or not show_content())
 
 
 def broker_options(settings: WorkerSettings) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any, get_args
 from wsgiref.simple_server import WSGIServer
 
@@ -110,12 +111,18 @@ class WorkerMetrics:
             "How long loading the model onto its device took.")
         self._model_info = per_model(
             Info, "chatqueue_model", "The served model's revision and device.")
+        self._consuming = per_model(
+            Gauge, "chatqueue_consuming",
+            "1 while this worker's Celery consumer takes jobs from its queue; 0 before it "
+            "starts, while it is stopped or reconnecting, and after its queue was cancelled "
+            "(cancel_consumer). Read at each scrape.")
 
         # Every outcome exists from the first scrape at 0, so rate() and alerts on a rare outcome
         # see a series before it first happens.
         for outcome in OUTCOMES:
             self._jobs.labels(model=model_id, outcome=outcome)
         self._model_loaded.set(0)
+        self._consuming.set(0)
 
     # ------------------------------------------------------------------ recording
 
@@ -154,6 +161,10 @@ class WorkerMetrics:
 
     def model_unloaded(self) -> None:
         self._model_loaded.set(0)
+
+    def watch_consuming(self, consuming: Callable[[], bool]) -> None:
+        """chatqueue_consuming asks `consuming` at each scrape, so it is never stale."""
+        self._consuming.set_function(lambda: 1.0 if consuming() else 0.0)
 
     def _record_tokens_per_s(self, value: float) -> None:
         with self._lock:

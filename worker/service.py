@@ -48,6 +48,7 @@ from worker.pipeline.reasoning import decode_part, prompt_opens_thinking, split_
 from worker.pipeline.sampling import SamplingParams, resolve_sampling
 from worker.pipeline.stream import StreamSplitter
 from worker.pipeline.tokenize import tokenize_prompt
+from worker.redact import describe_failure
 from worker.relay import StreamRelay
 from worker.settings import WorkerSettings
 
@@ -221,7 +222,7 @@ def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
                                   submitted_at=submitted_at, report=report, lease=lease)
     except JobFailed as failed:
         runtime.metrics.job_failed(failed.error.code)
-        log.info("job %s failed: %s", job_id, failed)
+        log.info("job %s failed: %s", job_id, describe_failure(failed))
         raise
     except JobInterrupted as interrupted:
         log.warning("job %s goes back to the queue: %s", job_id, interrupted)

@@ -1,0 +1,329 @@
+"""Least privilege, tried on real processes (issue 17): a redis-server started on the ACL file
+deploy/redis/acl.sh writes, a real `chatqueue-worker run` logged in as the worker user, the
+producer as the producer user, the operator's `celery control` as admin, and Celery's event
+receiver as Flower's user.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_py
+
+from producer import ChatQueueClient, JobFailed, ProducerSettings
+from producer.celery_app import create_celery
+from producer.settings import CANCEL_CHANNEL, TASK_NAME, lease_key
+from tests.support.servers import (
+    REPO_ROOT,
+    RedisServer,
+    free_port,
+    redis_server,
+    spawn_worker,
+    wait_ready,
+    wait_until,
+    worker_env,
+)
+from worker.devmodels import TINY_MESSAGES
+
+pytestmark = pytest.mark.integration
+
+ROLES = ("admin", "producer", "worker", "flower")
+LONG = 3000  # tokens: a job that runs until it is cancelled
+
+
+@pytest.fixture(scope="module")
+def passwords() -> dict[str, str]:
+    return {role: f"{role}-{uuid.uuid4().hex}" for role in ROLES}
+
+
+@pytest.fixture(scope="module")
+def acl_redis(passwords: dict[str, str]) -> Iterator[RedisServer]:
+    env = {"PATH": os.environ["PATH"],
+           **{f"REDIS_{role.upper()}_PASSWORD": pw for role, pw in passwords.items()}}
+    acl = subprocess.run(["sh", str(REPO_ROOT / "deploy" / "redis" / "acl.sh")], env=env,
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    with redis_server(acl=acl, username="admin", password=passwords["admin"]) as server:
+        yield server
+
+
+def login(server: RedisServer, passwords: dict[str, str], role: str) -> redis_py.Redis:
+    return redis_py.Redis(host="127.0.0.1", port=server.port, username=role,
+                          password=passwords[role])
+
+
+def settings_for(server: RedisServer, passwords: dict[str, str], role: str,
+                 queue: str) -> ProducerSettings:
+    return ProducerSettings(broker_url=server.url, redis_username=role,
+                            redis_password=passwords[role], queue=queue, wait_timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def serving(acl_redis: RedisServer, passwords: dict[str, str], tiny_model_dir: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One worker on the worker user's credentials, with its metrics port (health check)."""
+    queue, port = f"chatqueue.security-{uuid.uuid4().hex[:6]}", free_port()
+    env = worker_env(acl_redis.url, tiny_model_dir, queue, redis_username="worker",
+                     redis_password=passwords["worker"], concurrency="2",
+                     default_max_new_tokens="32", max_new_tokens_cap=str(LONG),
+                     metrics_port=str(port))
+    worker = spawn_worker(env, tmp_path_factory.mktemp("security-logs"))
+    try:
+        wait_ready(worker)
+        yield {"queue": queue, "worker": worker, "url": f"http://127.0.0.1:{port}/metrics"}
+    finally:
+        worker.stop()
+
+
+@pytest.fixture()
+def producer(acl_redis, passwords, serving) -> Iterator[ChatQueueClient]:
+    with ChatQueueClient(settings_for(acl_redis, passwords, "producer", serving["queue"])) as c:
+        yield c
+
+
+@pytest.fixture()
+def admin_app(acl_redis, passwords, serving) -> Iterator[Any]:
+    app = create_celery(settings_for(acl_redis, passwords, "admin", serving["queue"]),
+                        name="chatqueue-admin")
+    yield app
+    app.close()
+
+
+def refused(call: Any, *args: Any) -> str:
+    with pytest.raises(redis_py.exceptions.NoPermissionError) as caught:
+        call(*args)
+    return str(caught.value)
+
+
+def running(client: ChatQueueClient, job_id: str) -> None:
+    wait_until(lambda: client.progress(job_id) is not None, timeout=60,
+               what=f"job {job_id} to run")
+
+
+def health(url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker.cli", "health", "--url", url],
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+
+
+# ----------------------------------------------------------------------------- refused
+
+
+def test_producer_credentials_cannot_flush_configure_control_or_read_worker_keys(
+    acl_redis, passwords, serving, producer, admin_app
+):
+    queue = serving["queue"]
+    admin = acl_redis.client()
+    admin.set(lease_key("someone-elses-job"), "worker-token")
+    as_producer = login(acl_redis, passwords, "producer")
+    assert as_producer.ping()
+
+    refused(as_producer.flushall)
+    refused(as_producer.flushdb)
+    refused(as_producer.config_set, "maxmemory-policy", "allkeys-lru")
+    refused(as_producer.config_get, "*")
+    refused(as_producer.keys, "*")
+    refused(as_producer.acl_list)
+    refused(as_producer.execute_command, "SHUTDOWN", "NOSAVE")
+    refused(as_producer.execute_command, "SCRIPT", "FLUSH")
+    refused(as_producer.get, lease_key("someone-elses-job"))  # a worker's key
+    refused(as_producer.hgetall, "unacked")  # messages workers hold
+    refused(as_producer.delete, queue)  # jobs queued by others
+    refused(as_producer.set, "celery-task-meta-forged", "{}")  # a forged result
+    refused(as_producer.publish, "celery-task-meta-forged", "{}")
+    refused(as_producer.publish, "/0.celery.pidbox", "{}")  # Celery's control channel
+    refused(as_producer.eval, "return redis.call('FLUSHALL')", 0)
+    # Through Celery itself: the broadcast that made a worker exit is refused at the publish.
+    with pytest.raises(Exception, match=r"(?i)no ?perm|permissions"):
+        producer.app.control.broadcast("shutdown")
+    with pytest.raises(Exception, match=r"(?i)no ?perm|permissions"):
+        producer.app.control.cancel_consumer(queue)
+    # What it may do it does: queue a job, get its result.
+    assert producer.result(producer.submit({"messages": TINY_MESSAGES})).content
+    assert serving["worker"].process.poll() is None
+    assert health(serving["url"]).returncode == 0
+    assert admin.get(lease_key("someone-elses-job")) == b"worker-token"
+    # Redis's default user is off: a password alone logs in as nobody.
+    with pytest.raises(redis_py.exceptions.AuthenticationError):
+        redis_py.Redis(host="127.0.0.1", port=acl_redis.port,
+                       password=passwords["admin"]).ping()
+
+
+def test_worker_and_flower_credentials_are_refused_what_their_role_does_not_need(
+    acl_redis, passwords, serving
+):
+    for role in ("worker", "flower"):
+        client = login(acl_redis, passwords, role)
+        refused(client.flushall)
+        refused(client.config_set, "maxmemory-policy", "allkeys-lru")
+        refused(client.keys, "*")
+        refused(client.publish, "/0.celery.pidbox", "{}")
+    as_flower = login(acl_redis, passwords, "flower")
+    refused(as_flower.lpush, serving["queue"], "{}")  # Flower's send-task
+    refused(as_flower.get, "celery-task-meta-anything")  # results hold generated text
+    refused(as_flower.publish, CANCEL_CHANNEL, "anything")
+    assert as_flower.llen(serving["queue"]) == 0  # its queue view still works
+
+
+# ----------------------------------------------------------------------------- jobs flow
+
+
+def test_jobs_stream_and_cancel_with_role_credentials_and_admin_revoke_is_our_cancel(
+    serving, producer, admin_app
+):
+    done = producer.submit({"messages": TINY_MESSAGES})
+    events = list(producer.stream(done, timeout=60))
+    result = producer.result(done)
+    assert result.content
+    assert "".join(e.text for e in events if e.type == "content") == result.content
+
+    long = {"messages": TINY_MESSAGES, "params": {"max_new_tokens": LONG, "ignore_eos": True}}
+    cancelled = producer.submit(long)
+    running(producer, cancelled)
+    producer.cancel(cancelled)
+    assert producer.result(cancelled).finish_reason == "cancelled"
+
+    # The operator's revoke (a broadcast on the control channel) still maps onto our cancel.
+    revoked = producer.submit(long)
+    running(producer, revoked)
+    replies = admin_app.control.revoke(revoked, reply=True, timeout=5)
+    assert replies and "cancelled" in str(replies)
+    assert producer.result(revoked).finish_reason == "cancelled"
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def test_health_fails_while_the_worker_does_not_consume_its_queue(serving, producer, admin_app):
+    url, queue = serving["url"], serving["queue"]
+    assert health(url).returncode == 0
+
+    admin_app.control.cancel_consumer(queue, reply=True, timeout=5)
+    stopped = health(url)
+    assert stopped.returncode == 1 and "not consuming" in stopped.stderr
+    queued = producer.submit({"messages": TINY_MESSAGES})
+    time.sleep(1.0)
+    assert producer.state(queued) == "PENDING"  # nobody takes it: the health check was right
+
+    admin_app.control.add_consumer(queue, reply=True, timeout=5)
+    wait_until(lambda: health(url).returncode == 0, timeout=30, what="healthy again")
+    assert producer.result(queued).content
+
+
+# ----------------------------------------------------------------------------- smaller holes
+
+
+def test_cancel_listener_survives_a_message_that_is_not_utf8(serving, producer):
+    as_producer = producer._redis
+    as_producer.publish(CANCEL_CHANNEL, b"\xff\xfe\x80not utf-8")
+    as_producer.publish(CANCEL_CHANNEL, "forged\nINFO line")
+    job = producer.submit({"messages": TINY_MESSAGES,
+                           "params": {"max_new_tokens": LONG, "ignore_eos": True}})
+    running(producer, job)
+    producer.cancel(job)
+    assert producer.result(job).finish_reason == "cancelled"
+    assert not any(line.startswith("INFO line") for line in serving["worker"].lines)
+
+
+def test_worker_runs_only_chatqueue_tasks_and_refuses_forged_job_ids(
+    acl_redis, serving, producer
+):
+    queue, worker = serving["queue"], serving["worker"]
+    builtin = producer.app.send_task("celery.accumulate", args=[1, 2], queue=queue)
+    with pytest.raises(Exception) as caught:
+        builtin.get(timeout=30, propagate=True)
+    assert type(caught.value).__name__ == "NotRegistered"
+    assert "Received unregistered task of type 'celery.accumulate'" in worker.log()
+
+    forged = "job\n2026-12-01 00:00:00,000 INFO forged: admin logged in"
+    producer.app.send_task(TASK_NAME, kwargs={"request": {"messages": TINY_MESSAGES}},
+                           task_id=forged, queue=queue)
+    wait_until(lambda: "is not a valid job id" in worker.log(), timeout=30,
+               what="the forged job id refused")
+    assert not any("INFO forged" in line and not line.startswith(" ") and "job\\n" not in line
+                   for line in worker.lines)
+    assert all(not line.startswith("2026-12-01 00:00:00") for line in worker.lines)
+    # Both were acknowledged, not left for redelivery: nothing queued or unacknowledged.
+    admin = acl_redis.client()
+    wait_until(lambda: admin.llen(queue) == 0 and admin.hlen("unacked") == 0, timeout=30,
+               what="the dropped messages acknowledged")
+    assert producer.result(producer.submit({"messages": TINY_MESSAGES})).content
+
+
+# ----------------------------------------------------------------------------- no content
+
+
+def _events_as_flower(server: RedisServer, passwords: dict[str, str], queue: str,
+                      seen: list[dict[str, Any]], ready: threading.Event,
+                      stop: threading.Event) -> None:
+    """What Flower sees: Celery's event receiver, logged in as Flower's Redis user."""
+    app = create_celery(settings_for(server, passwords, "flower", queue), name="flower-view")
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": seen.append})
+        ready.set()
+        while not stop.is_set():
+            try:
+                receiver.capture(limit=None, timeout=1.0, wakeup=False)
+            except TimeoutError:  # a second without events
+                continue
+
+
+@pytest.mark.parametrize(("level", "log_content"), [
+    pytest.param("INFO", False, id="info"),
+    pytest.param("DEBUG", False, id="debug"),
+    # The debug setting lets content through: the checks below do see it when it is there.
+    pytest.param("DEBUG", True, id="debug-with-log-content"),
+])
+def test_no_prompt_or_generated_text_in_logs_or_events(
+    acl_redis, passwords, tiny_model_dir, tmp_path, level, log_content
+):
+    marker = f"SECRET-MARKER-{uuid.uuid4().hex[:8]}"
+    queue = f"chatqueue.redact-{uuid.uuid4().hex[:6]}"
+    env = worker_env(acl_redis.url, tiny_model_dir, queue, redis_username="worker",
+                     redis_password=passwords["worker"], log_level=level,
+                     default_max_new_tokens="32", log_content=str(log_content).lower())
+    worker = spawn_worker(env, tmp_path)
+    seen: list[dict[str, Any]] = []
+    ready, stop = threading.Event(), threading.Event()
+    listener = threading.Thread(target=_events_as_flower, daemon=True,
+                                args=(acl_redis, passwords, queue, seen, ready, stop))
+    try:
+        wait_ready(worker)
+        listener.start()
+        assert ready.wait(30)
+        time.sleep(1.0)
+        messages = [{"role": "system", "content": f"Keep this secret: {marker}"}, *TINY_MESSAGES]
+        with ChatQueueClient(settings_for(acl_redis, passwords, "producer", queue)) as client:
+            result = client.result(client.submit({"messages": messages}))
+            # A request the worker refuses, its error quoting the value given: the marker.
+            bad = client.app.send_task(
+                TASK_NAME, kwargs={"request": {"messages": [{"role": marker, "content": "x"}]}},
+                queue=queue).id
+            with pytest.raises(JobFailed) as failed:
+                client.result(bad)
+        assert marker in str(failed.value)  # the caller's own error still says what was wrong
+        wait_until(lambda: sum(e.get("type") in ("task-succeeded", "task-failed")
+                               for e in seen) >= 2, timeout=30, what="the task events")
+    finally:
+        stop.set()
+        worker.stop()
+
+    generated = [text for text in (result.content, result.thinking) if len(text) >= 12]
+    assert generated, "the tiny model generated no text to look for"
+    log = worker.log()
+    assert "succeeded in" in log and "failed" in log  # the lines that used to carry content
+    events = repr(seen)
+    if log_content:
+        assert marker in log and all(text in log for text in generated)
+        assert all(text in events for text in generated)
+        return
+    for secret in (marker, *generated):
+        assert secret not in log, f"{secret!r} in the {level} log"
+        assert secret not in events, f"{secret!r} in the task events Flower shows"
