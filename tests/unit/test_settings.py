@@ -72,3 +72,29 @@ def test_bad_settings_are_refused_with_the_values(monkeypatch, env, words):
     with pytest.raises(ValidationError) as caught:
         WorkerSettings(_env_file=None)
     assert all(word in str(caught.value) for word in words)
+
+
+def test_a_refused_setting_does_not_print_the_password(monkeypatch):
+    """pydantic quotes a refused value (a password pasted into the wrong variable, say) unless
+    hide_input_in_errors is on."""
+    monkeypatch.setenv("CHATQUEUE_REDIS_PASSWORD", "topsecretpassword")
+    monkeypatch.setenv("CHATQUEUE_REDIS_USERNAME", "worker")
+    monkeypatch.setenv("CHATQUEUE_VISIBILITY_TIMEOUT_S", "60")
+    monkeypatch.setenv("CHATQUEUE_MAX_JOB_SECONDS", "120")
+    with pytest.raises(ValidationError) as caught:
+        WorkerSettings(_env_file=None)
+    assert "visibility_timeout_s" in str(caught.value)
+    assert "topsec" not in str(caught.value)
+    monkeypatch.setenv("CHATQUEUE_RESULT_TTL_S", "topsecretpassword")  # a password pasted wrong
+    with pytest.raises(ValidationError) as caught:
+        ProducerSettings(_env_file=None)
+    assert "result_ttl_s" in str(caught.value) and "topsec" not in str(caught.value)
+
+
+def test_each_side_logs_in_as_its_own_redis_user(monkeypatch):
+    monkeypatch.setenv("CHATQUEUE_REDIS_USERNAME", "producer")
+    monkeypatch.setenv("CHATQUEUE_REDIS_PASSWORD", "p@ss")
+    settings = ProducerSettings(_env_file=None)
+    assert settings.broker_connection_url() == "redis://producer:p%40ss@127.0.0.1:6379/0"
+    assert settings.backend_connection_url() == settings.broker_connection_url()
+    assert "p@ss" not in repr(settings)
