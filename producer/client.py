@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -13,20 +11,14 @@ import redis
 from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
-from pydantic import ValidationError
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from producer import core
 from producer.celery_app import create_celery
+from producer.core import CANCEL_IF_KNOWN, parse_request, request_digest
 from producer.errors import JobFailed, JobIdConflict, JobNotFound
-from producer.schemas import (
-    ChatRequest,
-    ChatResult,
-    JobError,
-    Progress,
-    StreamEvent,
-    error_from_validation,
-)
+from producer.schemas import ChatRequest, ChatResult, Progress, StreamEvent
 from producer.settings import (
     CANCEL_CHANNEL,
     TASK_NAME,
@@ -35,38 +27,6 @@ from producer.settings import (
     cancel_key,
     stream_key,
 )
-
-# While Redis restarts, the stream reader waits this long between attempts to reconnect.
-_RECONNECT_WAIT_S = 0.5
-
-# KEYS: job record, cancel key; ARGV: ttl, channel, job id. 0 when no such job.
-CANCEL_IF_KNOWN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('SET', KEYS[2], 1, 'EX', ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
-"""
-
-
-def parse_request(raw: ChatRequest | Mapping[str, Any]) -> ChatRequest:
-    """A request as the contract reads it; a bad one raises JobFailed whose JobError names the
-    field, the limit and the value given -- the same error a worker would store."""
-    if isinstance(raw, ChatRequest):
-        return raw
-    try:
-        return ChatRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise JobFailed(error_from_validation(exc)) from None
-
-
-def request_digest(args: Any, kwargs: Any) -> str:
-    """What makes two publishes of a job id the same request: its arguments, less the time it
-    was submitted at, as canonical JSON."""
-    request = {key: value for key, value in kwargs.items() if key != "submitted_at"} \
-        if isinstance(kwargs, Mapping) else kwargs
-    text = json.dumps([list(args or ()), request], sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, default=repr)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
@@ -99,14 +59,10 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
             options.setdefault("kwargsrepr", "{'request': '<redacted>'}")
         key, digest = accepted_key(job_id), request_digest(args, kwargs)
         while not self.accepted.set(key, f"pending {digest}", nx=True, ex=self.accepted_ttl_s):
-            current = self.accepted.get(key)
-            if current is None:
+            verdict = core.record_verdict(self.accepted.get(key), digest, job_id)
+            if verdict == "claim":
                 continue  # it expired just now: claim it
-            text = current.decode() if isinstance(current, bytes) else str(current)
-            state, _, stored = text.partition(" ")
-            if stored and stored != digest:
-                raise JobIdConflict(job_id)
-            if state != "pending":
+            if verdict == "exists":
                 # Queued, running or finished: the job is there; nothing to publish.
                 return self.AsyncResult(job_id)
             break
@@ -137,15 +93,14 @@ class ChatQueueClient:
         an id that is queued, running or finished queues nothing and returns the id; a
         different request under it raises JobIdConflict.
         """
-        request = parse_request(request)
-        job_id = request.job_id or uuid.uuid4().hex
-        self.app.send_task(
-            TASK_NAME,
-            kwargs={"request": request.model_dump(mode="json"), "submitted_at": time.time()},
-            task_id=job_id,
-            queue=self.queue_for(request),
-        )
-        return job_id
+        job = core.plan_submission(request, self.settings)
+        self.publish(job)
+        return job.job_id
+
+    def publish(self, job: core.Submission) -> None:
+        """Publish a planned job: its record (SET NX with the request's digest), then Celery's
+        message, retried while Redis restarts. The asyncio client publishes through this too."""
+        self.app.send_task(TASK_NAME, kwargs=job.kwargs, task_id=job.job_id, queue=job.queue)
 
     def queue_for(self, request: ChatRequest) -> str:
         """Jobs go to the queue of the model they name: only workers serving it consume it."""
@@ -173,38 +128,24 @@ class ChatQueueClient:
         nothing arrives for `timeout` seconds, JobNotFound for an unknown or expired job; rides
         out a Redis restart.
         """
-        last_id, wait_s = "0-0", timeout or self.settings.wait_timeout_s
-        if not self._redis.exists(stream_key(job_id)):
+        cursor = core.StreamCursor(job_id, stream_key(job_id),
+                                   timeout or self.settings.wait_timeout_s)
+        if not self._redis.exists(cursor.key):
             self._check_known(job_id)
-        quiet_since = time.monotonic()
-        while True:
+        while not cursor.done:
             try:
-                # RESP2 (this client's protocol): [[key, [(entry id, {field: value}), ...]]]
                 reply = cast("list[Any] | None", self._redis.xread(
-                    {stream_key(job_id): last_id}, block=1000, count=500))
+                    {cursor.key: cursor.last_id}, block=core.STREAM_BLOCK_MS,
+                    count=core.STREAM_COUNT))
             except (redis.ConnectionError, redis.TimeoutError):
                 reply = None
-                time.sleep(_RECONNECT_WAIT_S)
-            if not reply:
-                if time.monotonic() - quiet_since > wait_s:
-                    raise TimeoutError(f"no stream events for job {job_id} in {wait_s}s")
-                continue
-            quiet_since = time.monotonic()
-            entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1]
-            for entry_id, fields in entries:
-                last_id = entry_id.decode()
-                event = StreamEvent.model_validate(
-                    {key.decode(): value.decode() for key, value in fields.items()})
-                yield event
-                if event.type == "end":
-                    return
+                time.sleep(core.RECONNECT_WAIT_S)
+            yield from cursor.feed(reply)
 
     def progress(self, job_id: str) -> Progress | None:
         """Tokens so far and phase while the job runs; None before it starts or once it ended."""
         handle = AsyncResult(job_id, app=self.app)
-        if handle.state != "PROGRESS" or not isinstance(handle.info, dict):
-            return None
-        return Progress.model_validate(handle.info)
+        return core.progress_from(handle.state, handle.info)
 
     def state(self, job_id: str) -> str:
         """Celery's state: PENDING (queued or unknown), STARTED, SUCCESS, FAILURE, ..."""
@@ -224,10 +165,8 @@ class ChatQueueClient:
             # Drop the result subscription now: left to garbage collection it lingers, and its
             # cleanup then needs a Redis that may be gone.
             self.app.backend.remove_pending_result(handle)
-            raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from exc
-        if handle.state == states.SUCCESS:
-            return ChatResult.model_validate(payload)
-        raise _as_job_failed(job_id, payload)
+            raise core.timeout_error(job_id, timeout) from exc
+        return core.finished_result(job_id, handle.state, payload)
 
     def fetch(self, job_id: str) -> ChatResult | None:
         """The result if the job has finished, None while it is queued or running; raises
@@ -246,10 +185,7 @@ class ChatQueueClient:
             raise self._not_found(job_id)
 
     def _not_found(self, job_id: str) -> JobNotFound:
-        return JobNotFound(
-            f"job {job_id}: no such job, or it ended more than result_ttl_s "
-            f"({self.settings.result_ttl_s} s) ago and its result expired"
-        )
+        return core.not_found(job_id, self.settings)
 
     def close(self) -> None:
         self._redis.close()
@@ -262,11 +198,5 @@ class ChatQueueClient:
         self.close()
 
 
-def _as_job_failed(job_id: str, payload: object) -> JobFailed:
-    if isinstance(payload, JobFailed):
-        return payload
-    # A failure that is not ours (a crash, a Celery error) still reaches the caller typed.
-    return JobFailed(JobError(code="internal_error", message=f"job {job_id} failed: {payload!r}"))
-
-
-__all__ = ["ChatQueueClient", "JobFailed", "JobIdConflict", "JobNotFound"]
+__all__ = ["CANCEL_IF_KNOWN", "ChatQueueClient", "JobFailed", "JobIdConflict", "JobNotFound",
+           "parse_request", "request_digest"]
