@@ -7,15 +7,29 @@ validate a request before it is ever queued.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Hard ceilings of the contract itself; each worker enforces its own, lower limits on top.
 MAX_MESSAGES = 256
 MAX_MESSAGE_CHARS = 200_000
 MAX_NEW_TOKENS_CEILING = 131_072
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+# Higher runs first: taken from Redis first and admitted to the engine first.
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
+DEFAULT_PRIORITY = 5  # interactive jobs
+BATCH_PRIORITY = 2  # batch lines, unless their batch says otherwise: below interactive jobs
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$"
 
 Role = Literal["system", "user", "assistant"]
@@ -25,6 +39,8 @@ ErrorCode = Literal[
     "limit_exceeded",  # valid, but over a limit this worker enforces: never retried
     "out_of_memory",  # the device could not fit the job even alone
     "internal_error",  # a bug or a fault of ours
+    "batch_expired",  # a batch line not started within its batch's completion window
+    "batch_cancelled",  # a batch line not started before its batch was cancelled
 ]
 
 
@@ -54,6 +70,9 @@ class ChatMessage(_Request):
         return value
 
 
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class GenerationParams(_Request):
     """Unset sampling fields take the model's own defaults (its generation_config.json)."""
 
@@ -79,6 +98,12 @@ class GenerationParams(_Request):
         default=None, ge=0, le=MAX_NEW_TOKENS_CEILING,
         description="Close the think block after this many thinking tokens, then answer.",
     )
+    stop: list[StopString] | None = Field(
+        default=None, min_length=1, max_length=MAX_STOP_STRINGS,
+        description="Generation ends where one of these appears in the answer; the text stops "
+                    "before it and finish_reason is \"stop\" (OpenAI's semantics). The thinking "
+                    "is not searched.",
+    )
 
 
 class ChatRequest(_Request):
@@ -91,6 +116,10 @@ class ChatRequest(_Request):
         default=None, pattern=MODEL_ID_PATTERN,
         description="Hub repo id of the model to run it; the producer's default_model when unset.",
     )
+    priority: int = Field(
+        default=DEFAULT_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY,
+        description="Higher runs first: taken from the queue and admitted to the engine first.",
+    )
 
     @model_validator(mode="after")
     def _last_turn_is_user(self) -> ChatRequest:
@@ -98,6 +127,16 @@ class ChatRequest(_Request):
         if last != "user":
             raise ValueError(f"the last message must come from the user, got role {last!r}")
         return self
+
+
+class BatchLine(_Request):
+    """Which batch line a job is (the task's `batch` argument): the worker ends it unstarted
+    once its batch is cancelled or past its window, and keeps its token stream only if asked."""
+
+    batch_id: str = Field(pattern=JOB_ID_PATTERN)
+    custom_id: str = Field(min_length=1, max_length=512)
+    expires_at: float | None = Field(default=None, ge=0, le=1e11)
+    stream: bool = False
 
 
 class Usage(_Reply):

@@ -133,7 +133,8 @@ def generate_chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     try:
         result = run_job(runtime, arguments.request, job_id=job_id,
-                         submitted_at=arguments.submitted_at, report=report, lease=lease)
+                         submitted_at=arguments.submitted_at, report=report, lease=lease,
+                         batch=arguments.batch)
     except JobInterrupted as interrupted:
         # Back to the queue, to run again from its start here or on another worker.
         raise Reject(str(interrupted), requeue=True) from None

@@ -18,8 +18,10 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from producer.batches import batch_cancel_key
 from producer.errors import JobFailed
 from producer.schemas import (
+    BatchLine,
     ChatRequest,
     ChatResult,
     JobError,
@@ -46,7 +48,8 @@ from worker.model import LoadedModel
 from worker.pipeline.prompt import build_prompt
 from worker.pipeline.reasoning import decode_part, prompt_opens_thinking, split_reasoning
 from worker.pipeline.sampling import SamplingParams, resolve_sampling
-from worker.pipeline.stream import StreamSplitter
+from worker.pipeline.stop import StopStringCheck, StopStringFilter, truncate_at_stop
+from worker.pipeline.stream import Part, StreamSplitter
 from worker.pipeline.tokenize import tokenize_prompt
 from worker.redact import describe_failure
 from worker.relay import StreamRelay
@@ -123,6 +126,7 @@ class TaskArguments(BaseModel):
 
     request: Any
     submitted_at: float | None = Field(default=None, ge=0, le=1e11, allow_inf_nan=False)
+    batch: BatchLine | None = None
 
 
 def task_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskArguments:
@@ -204,6 +208,9 @@ def prepare_job(runtime: WorkerRuntime, request: ChatRequest) -> PreparedJob:
             thinking_budget=params.max_thinking_tokens,
             close_thinking_ids=loaded.close_thinking_ids,
             prompt_opened_thinking=opened,
+            stop_text=StopStringCheck(loaded.tokenizer, loaded.think, params.stop,
+                                      prompt_opened_thinking=opened) if params.stop else None,
+            priority=request.priority,
         ),
         prompt_opened_thinking=opened,
     )
@@ -212,14 +219,15 @@ def prepare_job(runtime: WorkerRuntime, request: ChatRequest) -> PreparedJob:
 def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
             submitted_at: float | None = None,
             report: Callable[[Progress], None] | None = None,
-            lease: Lease | None = None) -> ChatResult:
+            lease: Lease | None = None, batch: BatchLine | None = None) -> ChatResult:
     """Run one job to its result; raises JobFailed with a structured error (never retried),
     or JobInterrupted when this worker cannot finish it (it stops, Redis went away, or its
     `lease` went to another run) and the job should go back to the queue. Every job that ends
     is counted in the metrics; every job, whatever its end, is logged in one line."""
     try:
         result, batch_size = _run(runtime, raw_request, job_id=job_id,
-                                  submitted_at=submitted_at, report=report, lease=lease)
+                                  submitted_at=submitted_at, report=report, lease=lease,
+                                  batch=batch)
     except JobFailed as failed:
         runtime.metrics.job_failed(failed.error.code)
         log.info("job %s failed: %s", job_id, describe_failure(failed))
@@ -248,7 +256,7 @@ def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
 
 def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at: float | None,
          report: Callable[[Progress], None] | None,
-         lease: Lease | None = None) -> tuple[ChatResult, int]:
+         lease: Lease | None = None, batch: BatchLine | None = None) -> tuple[ChatResult, int]:
     """Returns the result and the largest batch the job ran in.
 
     While the engine decodes, this thread (the task slot) streams the new text to Redis and
@@ -257,6 +265,8 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
     request = parse_request(raw_request, max_bytes=runtime.settings.max_request_bytes)
     prepared = prepare_job(runtime, request)
     control, drain = runtime.control, runtime.drain
+    if batch is not None:
+        _check_batch_line(control, batch)
     if control is not None and control.cancelled_before_start(job_id):
         never_started = EngineOutput([], "cancelled", 0)
         return _result(runtime, prepared, job_id, never_started, submitted_at, started), 0
@@ -268,7 +278,8 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
             try:
                 if control is not None:
                     control.track(job_id, job)
-                _follow(runtime, job_id, job, prepared, report, lease)
+                _follow(runtime, job_id, job, prepared, report, lease,
+                        streamed=batch is None or batch.stream)
                 output = job.future.result()
             finally:
                 if not job.future.done():
@@ -286,13 +297,29 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
     return _result(runtime, prepared, job_id, output, submitted_at, started), output.batch_size
 
 
+def _check_batch_line(control: JobControl | None, batch: BatchLine) -> None:
+    """A batch line that has not started by its batch's cancel or the end of its window never
+    starts: it ends as an error line of the batch."""
+    if batch.expires_at is not None and time.time() >= batch.expires_at:
+        raise JobFailed(JobError(
+            code="batch_expired", message=f"batch {batch.batch_id}: this line did not start "
+            "within the batch's completion window"))
+    if control is not None and control.redis.exists(batch_cancel_key(batch.batch_id)):
+        raise JobFailed(JobError(
+            code="batch_cancelled", message=f"batch {batch.batch_id} was cancelled before this "
+            "line started"))
+
+
 def _follow(runtime: WorkerRuntime, job_id: str, job: EngineJob, prepared: PreparedJob,
-            report: Callable[[Progress], None] | None, lease: Lease | None = None) -> None:
-    """Relay the job's new tokens as stream events and progress until the engine ends it."""
+            report: Callable[[Progress], None] | None, lease: Lease | None = None, *,
+            streamed: bool = True) -> None:
+    """Relay the job's new tokens as stream events (`streamed`) and progress until the engine
+    ends it."""
     loaded = runtime.loaded
     splitter = StreamSplitter(loaded.tokenizer, loaded.think,
                               prompt_opened_thinking=prepared.prompt_opened_thinking)
-    stream = StreamRelay(runtime.control, job_id, lease)
+    stops = StopStringFilter(prepared.request.params.stop or ())
+    stream = StreamRelay(runtime.control if streamed else None, job_id, lease)
     stream.send([StreamEvent(type="start")])
     sent, since = 0, time.monotonic()
     while True:
@@ -301,20 +328,33 @@ def _follow(runtime: WorkerRuntime, job_id: str, job: EngineJob, prepared: Prepa
         count = len(job.generated)
         events = []
         if count > sent:
-            pieces = splitter.feed(job.generated[sent:count])
-            events = [StreamEvent(type=part, text=text) for part, text in pieces]
+            events = _events(splitter.feed(job.generated[sent:count]), stops, final=False)
             sent = count
             if report is not None:
                 phase = "thinking" if splitter.part == "thinking" else "answering"
                 report(Progress(phase=phase, tokens=count))
         if done and job.future.exception() is None:
-            events += [StreamEvent(type=part, text=text) for part, text in splitter.finish()]
+            events += _events(splitter.finish(), stops, final=True)
             events.append(StreamEvent(type="end",
                                       finish_reason=job.future.result().finish_reason))
         stream.send(events)
         if done:
             stream.flush(timeout_s=10.0)
             return
+
+
+def _events(pieces: list[tuple[Part, str]], stops: StopStringFilter, *,
+            final: bool) -> list[StreamEvent]:
+    """Stream events of the splitter's pieces, the answer's cut before a stop string."""
+    events = []
+    for part, text in pieces:
+        if part == "content":
+            text = stops.feed(text)
+        if text:
+            events.append(StreamEvent(type=part, text=text))
+    if final and (tail := stops.finish()):
+        events.append(StreamEvent(type="content", text=tail))
+    return events
 
 
 def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: EngineOutput,
@@ -327,13 +367,19 @@ def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: 
                             prompt_opened_thinking=prepared.prompt_opened_thinking)
     generation_s = finished_at - started_at
     completion = len(output.token_ids)
+    content = decode_part(loaded.tokenizer, split.content_ids, loaded.think)
+    finish_reason = output.finish_reason
+    if prepared.request.params.stop:
+        content, stopped = truncate_at_stop(content, prepared.request.params.stop)
+        if stopped and finish_reason in ("stop", "length"):
+            finish_reason = "stop"
     return ChatResult(
         job_id=job_id,
         model_id=loaded.manifest.repo_id,
         model_revision=loaded.manifest.commit,
         thinking=decode_part(loaded.tokenizer, split.thinking_ids, loaded.think),
-        content=decode_part(loaded.tokenizer, split.content_ids, loaded.think),
-        finish_reason=output.finish_reason,
+        content=content,
+        finish_reason=finish_reason,
         usage=Usage(prompt_tokens=len(prepared.engine_request.prompt_ids),
                     completion_tokens=completion, thinking_tokens=split.thinking_tokens,
                     cached_prompt_tokens=output.cached_prompt_tokens),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,6 +35,10 @@ class EngineRequest:
     thinking_budget: int | None = None  # thinking tokens after which the think block is closed
     close_thinking_ids: tuple[int, ...] = ()  # what closes it, as the chat template writes it
     prompt_opened_thinking: bool = False
+    # True once the generated ids hold a stop string (decoding is the caller's: the engine
+    # knows no text). Called on the engine thread after every token.
+    stop_text: Callable[[Sequence[int]], bool] | None = None
+    priority: int = 0  # higher is admitted first
 
     @property
     def token_budget(self) -> int:

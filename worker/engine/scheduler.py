@@ -41,9 +41,9 @@ class SchedulerOutput:
 
 
 def admission_key(job: EngineJob) -> tuple[float, ...]:
-    """Waiting jobs are admitted in ascending order of this key: oldest first. A job priority
-    plugs in here, e.g. `(-job.request.priority, job.submitted_at)`."""
-    return (job.submitted_at,)
+    """Waiting jobs are admitted in ascending order of this key: the highest priority first,
+    then the oldest."""
+    return (-job.request.priority, job.submitted_at)
 
 
 class Scheduler:

@@ -26,12 +26,17 @@ def stop_token(job: EngineJob, now: float) -> FinishReason | None:
     return "stop" if job.generated and job.generated[-1] in job.request.stop_ids else None
 
 
+def stop_string(job: EngineJob, now: float) -> FinishReason | None:
+    check = job.request.stop_text
+    return "stop" if check is not None and check(job.generated) else None
+
+
 def length(job: EngineJob, now: float) -> FinishReason | None:
     return "length" if len(job.generated) >= job.request.max_new_tokens else None
 
 
 INTERRUPTIONS: tuple[StopCheck, ...] = (cancelled, past_deadline)
-AFTER_TOKEN: tuple[StopCheck, ...] = (stop_token, length)
+AFTER_TOKEN: tuple[StopCheck, ...] = (stop_token, stop_string, length)
 
 
 def first_reason(checks: Sequence[StopCheck], job: EngineJob, now: float) -> FinishReason | None:
