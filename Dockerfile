@@ -23,6 +23,8 @@ FROM base AS flower
 ARG CELERY_VERSION=5.7.0
 ARG FLOWER_VERSION=2.2.0
 RUN pip install "celery[redis]==${CELERY_VERSION}" "flower==${FLOWER_VERSION}"
+# Read-only Flower: no control broadcast when it starts following events (see the file).
+COPY deploy/flower/flowerconfig.py /home/chatqueue/flowerconfig.py
 USER chatqueue
 WORKDIR /home/chatqueue
 EXPOSE 5555

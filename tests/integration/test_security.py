@@ -6,6 +6,7 @@ receiver as Flower's user.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.error import HTTPError
+from urllib.request import Request, urlopen
 
 import pytest
 import redis as redis_py
@@ -327,3 +330,71 @@ def test_no_prompt_or_generated_text_in_logs_or_events(
     for secret in (marker, *generated):
         assert secret not in log, f"{secret!r} in the {level} log"
         assert secret not in events, f"{secret!r} in the task events Flower shows"
+
+
+# ----------------------------------------------------------------------------- Flower
+
+
+def test_flower_on_its_own_login_is_a_view_that_cannot_change_the_fleet(
+    acl_redis, passwords, serving, producer, admin_app, tmp_path
+):
+    """A real Flower as compose runs it: the flower Redis user in CELERY_BROKER_URL (not argv),
+    basic auth, FLOWER_ENABLE_EVENTS off, deploy/flower/flowerconfig.py. Its dashboard and task list work; its control and
+    send-task endpoints fail, and the worker serves on; the task list carries no content."""
+    queue, worker = serving["queue"], serving["worker"]
+    (hostname,) = admin_app.control.inspect(timeout=5).ping()
+    user, password, port = "operator", uuid.uuid4().hex, free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CHATQUEUE_")}
+    env.update({
+        "CELERY_BROKER_URL":
+            f"redis://flower:{passwords['flower']}@127.0.0.1:{acl_redis.port}/0",
+        "FLOWER_BASIC_AUTH": f"{user}:{password}", "FLOWER_ENABLE_EVENTS": "false",
+        "FLOWER_PORT": str(port), "FLOWER_ADDRESS": "127.0.0.1",
+        "FLOWER_CONF": str(REPO_ROOT / "deploy" / "flower" / "flowerconfig.py"),
+    })
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "flower"], env=env,
+                              stdout=(tmp_path / "flower.log").open("w"),
+                              stderr=subprocess.STDOUT)
+    auth = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    def call(path: str, method: str = "GET") -> tuple[int, str]:
+        request = Request(f"http://127.0.0.1:{port}{path}", method=method, headers=auth,
+                          data=b"{}" if method == "POST" else None)
+        try:
+            with urlopen(request, timeout=30) as reply:
+                return reply.status, reply.read().decode()
+        except HTTPError as error:
+            return error.code, error.read().decode()
+        except OSError as error:
+            return 0, str(error)
+
+    marker = f"FLOWER-MARKER-{uuid.uuid4().hex[:8]}"
+    try:
+        wait_until(lambda: call("/healthcheck")[0] == 200, timeout=60, what="flower")
+        time.sleep(2.0)  # its event receiver subscribes
+        job = producer.submit({"messages": [{"role": "system", "content": marker},
+                                            *TINY_MESSAGES]})
+        result = producer.result(job)
+        assert call("/")[0] == 200
+        wait_until(lambda: job in call("/api/tasks")[1], timeout=30, what="the task in Flower")
+        tasks = call("/api/tasks")[1]
+        assert marker not in tasks and result.content not in tasks
+
+        # Flower's inspect calls are refused, so it knows no worker by name (404 for the worker
+        # buttons); what does publish -- revoke, send-task -- is refused by Redis.
+        for path in (f"/api/task/revoke/{job}", f"/api/worker/shutdown/{hostname}",
+                     f"/api/worker/queue/cancel-consumer/{hostname}?queue={queue}",
+                     f"/api/worker/pool/restart/{hostname}",
+                     f"/api/task/rate-limit/{hostname}?taskname=x&ratelimit=1",
+                     "/api/task/send-task/chatqueue.generate_chat"):
+            status, body = call(path, "POST")
+            assert status != 200 or "fail" in body.lower(), (path, status, body)
+        assert acl_redis.client().llen(queue) == 0  # send-task queued nothing
+        time.sleep(1.0)
+        assert worker.process.poll() is None
+        assert health(serving["url"]).returncode == 0
+        assert producer.result(producer.submit({"messages": TINY_MESSAGES})).content
+        assert flower.poll() is None
+    finally:
+        flower.terminate()
+        flower.wait(timeout=10)

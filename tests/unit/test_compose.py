@@ -339,6 +339,8 @@ def test_flower_requires_basic_auth_and_listens_on_loopback_only(config: dict[st
     )
     assert broker == f"redis://flower:{SECRETS['REDIS_FLOWER_PASSWORD']}@redis:6379/0"
     assert environment.get("FLOWER_ENABLE_EVENTS") == "false"  # that would be a broadcast
+    conf = environment.get("FLOWER_CONF", "")
+    assert f"COPY deploy/flower/flowerconfig.py {conf}" in dockerfile_stages()["flower"]
 
 
 def test_redis_acl_is_written_from_the_compose_secrets_as_digests(
