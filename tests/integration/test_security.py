@@ -339,8 +339,9 @@ def test_flower_on_its_own_login_is_a_view_that_cannot_change_the_fleet(
     acl_redis, passwords, serving, producer, admin_app, tmp_path
 ):
     """A real Flower as compose runs it: the flower Redis user in CELERY_BROKER_URL (not argv),
-    basic auth, FLOWER_ENABLE_EVENTS off, deploy/flower/flowerconfig.py. Its dashboard and task list work; its control and
-    send-task endpoints fail, and the worker serves on; the task list carries no content."""
+    basic auth, FLOWER_ENABLE_EVENTS off, deploy/flower/flowerconfig.py. Its dashboard and
+    task list work; its control and send-task endpoints fail, and the worker serves on; the
+    task list carries no content."""
     queue, worker = serving["queue"], serving["worker"]
     (hostname,) = admin_app.control.inspect(timeout=5).ping()
     user, password, port = "operator", uuid.uuid4().hex, free_port()
