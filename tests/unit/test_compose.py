@@ -374,6 +374,18 @@ def test_redis_acl_refuses_to_be_written_without_a_password() -> None:
     assert "user" not in done.stdout
 
 
+def test_every_service_drops_capabilities_and_privilege_gain(config: dict[str, Any]) -> None:
+    for name, svc in services(config).items():
+        assert svc.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+        assert 0 < int(svc.get("pids_limit", 0)) <= 4096, name
+    redis, flower = services(config)["redis"], services(config)["flower"]
+    assert set(redis.get("cap_add", [])) <= {"CHOWN", "SETUID", "SETGID"}
+    for name, svc in (("redis", redis), ("flower", flower)):
+        assert svc.get("read_only") is True, name
+        assert not svc.get("cap_add") or name == "redis"
+
+
 def test_every_published_port_is_on_loopback(config: dict[str, Any]) -> None:
     for name, svc in services(config).items():
         for port in svc.get("ports", []):
