@@ -50,6 +50,8 @@ echo "user admin on #$admin ~* &* +@all"
 
 # Producers: queue jobs, read their records, results and streams, cancel. Nothing else: no
 # reading a lease, a worker's unacked messages, another's queue internals; no control channel.
+# A new key or command the producer uses (batch records, Sentinel's ROLE, ...) needs its rule
+# here and a line in tests/integration/test_security.py, or it is refused with NOPERM.
 echo "user producer on #$producer resetkeys resetchannels -@all $session $scripts" \
   "+set +get +exists +mget +xread +subscribe +unsubscribe" \
   "%RW~chatqueue:accepted:* ~chatqueue:cancelled:* %R~chatqueue:stream:*" \
