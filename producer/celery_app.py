@@ -10,6 +10,21 @@ from producer.settings import ConnectionSettings
 
 
 def celery_config(settings: ConnectionSettings) -> dict[str, Any]:
+    config = _celery_config(settings)
+    if settings.uses_sentinel:
+        # sentinel:// URLs: kombu and Celery ask the sentinels for the primary of master_name.
+        # redis-py turns a ReadOnlyError from a demoted primary into a ConnectionError on
+        # Sentinel-managed connections; naming it here too makes the result backend retry it
+        # whatever path raised it.
+        config.setdefault("broker_transport_options", {}).update(
+            settings.sentinel_transport_options())
+        config["result_backend_transport_options"].update(
+            settings.sentinel_transport_options(),
+            additional_connection_errors=["redis.exceptions.ReadOnlyError"])
+    return config
+
+
+def _celery_config(settings: ConnectionSettings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_connection_url(),
         "result_backend": settings.backend_connection_url(),

@@ -16,6 +16,7 @@ from redis.retry import Retry
 
 from producer import core
 from producer.celery_app import create_celery
+from producer.connections import redis_client
 from producer.core import CANCEL_IF_KNOWN, parse_request, request_digest
 from producer.errors import JobFailed, JobIdConflict, JobNotFound
 from producer.schemas import ChatRequest, ChatResult, Progress, StreamEvent
@@ -74,9 +75,10 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
 class ChatQueueClient:
     def __init__(self, settings: ProducerSettings | None = None) -> None:
         self.settings = settings or ProducerSettings()
-        # Job records, streams and cancels ride out a Redis restart as Celery's calls do.
-        self._redis = redis.Redis.from_url(self.settings.broker_connection_url(),
-                                           retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10))
+        # Job records, streams and cancels ride out a Redis restart or a Sentinel failover as
+        # Celery's calls do.
+        self._redis = redis_client(self.settings,
+                                   retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10))
         self.app = create_celery(self.settings, name="chatqueue-producer", cls=_AcceptingCelery)
         self.app.accepted, self.app.accepted_ttl_s = self._redis, self.settings.result_ttl_s
         self.app.log_content = self.settings.log_content

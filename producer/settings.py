@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TASK_NAME = "chatqueue.generate_chat"
@@ -60,6 +61,22 @@ class ConnectionSettings(BaseSettings):
     redis_password: SecretStr | None = Field(
         default=None, description="Kept apart from the URLs so it is never logged with them."
     )
+    redis_sentinels: str | None = Field(
+        default=None,
+        description="Redis Sentinel: the sentinels' addresses, host:port,host:port,... When set, "
+        "every connection (Celery's broker and results, streams, cancels, job records, leases) "
+        "asks them for the current primary of redis_sentinel_master and follows a failover; "
+        "the broker URL then only gives the database number (and result_backend stays unset).",
+    )
+    redis_sentinel_master: str = Field(
+        default="chatqueue", description="The name the sentinels monitor the primary under."
+    )
+    redis_sentinel_username: str | None = Field(
+        default=None, description="The sentinels' own ACL user, if they have one."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="The sentinels' own password (their requirepass), if any."
+    )
     queue: str | None = Field(
         default=None,
         description="One queue for every job whatever its model; unset: a queue per model, "
@@ -73,15 +90,75 @@ class ConnectionSettings(BaseSettings):
     )
     stream_maxlen: int = Field(default=10_000, gt=0, description="Entries kept per job stream.")
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for address in value.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("redis_sentinels: expected host:port[,host:port...]")
+        return value
+
     def queue_for(self, model_id: str) -> str:
         return self.queue or f"{QUEUE_PREFIX}{model_id}"
 
+    @property
+    def uses_sentinel(self) -> bool:
+        return self.redis_sentinels is not None
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        addresses = []
+        for address in (self.redis_sentinels or "").split(","):
+            host, _, port = address.strip().rpartition(":")
+            addresses.append((host.strip("[]"), int(port)))
+        return addresses
+
+    def redis_db(self) -> int:
+        path = urlsplit(self.broker_url).path.strip("/")
+        return int(path) if path.isdigit() else 0
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """How to log in to the sentinels themselves (not to Redis)."""
+        kwargs: dict[str, Any] = {}
+        if self.redis_sentinel_username:
+            kwargs["username"] = self.redis_sentinel_username
+        if self.redis_sentinel_password is not None:
+            kwargs["password"] = self.redis_sentinel_password.get_secret_value()
+        return kwargs
+
+    def sentinel_transport_options(self) -> dict[str, Any]:
+        """kombu's and Celery's Sentinel options (broker and result backend alike); {} without
+        Sentinel."""
+        if not self.uses_sentinel:
+            return {}
+        return {"master_name": self.redis_sentinel_master,
+                "sentinel_kwargs": self.sentinel_kwargs()}
+
     def broker_connection_url(self) -> str:
+        if self.uses_sentinel:
+            return self._sentinel_url()
         return _with_password(self.broker_url, self.redis_username, self.redis_password)
 
     def backend_connection_url(self) -> str:
+        if self.uses_sentinel:
+            return self._sentinel_url()
         return _with_password(self.result_backend or self.broker_url, self.redis_username,
                               self.redis_password)
+
+    def _sentinel_url(self) -> str:
+        """`sentinel://[user:pass@]host:port/db;sentinel://...`: kombu's and Celery's form. The
+        credentials are Redis's (the primary's), as for redis://; the sentinels' own go in
+        sentinel_kwargs."""
+        if self.result_backend is not None:
+            raise ValueError("with redis_sentinels set, leave result_backend unset: results go "
+                             "to the primary the sentinels name")
+        db = self.redis_db()
+        return ";".join(
+            _with_password(f"sentinel://{_host(host)}:{port}/{db}", self.redis_username,
+                           self.redis_password)
+            for host, port in self.sentinel_addresses())
 
 
 class ProducerSettings(ConnectionSettings):
@@ -89,6 +166,21 @@ class ProducerSettings(ConnectionSettings):
         default=DEMO_MODEL_ID, description="Where a request that names no model goes."
     )
     wait_timeout_s: float = Field(default=600.0, gt=0, description="Default wait for a result.")
+    submit_min_replicas: int = Field(
+        default=0, ge=0,
+        description="submit() returns only once the job's message and record are on at least "
+        "this many replicas (Redis WAIT): a failover then cannot lose an accepted job. 0: "
+        "returns once the primary has it (asynchronous replication may lose the last writes).",
+    )
+    submit_replica_timeout_s: float = Field(
+        default=5.0, gt=0,
+        description="How long one submit waits for submit_min_replicas; short of them, it "
+        "publishes again and finally raises (the job is not accepted).",
+    )
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _with_password(url: str, username: str | None, password: SecretStr | None) -> str:

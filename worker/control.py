@@ -20,8 +20,16 @@ from celery.utils.functional import maybe_list
 from celery.worker.control import control_command, ok
 
 from producer.client import CANCEL_IF_KNOWN
+from producer.connections import redis_client
 from producer.schemas import JOB_ID_PATTERN, StreamEvent
-from producer.settings import CANCEL_CHANNEL, accepted_key, cancel_key, lease_key, stream_key
+from producer.settings import (
+    CANCEL_CHANNEL,
+    ConnectionSettings,
+    accepted_key,
+    cancel_key,
+    lease_key,
+    stream_key,
+)
 from worker.engine import EngineJob
 from worker.lease import Lease
 
@@ -69,8 +77,10 @@ class JobControl:
         self._cancel_if_known = client.register_script(CANCEL_IF_KNOWN)
 
     @classmethod
-    def connect(cls, url: str, *, ttl_s: int, stream_maxlen: int) -> JobControl:
-        client = redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+    def connect(cls, settings: ConnectionSettings, *, ttl_s: int,
+                stream_maxlen: int) -> JobControl:
+        """On the current primary (following a Sentinel failover); leases use this client too."""
+        client = redis_client(settings, health_check_interval=30, socket_keepalive=True)
         return cls(client, ttl_s=ttl_s, stream_maxlen=stream_maxlen).start()
 
     def start(self) -> JobControl:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from celery import states
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError, InvalidTaskError
 from celery.loaders.app import AppLoader
 from celery.worker.request import Request
@@ -83,12 +83,18 @@ class WriteOnceRedisBackend(RedisBackend):
         return text.removeprefix(prefix)
 
 
+class WriteOnceSentinelBackend(WriteOnceRedisBackend, SentinelBackend):
+    """The write-once result backend on the primary Redis Sentinel names (sentinel:// URLs)."""
+
+
 class WorkerLoader(AppLoader):
-    """Celery's default loader, with the write-once backend for redis:// and rediss:// URLs."""
+    """Celery's default loader, with the write-once backend for redis://, rediss:// and
+    sentinel:// URLs."""
 
     override_backends: ClassVar[dict[str, str]] = {
         "redis": f"{__name__}:WriteOnceRedisBackend",
         "rediss": f"{__name__}:WriteOnceRedisBackend",
+        "sentinel": f"{__name__}:WriteOnceSentinelBackend",
     }
 
 
@@ -115,7 +121,16 @@ class TolerantRedisTransport(kombu_redis.Transport):
     Channel = TolerantChannel
 
 
+class TolerantSentinelChannel(TolerantChannel, kombu_redis.SentinelChannel):
+    """The tolerant channel on the primary Redis Sentinel names."""
+
+
+class TolerantSentinelTransport(kombu_redis.SentinelTransport):
+    Channel = TolerantSentinelChannel
+
+
 TRANSPORT = f"{__name__}:TolerantRedisTransport"
+SENTINEL_TRANSPORT = f"{__name__}:TolerantSentinelTransport"
 
 
 class CheckedRequest(Request):
@@ -155,7 +170,7 @@ class CheckedRequest(Request):
 def broker_options(settings: WorkerSettings) -> dict[str, Any]:
     """The broker side of delivery: when a dead worker's job comes back, and the transport."""
     options: dict[str, Any] = {
-        "broker_transport": TRANSPORT,
+        "broker_transport": SENTINEL_TRANSPORT if settings.uses_sentinel else TRANSPORT,
         # Celery gives up on a lost broker after 100 tries (about 50 min) and exits; a worker
         # has nothing better to do than wait for Redis to come back.
         "broker_connection_max_retries": None,
@@ -167,6 +182,7 @@ def broker_options(settings: WorkerSettings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.redelivery_check_s,
             "unacked_restore_throttle": 1,
+            **settings.sentinel_transport_options(),
         },
     }
     if urlsplit(settings.broker_url).scheme == "rediss":

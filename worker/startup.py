@@ -36,7 +36,7 @@ def start_runtime(settings: WorkerSettings, worker_name: str | None = None) -> W
         torch.set_num_threads(settings.torch_threads)
     loaded = load_model(model_dir, manifest, device=device, dtype=settings.dtype,
                         trust_remote_code=settings.trust_remote_code)
-    control = JobControl.connect(settings.broker_connection_url(), ttl_s=settings.result_ttl_s,
+    control = JobControl.connect(settings, ttl_s=settings.result_ttl_s,
                                  stream_maxlen=settings.stream_maxlen)
     runtime = WorkerRuntime.start(settings, loaded, metrics, control, worker_name)
     if settings.warmup:

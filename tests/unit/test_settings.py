@@ -98,3 +98,46 @@ def test_each_side_logs_in_as_its_own_redis_user(monkeypatch):
     assert settings.broker_connection_url() == "redis://producer:p%40ss@127.0.0.1:6379/0"
     assert settings.backend_connection_url() == settings.broker_connection_url()
     assert "p@ss" not in repr(settings)
+
+
+def test_sentinel_setup_reaches_celery_kombu_and_our_clients(monkeypatch):
+    from producer.celery_app import celery_config
+    from producer.connections import redis_client
+    from worker.delivery import SENTINEL_TRANSPORT, broker_options
+
+    monkeypatch.setenv("CHATQUEUE_BROKER_URL", "redis://ignored:6379/2")
+    monkeypatch.setenv("CHATQUEUE_REDIS_SENTINELS", "10.0.0.1:26379, s2:26380,s3:26381")
+    monkeypatch.setenv("CHATQUEUE_REDIS_SENTINEL_MASTER", "cq")
+    monkeypatch.setenv("CHATQUEUE_REDIS_SENTINEL_PASSWORD", "sentinel-s3cret")
+    monkeypatch.setenv("CHATQUEUE_REDIS_USERNAME", "worker")
+    monkeypatch.setenv("CHATQUEUE_REDIS_PASSWORD", "p@ss")
+    settings = WorkerSettings(_env_file=None)
+    assert "s3cret" not in repr(settings) and "p@ss" not in repr(settings)
+    url = "sentinel://worker:p%40ss@{}/2"
+    expected = ";".join(url.format(a) for a in ("10.0.0.1:26379", "s2:26380", "s3:26381"))
+    assert settings.broker_connection_url() == settings.backend_connection_url() == expected
+    sentinel_options = {"master_name": "cq", "sentinel_kwargs": {"password": "sentinel-s3cret"}}
+    config = celery_config(settings)
+    assert config["broker_transport_options"].items() >= sentinel_options.items()
+    backend_options = config["result_backend_transport_options"]
+    assert backend_options.items() >= sentinel_options.items()
+    assert backend_options["additional_connection_errors"] == ["redis.exceptions.ReadOnlyError"]
+    options = broker_options(settings)
+    assert options["broker_transport"] == SENTINEL_TRANSPORT
+    assert options["broker_transport_options"].items() >= sentinel_options.items()
+    client = redis_client(settings)
+    pool = client.connection_pool
+    assert pool.service_name == "cq"
+    sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
+    assert [(s["host"], s["port"], s["password"]) for s in sentinels] == [
+        ("10.0.0.1", 26379, "sentinel-s3cret"), ("s2", 26380, "sentinel-s3cret"),
+        ("s3", 26381, "sentinel-s3cret")]
+    assert pool.connection_kwargs["username"] == "worker"
+    assert pool.connection_kwargs["db"] == 2
+
+
+@pytest.mark.parametrize("value", ["s1", "s1:x", ":26379"])
+def test_sentinel_addresses_are_checked(monkeypatch, value):
+    monkeypatch.setenv("CHATQUEUE_REDIS_SENTINELS", value)
+    with pytest.raises(ValidationError, match="redis_sentinels"):
+        ProducerSettings(_env_file=None)
