@@ -1,11 +1,13 @@
 """chatqueue producer: the job contract and a thin client. Imports no torch or transformers."""
 
+from producer.aio import AsyncChatQueueClient
 from producer.client import ChatQueueClient, parse_request
 from producer.errors import JobFailed, JobIdConflict, JobNotFound
 from producer.schemas import ChatMessage, ChatRequest, ChatResult, GenerationParams, JobError
 from producer.settings import ProducerSettings
 
 __all__ = [
+    "AsyncChatQueueClient",
     "ChatMessage",
     "ChatQueueClient",
     "ChatRequest",
