@@ -6,7 +6,18 @@ from typing import Any
 
 from celery import Celery
 
+from producer.schemas import MAX_PRIORITY
 from producer.settings import ConnectionSettings
+
+# kombu's Redis transport keeps one list per priority step and pops them in order, 0 first (on
+# Redis 0 is the highest priority, the reverse of RabbitMQ). One step per level of the contract,
+# so no two levels share a list. Both sides must agree: the producer pushes, the worker pops.
+PRIORITY_TRANSPORT_OPTIONS: dict[str, Any] = {"priority_steps": list(range(MAX_PRIORITY + 1))}
+
+
+def broker_priority(priority: int) -> int:
+    """The contract's priority (higher runs first) as kombu's Redis message priority."""
+    return MAX_PRIORITY - priority
 
 
 def celery_config(settings: ConnectionSettings) -> dict[str, Any]:
@@ -53,6 +64,7 @@ def _celery_config(settings: ConnectionSettings) -> dict[str, Any]:
             "max_retries": 10, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
         },
         "enable_utc": True,
+        "broker_transport_options": dict(PRIORITY_TRANSPORT_OPTIONS),
     }
 
 

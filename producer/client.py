@@ -15,11 +15,11 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from producer import core
-from producer.celery_app import create_celery
+from producer.celery_app import broker_priority, create_celery
 from producer.connections import redis_client
 from producer.core import CANCEL_IF_KNOWN, parse_request, request_digest
 from producer.errors import JobFailed, JobIdConflict, JobNotFound
-from producer.schemas import ChatRequest, ChatResult, Progress, StreamEvent
+from producer.schemas import DEFAULT_PRIORITY, ChatRequest, ChatResult, Progress, StreamEvent
 from producer.settings import (
     CANCEL_CHANNEL,
     TASK_NAME,
@@ -102,7 +102,9 @@ class ChatQueueClient:
     def publish(self, job: core.Submission) -> None:
         """Publish a planned job: its record (SET NX with the request's digest), then Celery's
         message, retried while Redis restarts. The asyncio client publishes through this too."""
-        self.app.send_task(TASK_NAME, kwargs=job.kwargs, task_id=job.job_id, queue=job.queue)
+        priority = job.kwargs["request"].get("priority", DEFAULT_PRIORITY)
+        self.app.send_task(TASK_NAME, kwargs=job.kwargs, task_id=job.job_id, queue=job.queue,
+                           priority=broker_priority(priority))
 
     def queue_for(self, request: ChatRequest) -> str:
         """Jobs go to the queue of the model they name: only workers serving it consume it."""

@@ -19,6 +19,7 @@ import redis
 from celery.utils.functional import maybe_list
 from celery.worker.control import control_command, ok
 
+from producer.batches import LINE_SEP, batch_cancel_key, batch_of_job, valid_batch_id
 from producer.client import CANCEL_IF_KNOWN
 from producer.connections import redis_client
 from producer.schemas import JOB_ID_PATTERN, StreamEvent
@@ -98,7 +99,10 @@ class JobControl:
     def track(self, job_id: str, job: EngineJob) -> None:
         with self._lock:
             self._active[job_id] = job
-        if self.redis.exists(cancel_key(job_id)):
+        keys = [cancel_key(job_id)]
+        if (batch_id := batch_of_job(job_id)) is not None:
+            keys.append(batch_cancel_key(batch_id))
+        if self.redis.exists(*keys):
             job.cancel()
 
     def untrack(self, job_id: str) -> None:
@@ -146,10 +150,13 @@ class JobControl:
                                           args=[self.ttl_s, CANCEL_CHANNEL, job_id]))
 
     def _cancel(self, job_id: str) -> None:
+        # A batch id cancels every line of the batch running here.
+        prefix = f"{job_id}{LINE_SEP}" if valid_batch_id(job_id) else None
         with self._lock:
-            job = self._active.get(job_id)
-        if job is not None:
-            log.info("job %s: cancel requested", job_id)
+            jobs = [(active_id, job) for active_id, job in self._active.items()
+                    if active_id == job_id or (prefix and active_id.startswith(prefix))]
+        for active_id, job in jobs:
+            log.info("job %s: cancel requested", active_id)
             job.cancel()
 
     # --- streaming

@@ -30,6 +30,8 @@ from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport import redis as kombu_redis
 
+from producer.batches import batch_key, batch_of_job, line_outcome, mark_finished_if_done
+from producer.celery_app import PRIORITY_TRANSPORT_OPTIONS
 from producer.schemas import JOB_ID_PATTERN
 from worker.redact import REDACTED, redact_event, show_content
 from worker.settings import WorkerSettings
@@ -59,16 +61,37 @@ class WriteOnceRedisBackend(RedisBackend):
         return stored
 
     def _set_unless_final(self, key: bytes | str, value: Any, expires: int | None) -> bool:
+        batch_id = batch_of_job(self._job_id(key))
+
         def write(pipe: Any) -> bool:
             current = pipe.get(key)
             if current is not None and self._is_final(current):
                 return False
+            # A batch line's final result counts in its batch in the same transaction: exact
+            # counts whatever crashes or redeliveries happen (and only the first result counts).
+            outcome = self._batch_outcome(value) if batch_id is not None and \
+                pipe.exists(batch_key(batch_id)) else None
             pipe.multi()
             pipe.set(key, value, ex=expires or None)
             pipe.publish(key, value)  # what result waiters subscribe to, as in RedisBackend
+            if outcome is not None and batch_id is not None:
+                pipe.hincrby(batch_key(batch_id), outcome, 1)
             return True
 
-        return bool(self.client.transaction(write, key, value_from_callable=True))
+        stored = bool(self.client.transaction(write, key, value_from_callable=True))
+        if stored and batch_id is not None:
+            mark_finished_if_done(self.client, batch_id)
+        return stored
+
+    def _batch_outcome(self, value: Any) -> str | None:
+        """completed / failed for a final state, None for STARTED or PROGRESS."""
+        try:
+            meta = self.decode(value)
+        except Exception:
+            return None
+        if meta.get("status") not in states.READY_STATES:
+            return None
+        return line_outcome(meta["status"], meta.get("result"))
 
     def _is_final(self, stored: bytes) -> bool:
         try:
@@ -182,6 +205,7 @@ def broker_options(settings: WorkerSettings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.redelivery_check_s,
             "unacked_restore_throttle": 1,
+            **PRIORITY_TRANSPORT_OPTIONS,  # higher-priority jobs are popped first
             **settings.sentinel_transport_options(),
         },
     }

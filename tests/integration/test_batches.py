@@ -1,0 +1,210 @@
+"""Batches and stop strings end to end: a Batch JSONL file -> real Redis -> real workers on the
+tiny model -> output and error JSONL; priorities; resuming a killed submission; cancel and
+expiry."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from openai.types.chat import ChatCompletion
+
+from producer import ChatQueueClient, ProducerSettings
+from producer.batches import BatchClient, batch_lines_key
+from producer.schemas import MAX_PRIORITY
+from tests.support.servers import REPO_ROOT, wait_until
+from worker.devmodels import TINY_CONTENT, TINY_MESSAGES, TINY_THINKING
+
+pytestmark = pytest.mark.integration
+
+GREEDY = {"do_sample": False}
+
+
+def line(custom_id: str, **body: object) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST",
+                       "url": "/v1/chat/completions",
+                       "body": {"messages": TINY_MESSAGES, "temperature": 0, **body}})
+
+
+def write_file(tmp_path: Path, lines: list[str], name: str = "in.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture()
+def idle_client(redis):
+    """A client whose queue no worker consumes: what it submits stays queued."""
+    with ChatQueueClient(ProducerSettings(broker_url=redis.url,
+                                          queue=f"idle-{uuid.uuid4().hex[:6]}",
+                                          wait_timeout_s=30)) as client:
+        yield client
+
+
+def queued(client: ChatQueueClient) -> int:
+    """Messages waiting in the client's queue, over all its priority lists."""
+    queue = client.settings.queue
+    keys = [queue] + [f"{queue}\x06\x16{p}" for p in range(1, MAX_PRIORITY + 1)]
+    return sum(client._redis.llen(key) for key in keys)
+
+
+# --- stop strings, on every job
+
+
+def test_stop_string_ends_the_answer_in_the_result_and_the_stream(tiny_client):
+    plain = tiny_client.result(tiny_client.submit(
+        {"messages": TINY_MESSAGES, "params": GREEDY}))
+    job_id = tiny_client.submit({"messages": TINY_MESSAGES,
+                                 "params": {**GREEDY, "stop": [" tiny", "zzz"]}})
+    streamed = {"thinking": "", "content": ""}
+    for event in tiny_client.stream(job_id):
+        if event.type in streamed:
+            streamed[event.type] += event.text
+    result = tiny_client.result(job_id)
+
+    cut = TINY_CONTENT[:TINY_CONTENT.index(" tiny")]
+    assert (result.content, result.finish_reason) == (cut, "stop")
+    assert result.thinking == TINY_THINKING  # the thinking is not searched
+    assert streamed == {"thinking": TINY_THINKING, "content": cut}
+    assert result.usage.completion_tokens < plain.usage.completion_tokens  # it stopped early
+
+
+def test_a_stop_string_in_the_thinking_only_does_not_stop(tiny_client):
+    result = tiny_client.result(tiny_client.submit(
+        {"messages": TINY_MESSAGES, "params": {**GREEDY, "stop": ["greets"]}}))
+    assert (result.thinking, result.content) == (TINY_THINKING, TINY_CONTENT)
+
+
+# --- priorities
+
+
+def test_an_interactive_job_is_taken_before_a_backlog_of_batch_lines(
+        redis, start_worker, tiny_model_dir):
+    queue = f"prio-{uuid.uuid4().hex[:6]}"
+    with ChatQueueClient(ProducerSettings(broker_url=redis.url, queue=queue,
+                                          wait_timeout_s=120)) as client:
+        backlog = [client.submit({"messages": TINY_MESSAGES, "priority": 1,
+                                  "params": {**GREEDY, "max_new_tokens": 4}})
+                   for _ in range(8)]
+        urgent = client.submit({"messages": TINY_MESSAGES,
+                                "params": {**GREEDY, "max_new_tokens": 4}})
+        # The worker starts after all of it is queued, one job at a time.
+        start_worker(tiny_model_dir, queue, concurrency="1", max_batch_size="1")
+        started = {job_id: client.result(job_id).timings.started_at
+                   for job_id in [*backlog, urgent]}
+    assert min(started, key=started.__getitem__) == urgent
+
+
+# --- batches
+
+
+def test_a_file_of_valid_and_invalid_lines_gives_one_line_each(tiny_client, tmp_path):
+    lines = [
+        line("ok-1", max_completion_tokens=64),
+        line("ok-stop", stop=" tiny"),
+        json.dumps({"custom_id": "parts", "body": {"temperature": 0, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": TINY_MESSAGES[-1]["content"]}]}
+        ]}}),
+        line("no-think", chat_template_kwargs={"enable_thinking": False}, max_tokens=32),
+        line("n2", n=2),
+        line("tools", tools=[{"type": "function", "function": {"name": "f"}}]),
+        line("too-long", max_completion_tokens=100_000),  # over the worker's cap: its 400
+        "{not json",
+        line("ok-1"),  # a custom_id used twice: the second line fails
+    ]
+    batches = BatchClient(tiny_client)
+    report = batches.submit(write_file(tmp_path, lines), window="1h",
+                            metadata={"purpose": "test"})
+    assert (report.lines, report.refused) == (9, 4)
+    batch = batches.wait(report.batch_id, timeout=120)
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 9, "completed": 4, "failed": 5}
+    assert batch["metadata"] == {"purpose": "test"}
+    assert batch["completed_at"] >= batch["in_progress_at"] >= batch["created_at"]
+
+    results = list(batches.results(report.batch_id))
+    outputs = {line["custom_id"]: line for kind, line in results if kind == "output"}
+    errors = [line for kind, line in results if kind == "error"]
+    assert set(outputs) == {"ok-1", "ok-stop", "parts", "no-think"}
+    assert sorted(str(e["custom_id"]) for e in errors) == [
+        "None", "n2", "ok-1", "too-long", "tools"]
+    for output in outputs.values():
+        completion = ChatCompletion.model_validate(output["response"]["body"])
+        assert completion.choices[0].message.content
+    first = outputs["ok-1"]["response"]["body"]
+    assert first["choices"][0]["message"]["content"] == TINY_CONTENT
+    assert first["choices"][0]["message"]["reasoning_content"] == TINY_THINKING
+    assert first["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0
+    stopped = outputs["ok-stop"]["response"]["body"]["choices"][0]
+    assert stopped["message"]["content"] == TINY_CONTENT[:TINY_CONTENT.index(" tiny")]
+    assert stopped["finish_reason"] == "stop"
+    params = {e["custom_id"]: e["response"]["body"]["error"]["param"] for e in errors}
+    assert params["n2"] == "n" and params["tools"] == "tools"
+    assert params["too-long"] == "max_completion_tokens"
+    assert all(e["response"]["status_code"] == 400 for e in errors)
+
+
+def test_a_submission_killed_halfway_and_run_again_queues_each_line_once(
+        idle_client, redis, tmp_path):
+    total = 1500
+    path = write_file(tmp_path, [line(f"r{i}", max_tokens=4) for i in range(total)])
+    env = {**os.environ, "CHATQUEUE_BROKER_URL": redis.url,
+           "CHATQUEUE_QUEUE": idle_client.settings.queue}
+    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "batch", "submit",
+                                str(path)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE)
+    batches = BatchClient(idle_client)
+    try:
+        wait_until(lambda: queued(idle_client) >= 300, timeout=60, what="part of the file")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    half = queued(idle_client)
+    assert half < total  # killed halfway
+
+    started = time.monotonic()
+    report = batches.submit(path)
+    elapsed = time.monotonic() - started
+    assert not report.created and report.lines == total
+    assert queued(idle_client) == total
+    assert idle_client._redis.hlen(batch_lines_key(report.batch_id)) == total
+    assert batches.status(report.batch_id)["request_counts"]["total"] == total
+    print(f"resubmitted {total} lines ({total - half} new) in {elapsed:.2f} s")
+
+
+def test_expiry_ends_unstarted_lines_as_batch_expired(idle_client, tmp_path):
+    batches = BatchClient(idle_client)
+    report = batches.submit(write_file(tmp_path, [line("a"), line("b"), line("c", n=3)]),
+                            window="1s")
+    time.sleep(1.2)
+    assert batches.status(report.batch_id)["status"] == "expired"
+    results = list(batches.results(report.batch_id))
+    assert [(kind, r["custom_id"]) for kind, r in results] == [
+        ("error", "a"), ("error", "b"), ("error", "c")]
+    assert [r["error"]["code"] for _, r in results[:2]] == ["batch_expired"] * 2
+
+
+def test_cancel_ends_the_batch_and_keeps_what_finished(tiny_client, tmp_path):
+    batches = BatchClient(tiny_client)
+    lines = [line(f"c{i}", max_completion_tokens=200, temperature=1.0, seed=i)
+             for i in range(24)]
+    report = batches.submit(write_file(tmp_path, lines), window="1h")
+    wait_until(lambda: batches.status(report.batch_id)["request_counts"]["completed"] >= 1,
+               timeout=60, what="a first line to finish")
+    cancelling = batches.cancel(report.batch_id)
+    assert cancelling["status"] in ("cancelling", "cancelled")
+    batch = batches.wait(report.batch_id, timeout=60)
+    assert batch["status"] == "cancelled"
+    counts = batch["request_counts"]
+    assert counts["completed"] + counts["failed"] == 24 and counts["failed"] > 0
+    results = list(batches.results(report.batch_id))
+    assert sorted(r["custom_id"] for _, r in results) == sorted(f"c{i}" for i in range(24))
+    codes = {r["error"]["code"] for kind, r in results if kind == "error"}
+    assert codes == {"batch_cancelled"}
+    assert sum(kind == "output" for kind, _ in results) == counts["completed"]
