@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -29,6 +30,16 @@ def accepted_key(job_id: str) -> str:
     forever, and holds "<state> <request digest>" (state: pending until the publish returned,
     then queued), so a job id names one request."""
     return f"chatqueue:accepted:{job_id}"
+
+
+# Live workers: a sorted set of presence_member(...) scored by when each entry lapses
+# (worker/presence.py renews it while the worker consumes its queue).
+PRESENCE_KEY = "chatqueue:workers"
+PRESENCE_TTL_S = 15.0
+
+
+def presence_member(node: str, model_id: str, queue: str) -> str:
+    return json.dumps({"node": node, "model": model_id, "queue": queue}, sort_keys=True)
 
 
 def lease_key(job_id: str) -> str:

@@ -33,6 +33,7 @@ from worker.delivery import CheckedRequest, WorkerLoader, broker_options  # noqa
 from worker.drain import JobInterrupted  # noqa: E402
 from worker.lease import Lease  # noqa: E402
 from worker.manifest import ModelNotReady  # noqa: E402
+from worker.presence import keep_present  # noqa: E402
 from worker.redact import describe_failure  # noqa: E402
 from worker.redact import install as redact_logs  # noqa: E402
 from worker.service import WorkerRuntime, run_job, task_arguments  # noqa: E402
@@ -211,6 +212,10 @@ def _load_model_once(sender: Any = None, **_: Any) -> None:
         raise SystemExit(EXIT_START_FAILED) from exc
     _runtime.metrics.watch_consuming(consuming)
     watch_engine(_runtime.engine, on_death=_engine_died)
+    if _runtime.control is not None:  # GET /v1/models and the gateway's 503 read it
+        keep_present(_runtime.control.redis, node=getattr(sender, "hostname", None) or "worker",
+                     model_id=settings.model_id, queue=settings.serving_queue,
+                     consuming=consuming)
 
 
 def _engine_died() -> None:
