@@ -36,6 +36,14 @@ admin="$(secret REDIS_ADMIN_PASSWORD)"
 producer="$(secret REDIS_PRODUCER_PASSWORD)"
 worker="$(secret REDIS_WORKER_PASSWORD)"
 flower="$(secret REDIS_FLOWER_PASSWORD)"
+# High availability (compose's sentinel profile): written only when their passwords are given.
+replica=""; sentinel=""
+if [ -n "${REDIS_REPLICA_PASSWORD:-}${REDIS_REPLICA_PASSWORD_FILE:-}" ]; then
+  replica="$(secret REDIS_REPLICA_PASSWORD)"
+fi
+if [ -n "${REDIS_SENTINEL_PASSWORD:-}${REDIS_SENTINEL_PASSWORD_FILE:-}" ]; then
+  sentinel="$(secret REDIS_SENTINEL_PASSWORD)"
+fi
 
 # What every role's client does on connecting (redis-py: HELLO; PING health checks).
 session="+ping +hello +client|setname +client|id +select"
@@ -81,3 +89,17 @@ echo "user flower on #$flower resetkeys resetchannels -@all $session $scripts" \
   "+multi +exec +zadd +zrem +zrangebyscore +time" \
   "~_kombu.binding.celeryev ~_kombu.binding_permanent.celeryev ~_kombu.binding_deadlines" \
   "~celeryev.* %R~chatqueue.* &/$db.celeryev/*"
+
+# A replica's login to its primary (masteruser / masterauth): the replication stream only.
+if [ -n "$replica" ]; then
+  echo "user replica on #$replica resetkeys resetchannels -@all +psync +replconf +ping"
+fi
+
+# Redis Sentinel's login (sentinel auth-user): watch the nodes, announce itself on
+# __sentinel__:hello, and in a failover turn a replica into the primary and the others into its
+# replicas (Redis's documented minimum for a Sentinel user).
+if [ -n "$sentinel" ]; then
+  echo "user sentinel on #$sentinel resetkeys resetchannels -@all &__sentinel__:hello" \
+    "+multi +exec +slaveof +ping +subscribe +publish +info +role +config|rewrite" \
+    "+client|setname +client|kill +script|kill"
+fi

@@ -7,4 +7,11 @@ mkdir -p "$acl_dir"
 umask 077
 sh "$(dirname "$0")/acl.sh" > "$acl_dir/users.acl"
 chown -R redis:redis "$acl_dir" 2>/dev/null || true
+# With a replication password (compose's sentinel profile) every node can replicate: a primary
+# that a failover demoted follows the new one with this login (acl.sh's "replica" user).
+if [ -n "${REDIS_REPLICA_PASSWORD:-}" ]; then
+  printf 'masteruser replica\nmasterauth "%s"\n' "$REDIS_REPLICA_PASSWORD" > "$acl_dir/replication.conf"
+  chown redis:redis "$acl_dir/replication.conf" 2>/dev/null || true
+  set -- "$@" --include "$acl_dir/replication.conf"
+fi
 exec docker-entrypoint.sh "$@" --aclfile "$acl_dir/users.acl"

@@ -34,6 +34,9 @@ SECRETS = {
     "REDIS_PRODUCER_PASSWORD": "test-redis-producer-password",
     "REDIS_WORKER_PASSWORD": "test-redis-worker-password",
     "REDIS_FLOWER_PASSWORD": "test-redis-flower-password",
+    "REDIS_REPLICA_PASSWORD": "test-redis-replica-password",
+    "REDIS_SENTINEL_PASSWORD": "test-redis-sentinel-password",
+    "SENTINEL_PASSWORD": "test-sentinel-password",
     "FLOWER_USER": "test-flower-user",
     "FLOWER_PASSWORD": "test-flower-password",
 }
@@ -115,7 +118,8 @@ def secrets_env(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def config(compose: Path, secrets_env: Path) -> dict[str, Any]:
     """The resolved model with every profile on, so the second GPU worker is checked too."""
-    done = run_compose(compose, secrets_env, "--profile", "multi-gpu", "config", "--format", "json")
+    done = run_compose(compose, secrets_env, "--profile", "multi-gpu", "--profile", "sentinel",
+                       "config", "--format", "json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -354,9 +358,10 @@ def test_redis_acl_is_written_from_the_compose_secrets_as_digests(
                           capture_output=True, text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
     users = {line.split()[1]: line for line in done.stdout.splitlines()}
-    assert set(users) == {"default", "admin", "producer", "worker", "flower"}
+    assert set(users) == {"default", "admin", "producer", "worker", "flower", "replica",
+                          "sentinel"}
     assert " off " in users["default"]
-    for role in ("admin", "producer", "worker", "flower"):
+    for role in ("admin", "producer", "worker", "flower", "replica", "sentinel"):
         password = SECRETS[f"REDIS_{role.upper()}_PASSWORD"]
         assert f"#{hashlib.sha256(password.encode()).hexdigest()}" in users[role]
         assert password not in done.stdout
@@ -440,3 +445,33 @@ def test_env_example_documents_every_variable() -> None:
     # Secrets ship empty: a copied example must not carry a password anyone can read here.
     for name in SECRETS:
         assert documented[name] == f"{name}=", documented[name]
+
+
+def test_sentinel_profile_runs_a_replica_and_three_sentinels_on_the_acl(
+    config: dict[str, Any],
+) -> None:
+    """Profile sentinel: a replica of redis on the same entrypoint (ACL, replication login) and
+    three sentinels from deploy/redis/sentinel.sh; workers get the sentinels' password. The
+    scripts themselves run for real in tests/integration/test_sentinel.py."""
+    svc = services(config)
+    replica = svc["redis-replica"]
+    assert replica["profiles"] == ["sentinel"]
+    assert replica["entrypoint"] == svc["redis"]["entrypoint"]
+    command = replica["command"]
+    assert command[command.index("--replicaof") + 1:][:2] == ["redis", "6379"]
+    assert {v.get("source") for v in replica["volumes"]} != {v.get("source")
+                                                            for v in svc["redis"]["volumes"]}
+    for name in ("REDIS_REPLICA_PASSWORD", "REDIS_SENTINEL_PASSWORD"):
+        assert svc["redis"]["environment"][name] == SECRETS[name]
+        assert replica["environment"][name] == SECRETS[name]
+    sentinels = [svc[f"sentinel-{n}"] for n in (1, 2, 3)]
+    for sentinel in sentinels:
+        assert sentinel["profiles"] == ["sentinel"]
+        assert sentinel["entrypoint"][-1] == "/chatqueue-redis/sentinel.sh"
+        assert sentinel["environment"]["SENTINEL_PASSWORD"] == SECRETS["SENTINEL_PASSWORD"]
+        assert not sentinel.get("ports")
+    for worker in workers(config).values():
+        environment = worker["environment"]
+        assert environment["CHATQUEUE_REDIS_SENTINEL_PASSWORD"] == SECRETS["SENTINEL_PASSWORD"]
+        assert environment["CHATQUEUE_REDIS_SENTINELS"] == ""  # plain Redis unless .env says
+    assert (ROOT / "deploy" / "redis" / "sentinel.sh").is_file()
