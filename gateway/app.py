@@ -1,0 +1,419 @@
+"""The ASGI app: OpenAI's chat completions and models endpoints over AsyncChatQueueClient,
+with API keys, a body size limit, load shedding, health and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import redis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.openai_api import (
+    ChatCompletionRequest,
+    ChunkWriter,
+    completion,
+    error_body,
+    job_error_body,
+    job_error_status,
+    to_job,
+)
+from gateway.settings import GatewaySettings, key_matches
+from producer.aio import AsyncChatQueueClient
+from producer.errors import JobFailed, JobNotFound
+from producer.schemas import ChatResult, StreamEvent
+from producer.settings import PRESENCE_KEY, ProducerSettings
+
+log = logging.getLogger(__name__)
+
+# kombu's Redis transport keeps a queue's prioritised messages in lists beside it.
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+_ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type_: str, code: str | None = None,
+                 param: str | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type_=type_, code=code, param=param, **extra)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("chatqueue_gateway_requests_total", "HTTP requests answered",
+                                ["route", "status"], registry=self.registry)
+        self.latency = Histogram("chatqueue_gateway_request_seconds",
+                                 "Request start -> response end (a stream: its last byte)",
+                                 ["route"], registry=self.registry,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30,
+                                          60, 120, 300))
+        self.in_flight = Gauge("chatqueue_gateway_in_flight", "Requests being answered",
+                               ["route"], registry=self.registry)
+        self.first_token = Histogram("chatqueue_gateway_first_token_seconds",
+                                     "Request start -> first generated text sent (streams)",
+                                     registry=self.registry,
+                                     buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+        self.cancelled = Counter("chatqueue_gateway_disconnect_cancels_total",
+                                 "Jobs cancelled because their client went away",
+                                 registry=self.registry)
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, producer: ProducerSettings,
+                 key_digests: tuple[bytes, ...]) -> None:
+        self.settings, self.producer_settings = settings, producer
+        self.digests = key_digests
+        self.metrics = Metrics()
+        self._client: AsyncChatQueueClient | None = None
+        self._models: tuple[float, dict[str, set[str]]] = (float("-inf"), {})
+
+    @property
+    def client(self) -> AsyncChatQueueClient:
+        assert self._client is not None, "the gateway is not started"
+        return self._client
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        self._client = AsyncChatQueueClient(self.producer_settings)
+        try:
+            yield
+        finally:
+            await self._client.aclose()
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        if not self.digests:
+            return  # no key configured: the CLI binds loopback only
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token or not key_matches(token.strip(),
+                                                                     self.digests):
+            raise ApiError(401, "Incorrect or missing API key (Authorization: Bearer <key>)",
+                           type_="invalid_request_error", code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> Any:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit, int(declared))
+        body = bytearray()
+        async for part in request.stream():  # chunked bodies are counted as they come
+            body += part
+            if len(body) > limit:
+                raise _too_large(limit, len(body))
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not valid JSON: {exc}",
+                           type_="invalid_request_error", code="invalid_json") from None
+
+    async def live_models(self) -> dict[str, set[str]]:
+        """Model id -> the queues its live workers consume (worker/presence.py)."""
+        read_at, models = self._models
+        now = time.monotonic()
+        if now - read_at <= self.settings.models_cache_s:
+            return models
+        members = await self.client.redis.zrangebyscore(PRESENCE_KEY, time.time(), "+inf")
+        models = {}
+        for member in members:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                entry = json.loads(member)  # type: ignore[arg-type]  # members are bytes
+                models.setdefault(str(entry["model"]), set()).add(str(entry["queue"]))
+        self._models = (now, models)
+        return models
+
+    async def queue_length(self, queue: str) -> int:
+        pipe = self.client.redis.pipeline(transaction=False)
+        for suffix in _PRIORITY_SUFFIXES:
+            pipe.llen(queue + suffix)
+        return sum(int(n) for n in await pipe.execute())
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        try:
+            await self.client.redis.ping()
+        except redis.RedisError:
+            return JSONResponse({"status": "redis unreachable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        self.authorize(request)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self, request: Request) -> Response:
+        self.authorize(request)
+        live = await self.live_models()
+        return JSONResponse({"object": "list", "data": [
+            {"id": model, "object": "model", "created": 0, "owned_by": "chatqueue"}
+            for model in sorted(live)]})
+
+    async def chat_completions(self, request: Request) -> Response | JobStream:
+        started = time.perf_counter()
+        self.authorize(request)
+        body = await self.read_json(request)
+        try:
+            openai, job = to_job(body)
+        except JobFailed as failed:
+            return JSONResponse(job_error_body(failed.error), status_code=400)
+        model = job.model or self.producer_settings.default_model
+        queue = self.client.queue_for(job)
+        if queue not in (await self.live_models()).get(model, set()):
+            raise ApiError(503, f"no live worker serves model {model!r}",
+                           type_="service_unavailable", code="model_not_available",
+                           param="model")
+        waiting = await self.queue_length(queue)
+        if waiting > self.settings.max_queue_length:
+            raise ApiError(429, f"model {model!r} has {waiting} jobs waiting, over this "
+                           f"gateway's bound of {self.settings.max_queue_length}: retry later",
+                           type_="rate_limit_error", code="queue_full",
+                           limit=self.settings.max_queue_length, value=waiting)
+        job_id = await self.client.submit(job)
+        if openai.stream:
+            return JobStream(self, job_id, openai, started)
+        return await self._complete(request, job_id, openai)
+
+    async def _complete(self, request: Request, job_id: str,
+                        openai: ChatCompletionRequest) -> Response:
+        result_task = asyncio.ensure_future(
+            self.client.result(job_id, timeout=self.settings.request_timeout_s))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait({result_task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not result_task.done():
+                await self._cancel_for_disconnect(job_id)
+                return Response(status_code=499)  # nobody reads it
+            try:
+                result = result_task.result()
+            except JobFailed as failed:
+                return JSONResponse(job_error_body(failed.error),
+                                    status_code=job_error_status(failed.error))
+            except TimeoutError:
+                await _cancel_quietly(self.client, job_id)
+                raise ApiError(504, f"job {job_id} did not finish within "
+                               f"{self.settings.request_timeout_s} s; it was cancelled",
+                               type_="timeout_error", code="timeout") from None
+            return JSONResponse(completion(result, openai.model),
+                                headers={"x-chatqueue-job-id": job_id})
+        finally:
+            for task in (result_task, gone):
+                task.cancel()
+
+    async def _cancel_for_disconnect(self, job_id: str) -> None:
+        self.metrics.cancelled.inc()
+        await _cancel_quietly(self.client, job_id)
+
+
+class JobStream:
+    """Server-sent events of one job in OpenAI's chunk format. The status is decided at the
+    job's first event, so a request the worker refuses still gets its 400; a client that goes
+    away cancels the job."""
+
+    def __init__(self, gateway: Gateway, job_id: str, openai: ChatCompletionRequest,
+                 started: float) -> None:
+        self.gateway, self.job_id, self.openai, self.started = gateway, job_id, openai, started
+        self.finished = False
+        self.include_usage = bool(openai.stream_options and openai.stream_options.include_usage)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if pump.done():
+            gone.cancel()
+            pump.result()
+            return
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+        if not self.finished:
+            await self.gateway._cancel_for_disconnect(self.job_id)
+
+    async def _pump(self, send: Send) -> None:
+        client, timeout = self.gateway.client, self.gateway.settings.request_timeout_s
+        events = client.stream(self.job_id, timeout=timeout)
+        result_task = asyncio.ensure_future(client.result(self.job_id, timeout=timeout))
+        next_event: asyncio.Future[StreamEvent] = asyncio.ensure_future(anext(events))
+        writer, wrote_text, first_token = ChunkWriter(self.job_id, self.openai.model), False, False
+        try:
+            while True:
+                await asyncio.wait({next_event} | ({result_task} - _done(result_task)),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not next_event.done():
+                    failure = result_task.exception()
+                    if failure is None:
+                        continue  # finished: its end event is on its way
+                    self.finished = True
+                    await self._fail(send, writer, failure)
+                    return
+                try:
+                    event = next_event.result()
+                except StopAsyncIteration:
+                    break
+                except (TimeoutError, JobNotFound) as exc:
+                    self.finished = True
+                    await self._fail(send, writer, exc)
+                    return
+                if not writer.started:
+                    await _start(send, 200, "text/event-stream",
+                                 {"x-chatqueue-job-id": self.job_id})
+                    await _send_event(send, writer.first())
+                if event.type == "start" and wrote_text:
+                    # The job runs again from its start (its worker died): what was sent is void.
+                    self.finished = True
+                    await self._fail(send, writer, RuntimeError(
+                        "the job restarted after a worker failure; its output so far is void"))
+                    return
+                chunk = writer.event(event)
+                if chunk is not None:
+                    if event.type in ("thinking", "content"):
+                        wrote_text = True
+                        if not first_token:
+                            first_token = True
+                            self.gateway.metrics.first_token.observe(
+                                time.perf_counter() - self.started)
+                    await _send_event(send, chunk)
+                if event.type == "end":
+                    self.finished = True
+                    break
+                next_event = asyncio.ensure_future(anext(events))
+            if self.include_usage:
+                result: ChatResult = await result_task
+                await _send_event(send, writer.usage(result))
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
+                        "more_body": False})
+        finally:
+            next_event.cancel()
+            result_task.cancel()
+            with contextlib.suppress(Exception):
+                await events.aclose()  # type: ignore[attr-defined]
+
+    async def _fail(self, send: Send, writer: ChunkWriter, failure: BaseException) -> None:
+        if isinstance(failure, JobFailed):
+            status, body = job_error_status(failure.error), job_error_body(failure.error)
+        elif isinstance(failure, TimeoutError):
+            await _cancel_quietly(self.gateway.client, self.job_id)
+            status, body = 504, error_body(str(failure), type_="timeout_error", code="timeout")
+        else:
+            status, body = 500, error_body(str(failure), type_="server_error",
+                                           code="internal_error")
+        if not writer.started:
+            payload = json.dumps(body).encode()
+            await _start(send, status, "application/json", {"x-chatqueue-job-id": self.job_id})
+            await send({"type": "http.response.body", "body": payload, "more_body": False})
+            return
+        await _send_event(send, body)  # OpenAI's clients raise on an error event
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
+                    "more_body": False})
+
+
+def _done(task: asyncio.Future[Any]) -> set[asyncio.Future[Any]]:
+    return {task} if task.done() else set()
+
+
+async def _start(send: Send, status: int, media_type: str, headers: dict[str, str]) -> None:
+    raw = [(b"content-type", media_type.encode()), (b"cache-control", b"no-cache")]
+    raw += [(name.encode(), value.encode()) for name, value in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+
+
+async def _send_event(send: Send, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(),
+                "more_body": True})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _cancel_quietly(client: AsyncChatQueueClient, job_id: str) -> None:
+    try:
+        await client.cancel(job_id)
+    except (JobNotFound, redis.RedisError) as exc:
+        log.warning("cancel of job %s failed: %s", job_id, exc)
+
+
+def _too_large(limit: int, size: int) -> ApiError:
+    return ApiError(413, f"request body: {size} bytes exceeds this gateway's limit of {limit}",
+                    type_="invalid_request_error", code="request_too_large", param=None,
+                    limit=limit, value=size)
+
+
+class _Observe:
+    """ASGI middleware: request counts, latencies and in-flight requests per route."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
+                 metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in _ROUTES else "other"
+        status = [500]
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        in_flight = self.metrics.in_flight.labels(route)
+        in_flight.inc()
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            in_flight.dec()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+
+def create_app(settings: GatewaySettings, producer: ProducerSettings | None = None,
+               key_digests: tuple[bytes, ...] | None = None) -> Any:
+    gateway = Gateway(settings, producer or ProducerSettings(),
+                      settings.key_digests() if key_digests is None else key_digests)
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return exc.response()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}",
+                                       type_=type_, code=str(exc.status_code)),
+                            status_code=exc.status_code)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+            Route("/v1/models", gateway.models, methods=["GET"]),
+            Route("/healthz", gateway.healthz, methods=["GET"]),
+            Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
+        ],
+        exception_handlers={ApiError: api_error, HTTPException: http_error},
+        lifespan=gateway.lifespan,
+    )
+    app.state.gateway = gateway
+    return _Observe(app, gateway.metrics)

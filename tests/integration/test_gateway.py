@@ -1,0 +1,187 @@
+"""The OpenAI-compatible gateway, driven by the official `openai` package (sync and async
+clients) against a real uvicorn process, a real Redis and a real worker on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from producer import ChatQueueClient, ProducerSettings
+from tests.support.servers import REPO_ROOT, free_port, wait_until
+from worker.devmodels import TINY_CONTENT, TINY_MESSAGES, TINY_MODEL_ID, TINY_THINKING
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-test-gateway-key"
+
+
+@dataclass
+class GatewayProcess:
+    url: str
+    process: subprocess.Popen[str]
+
+
+@pytest.fixture(scope="module")
+def gateway(redis, tiny_queue, tmp_path_factory) -> Iterator[GatewayProcess]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATQUEUE_")}
+    env.update({
+        "CHATQUEUE_BROKER_URL": redis.url,
+        "CHATQUEUE_QUEUE": tiny_queue,
+        "CHATQUEUE_DEFAULT_MODEL": TINY_MODEL_ID,
+        "CHATQUEUE_GATEWAY_API_KEYS": f"another-key,{KEY}",
+        "CHATQUEUE_GATEWAY_PORT": str(port),
+        "CHATQUEUE_GATEWAY_MAX_BODY_BYTES": "65536",
+        "CHATQUEUE_GATEWAY_MODELS_CACHE_S": "0",
+        "PYTHONUNBUFFERED": "1",
+    })
+    log = (tmp_path_factory.mktemp("gateway") / "gateway.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "gateway.cli"], cwd=REPO_ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert process.poll() is None, f"gateway exited with {process.returncode}"
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, timeout=60, what="the gateway to answer /healthz", interval=0.1)
+    # The worker announces itself within a few seconds of being ready.
+    wait_until(lambda: TINY_MODEL_ID in httpx.get(
+        f"{url}/v1/models", headers={"authorization": f"Bearer {KEY}"}).text,
+        timeout=30, what="the tiny model to be listed")
+    yield GatewayProcess(url=url, process=process)
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture()
+def sync_openai(gateway) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture()
+def producer(redis, tiny_queue) -> Iterator[ChatQueueClient]:
+    with ChatQueueClient(ProducerSettings(broker_url=redis.url, queue=tiny_queue,
+                                          wait_timeout_s=120)) as client:
+        yield client
+
+
+def test_models_lists_the_live_worker_model(sync_openai):
+    assert TINY_MODEL_ID in [model.id for model in sync_openai.models.list()]
+
+
+def test_completion(sync_openai):
+    reply = sync_openai.chat.completions.create(model=TINY_MODEL_ID, messages=TINY_MESSAGES,
+                                                temperature=0)
+
+    choice = reply.choices[0]
+    assert choice.message.content == TINY_CONTENT
+    assert choice.message.reasoning_content == TINY_THINKING  # type: ignore[attr-defined]
+    assert choice.finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.usage.completion_tokens_details.reasoning_tokens > 0
+    assert reply.model == TINY_MODEL_ID and reply.id.startswith("chatcmpl-")
+
+
+def test_stream_deltas_concatenate_to_the_result(gateway, producer):
+    async def run() -> tuple[str, str, str | None, object, str]:
+        async with openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=KEY,
+                                      max_retries=0) as client:
+            stream = await client.chat.completions.create(
+                model=TINY_MODEL_ID, messages=TINY_MESSAGES, temperature=0, stream=True,
+                stream_options={"include_usage": True})
+            thinking, content, finish, usage, job = "", "", None, None, ""
+            async for chunk in stream:
+                job = chunk.id.removeprefix("chatcmpl-")
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    thinking += getattr(delta, "reasoning_content", None) or ""
+                    assert getattr(delta, "reasoning", None) == getattr(
+                        delta, "reasoning_content", None)
+                    content += delta.content or ""
+                    finish = choice.finish_reason or finish
+            return thinking, content, finish, usage, job
+
+    thinking, content, finish, usage, job_id = asyncio.run(run())
+
+    result = producer.result(job_id)
+    assert (thinking, content) == (result.thinking, result.content) == (TINY_THINKING,
+                                                                        TINY_CONTENT)
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens == result.usage.completion_tokens
+
+
+def test_a_client_that_disconnects_cancels_its_job(sync_openai, producer):
+    stream = sync_openai.chat.completions.create(
+        model=TINY_MODEL_ID, messages=TINY_MESSAGES, stream=True, max_tokens=256,
+        extra_body={"ignore_eos": True})
+    for chunk in stream:
+        job_id = chunk.id.removeprefix("chatcmpl-")
+        if chunk.choices and (chunk.choices[0].delta.content
+                              or getattr(chunk.choices[0].delta, "reasoning_content", None)):
+            break  # generating: now go away
+    stream.close()
+
+    result = producer.result(job_id)
+    assert result.finish_reason == "cancelled"
+    assert result.usage.completion_tokens < 256
+
+
+def test_bad_request_names_the_field_the_limit_and_the_value(sync_openai):
+    with pytest.raises(openai.BadRequestError) as refused:
+        sync_openai.chat.completions.create(model=TINY_MODEL_ID, messages=TINY_MESSAGES,
+                                            max_tokens=0)
+
+    error = refused.value.response.json()["error"]
+    assert (error["param"], error["limit"], error["value"]) == ("max_tokens", 1, "0")
+    assert "max_tokens" in error["message"]
+
+
+def test_a_request_over_the_worker_limit_is_a_400_in_a_stream_too(sync_openai):
+    with pytest.raises(openai.BadRequestError) as refused:
+        sync_openai.chat.completions.create(model=TINY_MODEL_ID, messages=TINY_MESSAGES,
+                                            max_tokens=100_000, stream=True)
+    assert refused.value.response.json()["error"]["code"] == "limit_exceeded"
+
+
+def test_wrong_key_is_refused(gateway):
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong",
+                       max_retries=0) as client, pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=TINY_MODEL_ID, messages=TINY_MESSAGES)
+    assert httpx.get(f"{gateway.url}/metrics").status_code == 401
+
+
+def test_unknown_model_is_503_unknown_route_404_big_body_413(gateway, sync_openai):
+    with pytest.raises(openai.InternalServerError) as unavailable:
+        sync_openai.chat.completions.create(model="nobody/serves-this", messages=TINY_MESSAGES)
+    assert unavailable.value.status_code == 503
+    assert unavailable.value.response.json()["error"]["code"] == "model_not_available"
+
+    auth = {"authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{gateway.url}/v1/nothing", headers=auth).status_code == 404
+    big = httpx.post(f"{gateway.url}/v1/chat/completions", headers=auth,
+                     content=b"x" * 100_000)
+    assert big.status_code == 413 and big.json()["error"]["limit"] == 65536
+
+
+def test_metrics_count_requests(gateway, sync_openai):
+    sync_openai.models.list()
+    text = httpx.get(f"{gateway.url}/metrics",
+                     headers={"authorization": f"Bearer {KEY}"}).text
+    assert 'chatqueue_gateway_requests_total{route="/v1/models",status="200"}' in text
+    assert "chatqueue_gateway_in_flight" in text
