@@ -1,0 +1,71 @@
+"""The gateway's pure parts: OpenAI requests to jobs, errors naming the OpenAI field, API keys."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from gateway.cli import main
+from gateway.openai_api import to_job
+from gateway.settings import GatewaySettings, key_matches
+from producer.errors import JobFailed
+
+MESSAGES = [{"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                         {"type": "text", "text": "there"}]}]
+
+
+def test_an_openai_request_becomes_a_job():
+    openai, job = to_job({"model": "org/m", "messages": MESSAGES, "max_tokens": 12,
+                          "temperature": 0, "seed": 3, "stream": True,
+                          "chat_template_kwargs": {"enable_thinking": False}})
+
+    assert openai.stream and job.model == "org/m"
+    assert [(m.role, m.content) for m in job.messages] == [("system", "Be brief."),
+                                                           ("user", "Hi there")]
+    params = job.params
+    assert (params.max_new_tokens, params.do_sample, params.temperature, params.seed,
+            params.enable_thinking) == (12, False, None, 3, False)
+
+
+@pytest.mark.parametrize(("extra", "field", "limit", "value"), [
+    pytest.param({"max_tokens": 0}, "max_tokens", 1, "0", id="max-tokens"),
+    pytest.param({"max_completion_tokens": 0}, "max_completion_tokens", 1, "0",
+                 id="max-completion-tokens"),
+    pytest.param({"temperature": 11.0}, "temperature", 10.0, "11.0", id="temperature"),
+    pytest.param({"n": 2}, "n", 1, "2", id="n"),
+    pytest.param({"frobnicate": 1}, "frobnicate", None, "1", id="unknown-field"),
+    pytest.param({"model": "../etc"}, "model", None, "'../etc'", id="model"),
+])
+def test_a_bad_request_names_the_openai_field(extra, field, limit, value):
+    with pytest.raises(JobFailed) as refused:
+        to_job({"model": "org/m", "messages": MESSAGES, **extra})
+    error = refused.value.error
+    assert (error.field, error.value) == (field, value)
+    if limit is not None:
+        assert error.limit == limit
+    assert error.message.startswith(field)
+
+
+def test_keys_are_kept_as_digests_and_matched(tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# ops\nsha256:{hashlib.sha256(b'from-file').hexdigest()}\n")
+    settings = GatewaySettings(api_keys="alpha, beta", api_keys_file=keys_file)
+    digests = settings.key_digests()
+
+    assert len(digests) == 3 and all(len(d) == 32 for d in digests)
+    assert all(key_matches(k, digests) for k in ("alpha", "beta", "from-file"))
+    assert not key_matches("gamma", digests) and not key_matches("", digests)
+    assert "alpha" not in repr(settings)
+
+
+def test_without_a_key_only_loopback_is_served(monkeypatch, capsys):
+    for name in ("CHATQUEUE_GATEWAY_API_KEYS", "CHATQUEUE_GATEWAY_API_KEYS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir("/")  # no .env
+
+    assert main(["--host", "0.0.0.0"]) == 2
+    assert "no API key" in capsys.readouterr().err
+    assert not GatewaySettings(host="::1").listens_beyond_loopback()
+    assert GatewaySettings(host="10.0.0.5").listens_beyond_loopback()
