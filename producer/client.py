@@ -11,6 +11,7 @@ import redis
 from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
+from kombu.exceptions import BatchPublishError, OperationalError
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -18,7 +19,7 @@ from producer import core
 from producer.celery_app import broker_priority, create_celery
 from producer.connections import redis_client
 from producer.core import CANCEL_IF_KNOWN, parse_request, request_digest
-from producer.errors import JobFailed, JobIdConflict, JobNotFound
+from producer.errors import JobFailed, JobIdConflict, JobNotFound, NotReplicated
 from producer.schemas import DEFAULT_PRIORITY, ChatRequest, ChatResult, Progress, StreamEvent
 from producer.settings import (
     CANCEL_CHANNEL,
@@ -45,6 +46,8 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
     accepted: redis.Redis | None = None
     accepted_ttl_s: int = 86_400
     log_content: bool = False
+    min_replicas: int = 0  # submit_min_replicas: see _publish_replicated
+    replica_timeout_s: float = 5.0
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None,
                   **options: Any) -> AsyncResult:
@@ -67,9 +70,49 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
                 # Queued, running or finished: the job is there; nothing to publish.
                 return self.AsyncResult(job_id)
             break
+        if self.min_replicas > 0:
+            return self._publish_replicated(name, args, kwargs, options, key, digest)
         published = super().send_task(name, args, kwargs, **options)
         self.accepted.set(key, f"queued {digest}", xx=True, keepttl=True)
         return published
+
+    def _publish_replicated(self, name: str, args: Any, kwargs: Any, options: dict[str, Any],
+                            key: str, digest: str) -> AsyncResult:
+        """Publish, then return only once the job's message and record are on min_replicas
+        replicas: asynchronous replication loses what a primary acknowledged but had not yet
+        sent when it died, and a Sentinel failover then promotes a replica without the job.
+
+        Redis's WAIT counts the writes of the connection it runs on, and kombu publishes on a
+        pooled connection of its own: so the publish goes into kombu's publish batch (one
+        pipeline, one connection) and the record's update and the WAIT join that pipeline --
+        LPUSH, SET, WAIT on one connection. A pipeline that fails (the primary died) or a WAIT
+        short of replicas publishes again (a job queued twice still runs once); past about 15 s
+        (or three WAITs) it raises NotReplicated: not accepted, like any submit that raises.
+        """
+        deadline = time.monotonic() + max(15.0, 3 * self.replica_timeout_s)
+        given = options.pop("producer", None)
+        while True:
+            try:
+                with self.producer_or_acquire(given) as producer, producer.batch() as batch:
+                    published = super().send_task(name, args, kwargs, producer=producer,
+                                                  **options)
+                    session = batch.state.session
+                    if session is None:
+                        raise RuntimeError("kombu did not batch the publish: cannot WAIT on "
+                                           "its connection (submit_min_replicas)")
+                    session.pipeline.set(key, f"queued {digest}", xx=True, keepttl=True)
+                    session.pipeline.execute_command(
+                        "WAIT", self.min_replicas, int(self.replica_timeout_s * 1000))
+                    replicas = int(session.pipeline.execute()[-1])
+                if replicas >= self.min_replicas:
+                    return published
+                reason = f"on {replicas} of {self.min_replicas} replicas"
+            except (redis.ConnectionError, redis.TimeoutError, BatchPublishError,
+                    OperationalError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise NotReplicated(options["task_id"], reason)
+            time.sleep(0.25)
 
 
 class ChatQueueClient:
@@ -82,6 +125,8 @@ class ChatQueueClient:
         self.app = create_celery(self.settings, name="chatqueue-producer", cls=_AcceptingCelery)
         self.app.accepted, self.app.accepted_ttl_s = self._redis, self.settings.result_ttl_s
         self.app.log_content = self.settings.log_content
+        self.app.min_replicas = self.settings.submit_min_replicas
+        self.app.replica_timeout_s = self.settings.submit_replica_timeout_s
         # One step, so a cancel never marks an id that has no job record.
         self._cancel_script = self._redis.register_script(CANCEL_IF_KNOWN)
 

@@ -41,3 +41,13 @@ class JobIdConflict(ValueError):
             "finished within result_ttl_s): the first request stands and nothing was queued; "
             "submit this one under a new job_id"
         )
+
+
+class NotReplicated(ConnectionError):
+    """submit() with submit_min_replicas: the job did not reach that many replicas in time
+    (replicas down, or a failover under way). It is not accepted; submitting the same request
+    again under the same job id is safe."""
+
+    def __init__(self, job_id: str, reason: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id}: not confirmed on the replicas asked for ({reason})")

@@ -61,7 +61,7 @@ echo "user admin on #$admin ~* &* +@all"
 # A new key or command the producer uses (batch records, Sentinel's ROLE, ...) needs its rule
 # here and a line in tests/integration/test_security.py, or it is refused with NOPERM.
 echo "user producer on #$producer resetkeys resetchannels -@all $session $scripts" \
-  "+set +get +exists +mget +xread +subscribe +unsubscribe" \
+  "+set +get +exists +mget +xread +subscribe +unsubscribe +wait" \
   "%RW~chatqueue:accepted:* ~chatqueue:cancelled:* %R~chatqueue:stream:*" \
   "%R~celery-task-meta-* &celery-task-meta-*" \
   "(+lpush %W~chatqueue.*)" \
