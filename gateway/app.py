@@ -33,13 +33,14 @@ from gateway.openai_api import (
 from gateway.settings import GatewaySettings, key_matches
 from producer.aio import AsyncChatQueueClient
 from producer.errors import JobFailed, JobNotFound
-from producer.schemas import ChatResult, StreamEvent
+from producer.schemas import MAX_PRIORITY, ChatResult, StreamEvent
 from producer.settings import PRESENCE_KEY, ProducerSettings
 
 log = logging.getLogger(__name__)
 
-# kombu's Redis transport keeps a queue's prioritised messages in lists beside it.
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+# kombu's Redis transport keeps a queue's messages in one list per priority step (0 plain, n
+# as "<queue>\x06\x16<n>"; producer/celery_app.py: a step per level of the contract).
+_PRIORITY_SUFFIXES = ("", *(f"\x06\x16{step}" for step in range(1, MAX_PRIORITY + 1)))
 _ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics")
 
 

@@ -21,6 +21,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from producer import core
 from producer.client import ChatQueueClient
+from producer.connections import async_redis_client
 from producer.core import CANCEL_IF_KNOWN
 from producer.errors import JobNotFound
 from producer.schemas import ChatRequest, ChatResult, Progress, StreamEvent
@@ -33,9 +34,9 @@ _POLL_S = 1.0
 class AsyncChatQueueClient:
     def __init__(self, settings: ProducerSettings | None = None) -> None:
         self.settings = settings or ProducerSettings()
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            self.settings.broker_connection_url(),
-            retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10))
+        # Under Sentinel, a client of the current primary that follows a failover.
+        self._redis: aioredis.Redis = async_redis_client(
+            self.settings, retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10))
         self._publisher = ChatQueueClient(self.settings)
         # Celery's result backend object decodes stored states (errors included); it does no
         # I/O here.

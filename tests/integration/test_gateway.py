@@ -185,3 +185,37 @@ def test_metrics_count_requests(gateway, sync_openai):
                      headers={"authorization": f"Bearer {KEY}"}).text
     assert 'chatqueue_gateway_requests_total{route="/v1/models",status="200"}' in text
     assert "chatqueue_gateway_in_flight" in text
+
+
+def test_a_queue_over_its_bound_is_shed_with_429(redis):
+    """In process over a real Redis: a queue no worker drains, a live worker announced for it,
+    and more jobs waiting (on two priority levels) than the bound."""
+    import redis as redis_py
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+    from producer.settings import PRESENCE_KEY, presence_member
+
+    queue, model = f"shed-{os.getpid()}", "org/shed-model"
+    raw = redis_py.Redis.from_url(redis.url)
+    raw.zadd(PRESENCE_KEY, {presence_member("celery@shed", model, queue): 4e9})
+    raw.lpush(queue, "x", "x")
+    raw.lpush(f"{queue}\x06\x165", "x")
+    app = create_app(GatewaySettings(max_queue_length=2),
+                     ProducerSettings(broker_url=redis.url, queue=queue), key_digests=())
+
+    async def post() -> httpx.Response:
+        gateway = app.app.state.gateway
+        async with gateway.lifespan(app.app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+            return await http.post("/v1/chat/completions",
+                                   json={"model": model, "messages": TINY_MESSAGES})
+
+    try:
+        refused = asyncio.run(post())
+    finally:
+        raw.zrem(PRESENCE_KEY, presence_member("celery@shed", model, queue))
+        raw.delete(queue, f"{queue}\x06\x165")
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert (error["code"], error["limit"], error["value"]) == ("queue_full", 2, 3)
