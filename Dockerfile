@@ -3,6 +3,7 @@
 # Two images from one file (docker-compose.yml builds both):
 #   docker build --target worker -t chatqueue-worker .   GPU worker and the `download` one-shot
 #   docker build --target flower -t chatqueue-flower .   Flower: celery + flower + redis, no torch
+#   docker build --target gateway -t chatqueue-gateway . the OpenAI-compatible HTTP API, no torch
 # The worker is the last stage, so a plain `docker build .` gives the worker.
 
 ARG PYTHON_IMAGE=python:3.11-slim
@@ -30,6 +31,18 @@ WORKDIR /home/chatqueue
 EXPOSE 5555
 ENTRYPOINT ["celery"]
 CMD ["flower"]
+
+
+FROM base AS gateway
+# The producer and the gateway only: no torch, no worker code.
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY producer ./producer
+COPY gateway ./gateway
+RUN pip install ".[gateway]"
+USER chatqueue
+EXPOSE 8000
+ENTRYPOINT ["chatqueue-gateway"]
 
 
 FROM base AS worker

@@ -21,6 +21,7 @@ import pytest
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
+from gateway.settings import GatewaySettings
 from producer.settings import ProducerSettings
 from worker.settings import WorkerSettings
 
@@ -39,9 +40,10 @@ SECRETS = {
     "SENTINEL_PASSWORD": "test-sentinel-password",
     "FLOWER_USER": "test-flower-user",
     "FLOWER_PASSWORD": "test-flower-password",
+    "GATEWAY_API_KEYS": "test-gateway-key",
 }
 # The names under which any secret could be given a default in the compose file.
-SECRET_NAME = re.compile(r"(^|_)(PASSWORD|TOKEN|SECRET)$|^FLOWER_USER$")
+SECRET_NAME = re.compile(r"(^|_)(PASSWORD|TOKEN|SECRET|API_KEYS)$|^FLOWER_USER$")
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?+])?")
 ENV_LINE = re.compile(r"^#?\s*([A-Z][A-Z0-9_]*)=")
 
@@ -416,7 +418,7 @@ def dockerfile_stages() -> dict[str, list[str]]:
 def test_images_compose_builds_exist_and_run_as_a_non_root_user(config: dict[str, Any]) -> None:
     stages = dockerfile_stages()
     targets = {svc["build"]["target"] for svc in services(config).values() if "build" in svc}
-    assert targets == {"worker", "flower"}
+    assert targets == {"worker", "flower", "gateway"}
     for target in targets:
         users = [line.split()[1] for line in stages[target] if line.startswith("USER ")]
         assert users and users[-1] not in ("root", "0"), f"stage {target} runs as root"
@@ -439,7 +441,7 @@ def test_env_example_documents_every_variable() -> None:
             documented[match.group(1)] = line
     missing_compose = referenced_variables() - set(documented)
     assert not missing_compose, f"compose variables missing from .env.example: {missing_compose}"
-    for model in (WorkerSettings, ProducerSettings):
+    for model in (WorkerSettings, ProducerSettings, GatewaySettings):
         for field, names in env_names(model).items():
             assert names & set(documented), f"{model.__name__}.{field} missing from .env.example"
     # Secrets ship empty: a copied example must not carry a password anyone can read here.
@@ -475,3 +477,14 @@ def test_sentinel_profile_runs_a_replica_and_three_sentinels_on_the_acl(
         assert environment["CHATQUEUE_REDIS_SENTINEL_PASSWORD"] == SECRETS["SENTINEL_PASSWORD"]
         assert environment["CHATQUEUE_REDIS_SENTINELS"] == ""  # plain Redis unless .env says
     assert (ROOT / "deploy" / "redis" / "sentinel.sh").is_file()
+
+
+def test_gateway_logs_in_as_the_producer_and_requires_api_keys(config: dict[str, Any]) -> None:
+    gateway = services(config)["gateway"]
+    env = gateway["environment"]
+    assert (env["CHATQUEUE_REDIS_USERNAME"], env["CHATQUEUE_REDIS_PASSWORD"]) == (
+        "producer", SECRETS["REDIS_PRODUCER_PASSWORD"])
+    assert env["CHATQUEUE_GATEWAY_API_KEYS"] == SECRETS["GATEWAY_API_KEYS"]
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert gateway["read_only"] is True
+    assert [p["target"] for p in gateway["ports"]] == [int(env["CHATQUEUE_GATEWAY_PORT"])]
