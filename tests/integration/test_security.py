@@ -324,8 +324,10 @@ def test_no_prompt_or_generated_text_in_logs_or_events(
     assert "succeeded in" in log and "failed" in log  # the lines that used to carry content
     events = repr(seen)
     if log_content:
-        assert marker in log and all(text in log for text in generated)
-        assert all(text in events for text in generated)
+        # Shown as Celery's repr (newlines escaped, long values cut): look for a plain piece.
+        assert marker in log
+        pieces = [max(text.split("\n"), key=len)[:12] for text in generated]
+        assert all(piece in log and piece in events for piece in pieces)
         return
     for secret in (marker, *generated):
         assert secret not in log, f"{secret!r} in the {level} log"
