@@ -60,11 +60,15 @@ echo "user admin on #$admin ~* &* +@all"
 # reading a lease, a worker's unacked messages, another's queue internals; no control channel.
 # A new key or command the producer uses (batch records, Sentinel's ROLE, ...) needs its rule
 # here and a line in tests/integration/test_security.py, or it is refused with NOPERM.
+# The gateway is a producer that also reads its queues' lengths (LLEN: 429) and the live
+# workers (ZRANGEBYSCORE chatqueue:workers: GET /v1/models, 503; tests/integration/test_gateway.py).
 echo "user producer on #$producer resetkeys resetchannels -@all $session $scripts" \
   "+set +get +exists +mget +xread +subscribe +unsubscribe +wait" \
   "%RW~chatqueue:accepted:* ~chatqueue:cancelled:* %R~chatqueue:stream:*" \
   "%R~celery-task-meta-* &celery-task-meta-*" \
   "(+lpush %W~chatqueue.*)" \
+  "(+llen %R~chatqueue.*)" \
+  "(+zrangebyscore %R~chatqueue:workers)" \
   "(+publish &chatqueue:cancel)"
 
 # Workers: consume their queue (kombu's redis transport: BRPOP, the unacked hash and index,

@@ -219,3 +219,46 @@ def test_a_queue_over_its_bound_is_shed_with_429(redis):
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert (error["code"], error["limit"], error["value"]) == ("queue_full", 2, 3)
+
+
+def test_the_gateway_works_on_the_producer_acl_user():
+    """deploy/redis/acl.sh's users: a worker may announce itself, the producer user the gateway
+    logs in as may read the live workers and the queue lengths (and nothing of this needs more)."""
+    import uuid
+
+    import redis as redis_py
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+    from producer.settings import PRESENCE_KEY, presence_member
+    from tests.support.servers import redis_server
+
+    passwords = {role: f"{role}-{uuid.uuid4().hex}"
+                 for role in ("admin", "producer", "worker", "flower")}
+    env = {"PATH": os.environ["PATH"],
+           **{f"REDIS_{role.upper()}_PASSWORD": pw for role, pw in passwords.items()}}
+    acl = subprocess.run(["sh", str(REPO_ROOT / "deploy" / "redis" / "acl.sh")], env=env,
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    model = "org/acl-model"
+    queue = f"chatqueue.{model}"  # its own queue: the producer names no single one
+    with redis_server(acl=acl, username="admin", password=passwords["admin"]) as server:
+        worker = redis_py.Redis(host="127.0.0.1", port=server.port, username="worker",
+                                password=passwords["worker"])
+        worker.zadd(PRESENCE_KEY, {presence_member("celery@acl", model, queue): 4e9})
+        worker.lpush(queue, "x", "x")
+        app = create_app(
+            GatewaySettings(max_queue_length=1),
+            ProducerSettings(broker_url=server.url, redis_username="producer",
+                             redis_password=passwords["producer"]), key_digests=())
+
+        async def calls() -> list[httpx.Response]:
+            async with app.app.state.gateway.lifespan(app.app), httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+                return [await http.get("/healthz"), await http.get("/v1/models"),
+                        await http.post("/v1/chat/completions",
+                                        json={"model": model, "messages": TINY_MESSAGES})]
+
+        health, models, shed = asyncio.run(calls())
+    assert health.status_code == 200
+    assert [m["id"] for m in models.json()["data"]] == [model]
+    assert shed.status_code == 429 and shed.json()["error"]["value"] == 2
