@@ -17,9 +17,16 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from producer import ChatQueueClient, ProducerSettings
-from producer.batches import BatchClient, batch_lines_key
+from producer.batches import BatchClient, batch_lines_key, line_job_id
 from producer.schemas import MAX_PRIORITY
-from tests.support.servers import REPO_ROOT, wait_until
+from tests.support.servers import (
+    REPO_ROOT,
+    redis_server,
+    spawn_worker,
+    wait_ready,
+    wait_until,
+    worker_env,
+)
 from worker.devmodels import TINY_CONTENT, TINY_MESSAGES, TINY_THINKING
 
 pytestmark = pytest.mark.integration
@@ -208,3 +215,44 @@ def test_cancel_ends_the_batch_and_keeps_what_finished(tiny_client, tmp_path):
     codes = {r["error"]["code"] for kind, r in results if kind == "error"}
     assert codes == {"batch_cancelled"}
     assert sum(kind == "output" for kind, _ in results) == counts["completed"]
+
+
+def test_a_worker_killed_mid_batch_loses_no_line_and_counts_each_once(
+        tiny_model_dir, tmp_path):
+    # Its own Redis: the short visibility timeout would hand other tests' long jobs out again.
+    fast = {"max_job_seconds": "5", "visibility_timeout_s": "8", "redelivery_check_s": "1",
+            "job_lease_ttl_s": "3", "job_lease_renew_s": "1", "concurrency": "2"}
+    queue = f"kill-{uuid.uuid4().hex[:6]}"
+    with redis_server() as server:
+        workers = [spawn_worker(worker_env(server.url, tiny_model_dir, queue, **fast), tmp_path)
+                   for _ in range(2)]
+        try:
+            for worker in workers:
+                wait_ready(worker)
+            with ChatQueueClient(ProducerSettings(broker_url=server.url, queue=queue,
+                                                  wait_timeout_s=60)) as client:
+                batches = BatchClient(client)
+                lines = [line(f"k{i}", max_completion_tokens=96, temperature=1.0, seed=i)
+                         for i in range(16)]
+                report = batches.submit(write_file(tmp_path, lines))
+                wait_until(lambda: batches.status(report.batch_id)["request_counts"]
+                           ["completed"] >= 2, timeout=60, what="two lines to finish")
+                victim = workers[0]
+                victim.process.send_signal(signal.SIGKILL)
+                batch = batches.wait(report.batch_id, timeout=120)
+                results = list(batches.results(report.batch_id))
+                job_ids = [line_job_id(report.batch_id, f"k{i}") for i in range(16)]
+                # Lines the victim had taken but the survivor ran: redelivered after the kill.
+                survivor = workers[1].name.split("@")[0]
+                moved = [j for j in job_ids
+                         if any(f"[{j}] received" in text for text in victim.lines)
+                         and (client.result(j).worker_name or "").startswith(survivor)]
+        finally:
+            for worker in workers:
+                worker.stop()
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 16, "completed": 16, "failed": 0}
+    assert sorted(r["custom_id"] for _, r in results) == sorted(f"k{i}" for i in range(16))
+    assert all(kind == "output" for kind, _ in results)
+    print(f"{len(moved)} line(s) taken by the killed worker ran again on the other")
+    assert moved  # the kill did hit lines the victim held

@@ -253,3 +253,39 @@ def test_batch_object_has_openais_fields():
     assert batch["status"] == "completed" and batch["completed_at"] == 20
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
     assert batch["metadata"] == {"k": "v"} and batch["object"] == "batch"
+
+
+class _Control:
+    """What the worker's batch check reads of Redis: whether the batch's cancel key is set."""
+
+    def __init__(self, cancelled: bool) -> None:
+        self.cancelled = cancelled
+        self.redis = self
+
+    def exists(self, *keys: str) -> int:
+        return int(self.cancelled)
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "cancelled", "code"),
+    [
+        pytest.param(60.0, False, None, id="runs"),
+        pytest.param(-1.0, False, "batch_expired", id="past-its-window"),
+        pytest.param(60.0, True, "batch_cancelled", id="batch-cancelled"),
+    ],
+)
+def test_the_worker_ends_an_unstarted_line_of_an_expired_or_cancelled_batch(
+        expires_in, cancelled, code):
+    import time
+
+    from producer.errors import JobFailed
+    from producer.schemas import BatchLine
+    from worker.service import _check_batch_line
+
+    line = BatchLine(batch_id="batch_x", custom_id="c", expires_at=time.time() + expires_in)
+    if code is None:
+        _check_batch_line(_Control(cancelled), line)
+        return
+    with pytest.raises(JobFailed) as caught:
+        _check_batch_line(_Control(cancelled), line)
+    assert caught.value.error.code == code
