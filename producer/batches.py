@@ -693,7 +693,9 @@ class BatchClient:
         now = time.time()
         for index, item in parsed:
             if isinstance(item, LineError):
-                errors.append((index, error_line(item.custom_id, None, item)))
+                refused = error_line(item.custom_id, None, item)
+                refused["id"] = _request_line_id(f"{batch_id}#{index}")  # no custom_id to hash
+                errors.append((index, refused))
                 continue
             job_id = line_job_id(batch_id, item.custom_id)
             if not unique[(index, item.custom_id)]:
@@ -768,6 +770,8 @@ class BatchClient:
         record = self.store.record(batch_id)
         if not record:
             raise LookupError(f"batch {batch_id}: no such batch, or it expired")
+        if batch_status(record, time.time()) in ("completed", "expired", "failed", "cancelled"):
+            return batch_object(record, time.time())  # over already: nothing to cancel
         self.store.cancel(batch_id, float(record.get("window_s", 0)))
         return self.status(batch_id)
 

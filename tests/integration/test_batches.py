@@ -256,3 +256,34 @@ def test_a_worker_killed_mid_batch_loses_no_line_and_counts_each_once(
     assert all(kind == "output" for kind, _ in results)
     print(f"{len(moved)} line(s) taken by the killed worker ran again on the other")
     assert moved  # the kill did hit lines the victim held
+
+
+def test_the_batch_commands(redis, tiny_queue, tmp_path):
+    env = {**os.environ, "CHATQUEUE_BROKER_URL": redis.url, "CHATQUEUE_QUEUE": tiny_queue}
+
+    def chatqueue(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "producer.cli", *args], cwd=REPO_ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    path = write_file(tmp_path, [line("a", max_tokens=48), line("b", n=2)])
+    submitted = chatqueue("batch", "submit", str(path), "--window", "30m", "--priority", "3",
+                          "--id", f"batch_cli{uuid.uuid4().hex[:8]}")
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = json.loads(submitted.stdout)["id"]
+    waited = chatqueue("batch", "status", batch_id, "--wait", "--timeout", "90")
+    assert waited.returncode == 0, waited.stderr
+    batch = json.loads(waited.stdout)
+    assert (batch["status"], batch["completion_window"], batch["priority"]) == (
+        "completed", "30m", 3)
+    assert "2/2" in waited.stderr  # the progress line
+    out, err = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    fetched = chatqueue("batch", "results", batch_id, "-o", str(out), "--errors", str(err))
+    assert json.loads(fetched.stdout) == {"id": batch_id, "output": 1, "error": 1}
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["a"]
+    assert [json.loads(x)["custom_id"] for x in err.read_text().splitlines()] == ["b"]
+    listed = chatqueue("batch", "list")
+    assert batch_id in listed.stdout and "completed" in listed.stdout
+    cancelled = chatqueue("batch", "cancel", batch_id)  # over already: stays completed
+    assert json.loads(cancelled.stdout)["status"] == "completed"
+    missing = chatqueue("batch", "status", "batch_nosuch")
+    assert missing.returncode == 4
