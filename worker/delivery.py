@@ -22,6 +22,7 @@ import ssl
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+import redis
 from celery import states
 from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError, InvalidTaskError
@@ -145,7 +146,21 @@ class TolerantRedisTransport(kombu_redis.Transport):
 
 
 class TolerantSentinelChannel(TolerantChannel, kombu_redis.SentinelChannel):
-    """The tolerant channel on the primary Redis Sentinel names."""
+    """The tolerant channel on the primary Redis Sentinel names.
+
+    After the primary died, a channel that closed (restoring its unacknowledged messages) or
+    acked a finished job found its transport detached from the connection (`client` None: kombu
+    treats the sentinel URLs as failover alternates, and `Connection.switch` closes the
+    transport) and raised AttributeError, which Celery calls an unrecoverable error: the
+    worker exited in the middle of the failover (seen in tests/integration/test_sentinel.py).
+    It is a lost connection: the messages stay in the unacked hash and come back after the
+    visibility timeout, as after any lost ack.
+    """
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise redis.ConnectionError("the broker connection was closed (Sentinel failover)")
+        return super()._connparams(asynchronous)
 
 
 class TolerantSentinelTransport(kombu_redis.SentinelTransport):
