@@ -110,11 +110,14 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         if chunk.context is None:
             k, v = key[:, :, chunk.start:chunk.end], value[:, :, chunk.start:chunk.end]
         else:
-            k = key_pool[chunk.context].transpose(0, 1).unsqueeze(0)
-            v = value_pool[chunk.context].transpose(0, 1).unsqueeze(0)
+            k = key_pool.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
+            v = value_pool.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
+            if group_size > 1 and q.is_cuda:
+                # CUDA's memory-efficient kernel takes a mask but not enable_gqa (math would).
+                k, v = k.repeat_interleave(group_size, 1), v.repeat_interleave(group_size, 1)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=chunk.mask, is_causal=chunk.context is None, scale=scaling,
-            enable_gqa=group_size > 1)
+            enable_gqa=group_size > 1 and k.shape[1] != heads)
         out[chunk.start:chunk.end] = o[0].transpose(0, 1)
     return out.unsqueeze(0), None
 
