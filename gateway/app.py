@@ -22,16 +22,17 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.openai_api import (
-    ChatCompletionRequest,
     ChunkWriter,
     completion,
     error_body,
     job_error_body,
     job_error_status,
+    line_error_body,
     to_job,
 )
 from gateway.settings import GatewaySettings, key_matches
 from producer.aio import AsyncChatQueueClient
+from producer.batches import LineError
 from producer.errors import JobFailed, JobNotFound
 from producer.schemas import MAX_PRIORITY, ChatResult, StreamEvent
 from producer.settings import PRESENCE_KEY, ProducerSettings
@@ -171,9 +172,9 @@ class Gateway:
         self.authorize(request)
         body = await self.read_json(request)
         try:
-            openai, job = to_job(body)
-        except JobFailed as failed:
-            return JSONResponse(job_error_body(failed.error), status_code=400)
+            options, job = to_job(body)
+        except LineError as refused:
+            return JSONResponse(line_error_body(refused), status_code=refused.status_code)
         model = job.model or self.producer_settings.default_model
         queue = self.client.queue_for(job)
         if queue not in (await self.live_models()).get(model, set()):
@@ -187,12 +188,11 @@ class Gateway:
                            type_="rate_limit_error", code="queue_full",
                            limit=self.settings.max_queue_length, value=waiting)
         job_id = await self.client.submit(job)
-        if openai.stream:
-            return JobStream(self, job_id, openai, started)
-        return await self._complete(request, job_id, openai)
+        if options.stream:
+            return JobStream(self, job_id, model, options.include_usage, started)
+        return await self._complete(request, job_id)
 
-    async def _complete(self, request: Request, job_id: str,
-                        openai: ChatCompletionRequest) -> Response:
+    async def _complete(self, request: Request, job_id: str) -> Response:
         result_task = asyncio.ensure_future(
             self.client.result(job_id, timeout=self.settings.request_timeout_s))
         gone = asyncio.ensure_future(_disconnected(request.receive))
@@ -211,7 +211,7 @@ class Gateway:
                 raise ApiError(504, f"job {job_id} did not finish within "
                                f"{self.settings.request_timeout_s} s; it was cancelled",
                                type_="timeout_error", code="timeout") from None
-            return JSONResponse(completion(result, openai.model),
+            return JSONResponse(completion(result),
                                 headers={"x-chatqueue-job-id": job_id})
         finally:
             for task in (result_task, gone):
@@ -227,11 +227,10 @@ class JobStream:
     job's first event, so a request the worker refuses still gets its 400; a client that goes
     away cancels the job."""
 
-    def __init__(self, gateway: Gateway, job_id: str, openai: ChatCompletionRequest,
+    def __init__(self, gateway: Gateway, job_id: str, model: str, include_usage: bool,
                  started: float) -> None:
-        self.gateway, self.job_id, self.openai, self.started = gateway, job_id, openai, started
-        self.finished = False
-        self.include_usage = bool(openai.stream_options and openai.stream_options.include_usage)
+        self.gateway, self.job_id, self.model, self.started = gateway, job_id, model, started
+        self.include_usage, self.finished = include_usage, False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -251,7 +250,7 @@ class JobStream:
         events = client.stream(self.job_id, timeout=timeout)
         result_task = asyncio.ensure_future(client.result(self.job_id, timeout=timeout))
         next_event: asyncio.Future[StreamEvent] = asyncio.ensure_future(anext(events))
-        writer, wrote_text, first_token = ChunkWriter(self.job_id, self.openai.model), False, False
+        writer, wrote_text, first_token = ChunkWriter(self.job_id, self.model), False, False
         try:
             while True:
                 await asyncio.wait({next_event} | ({result_task} - _done(result_task)),

@@ -11,6 +11,7 @@ price of a thread hop (about a millisecond) per submit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
@@ -27,16 +28,87 @@ from producer.errors import JobNotFound
 from producer.schemas import ChatRequest, ChatResult, Progress, StreamEvent
 from producer.settings import CANCEL_CHANNEL, ProducerSettings, accepted_key, cancel_key, stream_key
 
-# A result waiter wakes at least this often to check its deadline.
+# A result waiter reads the job's state at least this often: pub/sub only wakes it early, so a
+# message lost (Redis restarting) delays a result by at most this much.
 _POLL_S = 1.0
 
 
+class _Wakeups:
+    """One pub/sub connection for every result this client waits on: the result backend
+    publishes each stored state on the job's meta key, which wakes that job's waiters."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def subscribe(self, channel: str) -> asyncio.Event:
+        event = asyncio.Event()
+        waiters = self._waiters.setdefault(channel, set())
+        waiters.add(event)
+        if len(waiters) == 1:
+            if self._pubsub is None:
+                self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await self._pubsub.subscribe(channel)
+            except BaseException:
+                self._forget(channel, event)
+                raise
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read())
+        return event
+
+    async def unsubscribe(self, channel: str, event: asyncio.Event) -> None:
+        if self._forget(channel, event) and self._pubsub is not None:
+            with contextlib.suppress(redis.RedisError):
+                await self._pubsub.unsubscribe(channel)
+
+    def _forget(self, channel: str, event: asyncio.Event) -> bool:
+        waiters = self._waiters.get(channel, set())
+        waiters.discard(event)
+        if waiters:
+            return False
+        self._waiters.pop(channel, None)
+        return True
+
+    async def _read(self) -> None:
+        while self._waiters:
+            try:
+                message = await self._pubsub.get_message(timeout=_POLL_S)
+            except (redis.ConnectionError, redis.TimeoutError):
+                # redis-py subscribes again on reconnect; waiters poll meanwhile.
+                await asyncio.sleep(core.RECONNECT_WAIT_S)
+                continue
+            except RuntimeError:  # nothing subscribed at this instant
+                await asyncio.sleep(0.05)
+                continue
+            if message is not None and message.get("type") == "message":
+                channel = message["channel"]
+                channel = channel.decode() if isinstance(channel, bytes) else channel
+                for event in self._waiters.get(channel, ()):
+                    event.set()
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._pubsub is not None:
+            with contextlib.suppress(redis.RedisError):
+                await self._pubsub.aclose()
+
+
 class AsyncChatQueueClient:
-    def __init__(self, settings: ProducerSettings | None = None) -> None:
+    def __init__(self, settings: ProducerSettings | None = None, *,
+                 max_connections: int = 2048) -> None:
+        """`max_connections`: each stream being read holds one Redis connection while it
+        blocks (XREAD); results share one pub/sub connection."""
         self.settings = settings or ProducerSettings()
         # Under Sentinel, a client of the current primary that follows a failover.
         self._redis: aioredis.Redis = async_redis_client(
-            self.settings, retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10))
+            self.settings, retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10),
+            max_connections=max_connections)
+        self._wakeups = _Wakeups(self._redis)
         self._publisher = ChatQueueClient(self.settings)
         # Celery's result backend object decodes stored states (errors included); it does no
         # I/O here.
@@ -94,32 +166,39 @@ class AsyncChatQueueClient:
         return (await self._state_and_payload(job_id))[0]
 
     async def result(self, job_id: str, timeout: float | None = None) -> ChatResult:
-        """As ChatQueueClient.result: waits on the result backend's own announcement (the
-        pub/sub channel a stored state is published on), rides out a Redis restart."""
+        """As ChatQueueClient.result: wakes on the result backend's announcement of a stored
+        state (one pub/sub connection shared by all waiters), reads the state at least every
+        second, rides out a Redis restart."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self.settings.wait_timeout_s)
         channel, checked = core.task_meta_key(job_id), False
-        while True:
-            try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(channel)
-                    # Read after subscribing: a state stored in between is not missed.
+        wakeup: asyncio.Event | None = None
+        try:
+            while True:
+                try:
+                    if wakeup is None:
+                        # Subscribed before the state is read: a state stored in between wakes.
+                        wakeup = await self._wakeups.subscribe(channel)
+                    wakeup.clear()
                     state, payload = await self._state_and_payload(job_id)
+                    if state in core.READY_STATES:
+                        return core.finished_result(job_id, state, payload)
                     if state == core.PENDING and not checked:
                         await self._check_known(job_id)
                         checked = True
-                    while state not in core.READY_STATES:
-                        remaining = deadline - loop.time()
-                        if remaining <= 0:
-                            raise core.timeout_error(job_id, timeout)
-                        message = await pubsub.get_message(timeout=min(remaining, _POLL_S))
-                        if message is not None and message.get("type") == "message":
-                            state, payload = self._decode(message["data"])
-                    return core.finished_result(job_id, state, payload)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if loop.time() >= deadline:
-                    raise core.timeout_error(job_id, timeout) from None
-                await asyncio.sleep(core.RECONNECT_WAIT_S)
+                except (redis.ConnectionError, redis.TimeoutError):
+                    pass  # Redis restarting: try again until the deadline
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise core.timeout_error(job_id, timeout)
+                if wakeup is None:
+                    await asyncio.sleep(min(remaining, core.RECONNECT_WAIT_S))
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.wait(), min(remaining, _POLL_S))
+        finally:
+            if wakeup is not None:
+                await self._wakeups.unsubscribe(channel, wakeup)
 
     async def fetch(self, job_id: str) -> ChatResult | None:
         """As ChatQueueClient.fetch."""
@@ -146,6 +225,7 @@ class AsyncChatQueueClient:
         return core.not_found(job_id, self.settings)
 
     async def aclose(self) -> None:
+        await self._wakeups.aclose()
         await self._redis.aclose()
         await asyncio.to_thread(self._publisher.close)
 

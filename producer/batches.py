@@ -131,10 +131,13 @@ class LineError(Exception):
 
     def __init__(self, message: str, *, param: str | None = None,
                  code: str = "invalid_request", status_code: int = 400,
-                 custom_id: str | None = None) -> None:
+                 custom_id: str | None = None, limit: int | float | str | None = None,
+                 value: int | float | str | None = None) -> None:
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
         self.status_code, self.custom_id = status_code, custom_id
+        # What the contract's JobError says of a refused value (the gateway's 400 carries them).
+        self.limit, self.value = limit, value
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,7 @@ def _neutral(name: str, value: Any) -> bool:
 _IGNORED = frozenset({"user", "store", "metadata"})
 _MAPPED = frozenset({"model", "messages", "max_completion_tokens", "max_tokens", "temperature",
                      "top_p", "top_k", "seed", "stop", "chat_template_kwargs",
-                     "thinking_token_budget", "priority"})
+                     "thinking_token_budget", "priority", "ignore_eos"})
 
 
 def map_body(body: Mapping[str, Any], *, job_id: str | None = None,
@@ -213,7 +216,8 @@ def map_body(body: Mapping[str, Any], *, job_id: str | None = None,
         else:
             params["temperature"] = temperature
     for source, target in (("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
-                           ("thinking_token_budget", "max_thinking_tokens")):
+                           ("thinking_token_budget", "max_thinking_tokens"),
+                           ("ignore_eos", "ignore_eos")):  # vLLM's extra parameter
         if body.get(source) is not None:
             params[target] = body[source]
     stop = body.get("stop")
@@ -248,7 +252,7 @@ def map_body(body: Mapping[str, Any], *, job_id: str | None = None,
         message = error.message
         if param is not None and error.field is not None:
             message = message.replace(f"{error.field}: ", f"{param}: ", 1)
-        raise LineError(message, param=param) from None
+        raise LineError(message, param=param, limit=error.limit, value=error.value) from None
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:

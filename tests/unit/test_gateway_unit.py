@@ -9,7 +9,8 @@ import pytest
 from gateway.cli import main
 from gateway.openai_api import to_job
 from gateway.settings import GatewaySettings, key_matches
-from producer.errors import JobFailed
+from producer.batches import LineError
+from producer.schemas import MODEL_ID_PATTERN
 
 MESSAGES = [{"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Hi "},
@@ -17,13 +18,14 @@ MESSAGES = [{"role": "developer", "content": "Be brief."},
 
 
 def test_an_openai_request_becomes_a_job():
-    openai, job = to_job({"model": "org/m", "messages": MESSAGES, "max_tokens": 12,
-                          "temperature": 0, "seed": 3, "stream": True,
-                          "chat_template_kwargs": {"enable_thinking": False}})
+    options, job = to_job({"model": "org/m", "messages": MESSAGES, "max_tokens": 12,
+                           "temperature": 0, "seed": 3, "stream": True,
+                           "stream_options": {"include_usage": True},
+                           "chat_template_kwargs": {"enable_thinking": False}})
 
-    assert openai.stream and job.model == "org/m"
+    assert options.stream and options.include_usage and job.model == "org/m"
     assert [(m.role, m.content) for m in job.messages] == [("system", "Be brief."),
-                                                           ("user", "Hi there")]
+                                                           ("user", "Hi \nthere")]
     params = job.params
     assert (params.max_new_tokens, params.do_sample, params.temperature, params.seed,
             params.enable_thinking) == (12, False, None, 3, False)
@@ -34,18 +36,17 @@ def test_an_openai_request_becomes_a_job():
     pytest.param({"max_completion_tokens": 0}, "max_completion_tokens", 1, "0",
                  id="max-completion-tokens"),
     pytest.param({"temperature": 11.0}, "temperature", 10.0, "11.0", id="temperature"),
-    pytest.param({"n": 2}, "n", 1, "2", id="n"),
-    pytest.param({"frobnicate": 1}, "frobnicate", None, "1", id="unknown-field"),
-    pytest.param({"model": "../etc"}, "model", None, "'../etc'", id="model"),
+    pytest.param({"n": 2}, "n", None, None, id="n"),
+    pytest.param({"frobnicate": 1}, "frobnicate", None, None, id="unknown-field"),
+    pytest.param({"stream": "yes"}, "stream", None, None, id="stream"),
+    pytest.param({"model": "../etc"}, "model", MODEL_ID_PATTERN, "'../etc'", id="model"),
 ])
 def test_a_bad_request_names_the_openai_field(extra, field, limit, value):
-    with pytest.raises(JobFailed) as refused:
+    with pytest.raises(LineError) as refused:
         to_job({"model": "org/m", "messages": MESSAGES, **extra})
-    error = refused.value.error
-    assert (error.field, error.value) == (field, value)
-    if limit is not None:
-        assert error.limit == limit
-    assert error.message.startswith(field)
+    error = refused.value
+    assert (error.param, error.limit, error.value) == (field, limit, value)
+    assert error.message.startswith(field) and error.status_code == 400
 
 
 def test_keys_are_kept_as_digests_and_matched(tmp_path):
