@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from openai.types.chat import ChatCompletion
 
-from producer import ChatQueueClient, ProducerSettings
+from producer import ChatQueueClient, JobFailed, ProducerSettings
 from producer.batches import BatchClient, batch_lines_key, line_job_id
 from producer.schemas import MAX_PRIORITY
 from tests.support.servers import (
@@ -93,20 +93,32 @@ def test_a_stop_string_in_the_thinking_only_does_not_stop(tiny_client):
 
 
 def test_an_interactive_job_is_taken_before_a_backlog_of_batch_lines(
-        redis, start_worker, tiny_model_dir):
+        redis, start_worker, tiny_model_dir, tmp_path):
     queue = f"prio-{uuid.uuid4().hex[:6]}"
     with ChatQueueClient(ProducerSettings(broker_url=redis.url, queue=queue,
                                           wait_timeout_s=120)) as client:
-        backlog = [client.submit({"messages": TINY_MESSAGES, "priority": 1,
-                                  "params": {**GREEDY, "max_new_tokens": 4}})
-                   for _ in range(8)]
+        batches = BatchClient(client)
+        backlog = batches.submit(write_file(tmp_path, [line(f"b{i}", max_tokens=8)
+                                                       for i in range(1000)]))
+        low = client.submit({"messages": TINY_MESSAGES, "priority": 0,
+                             "params": {**GREEDY, "max_new_tokens": 4}})
         urgent = client.submit({"messages": TINY_MESSAGES,
                                 "params": {**GREEDY, "max_new_tokens": 4}})
-        # The worker starts after all of it is queued, one job at a time.
+        # The worker starts once all of it is queued, and takes one job at a time.
         start_worker(tiny_model_dir, queue, concurrency="1", max_batch_size="1")
-        started = {job_id: client.result(job_id).timings.started_at
-                   for job_id in [*backlog, urgent]}
-    assert min(started, key=started.__getitem__) == urgent
+        urgent_started = client.result(urgent).timings.started_at
+        batches.cancel(backlog.batch_id)  # the rest of the backlog ends without running
+        assert batches.wait(backlog.batch_id, timeout=120)["status"] == "cancelled"
+        assert client.result(low).timings.started_at > urgent_started
+        ahead = 0  # batch lines (taken in file order) that started before the urgent job
+        for i in range(20):
+            try:
+                result = client.fetch(line_job_id(backlog.batch_id, f"b{i}"))
+            except JobFailed:  # cancelled before it started
+                continue
+            ahead += result is not None and result.timings.started_at < urgent_started
+    # It waited for a task slot, not for the backlog: at most a line already prefetched.
+    assert ahead <= 1
 
 
 # --- batches
