@@ -76,7 +76,7 @@ echo "user producer on #$producer resetkeys resetchannels -@all $session $script
 # and for Celery's remote control; they answer control requests (LPUSH to the reply queue) but
 # cannot send any: mingle (a broadcast at start) is off for chatqueue workers.
 echo "user worker on #$worker resetkeys resetchannels -@all $session $scripts" \
-  "+brpop +rpop +lpush +llen +del +pexpire +expire +multi +exec +discard +watch +unwatch" \
+  "+brpop +rpop +lpush +rpush +llen +del +pexpire +expire +multi +exec +discard +watch +unwatch" \
   "+sadd +srem +smembers +zadd +zrem +zrange +zrangebyscore +hset +hget +hdel" \
   "+set +setex +get +mget +exists +xadd +time" \
   "+subscribe +unsubscribe +psubscribe +punsubscribe" \

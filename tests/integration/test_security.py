@@ -401,3 +401,49 @@ def test_flower_on_its_own_login_is_a_view_that_cannot_change_the_fleet(
     finally:
         flower.terminate()
         flower.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- redelivery
+
+
+def test_a_killed_workers_job_is_restored_and_runs_on_another_with_the_worker_login(
+    acl_redis, passwords, tiny_model_dir, tmp_path
+):
+    """kombu's restore of a dead worker's unacknowledged job (its mutex, the unacked hash and
+    index, the push back) and the job lease all work within the worker user's rules: nothing
+    the workers do is refused (ACL LOG stays empty)."""
+    admin = acl_redis.client()
+    admin.execute_command("ACL", "LOG", "RESET")
+    queue = f"chatqueue.restore-{uuid.uuid4().hex[:6]}"
+    fast = {"max_job_seconds": "5", "visibility_timeout_s": "8", "redelivery_check_s": "1",
+            "job_lease_ttl_s": "3", "job_lease_renew_s": "1", "concurrency": "1"}
+    env = worker_env(acl_redis.url, tiny_model_dir, queue, redis_username="worker",
+                     redis_password=passwords["worker"], **fast)
+    workers = [spawn_worker(env, tmp_path) for _ in range(2)]
+    try:
+        for worker in workers:
+            wait_ready(worker)
+        with ChatQueueClient(settings_for(acl_redis, passwords, "producer", queue)) as client:
+            job = client.submit({"messages": TINY_MESSAGES,
+                                 "params": {"max_new_tokens": 100, "ignore_eos": True}})
+            victim = wait_until(
+                lambda: next((w for w in workers if job in w.log() and "received" in w.log()),
+                             None), timeout=60, what="a worker to take the job")
+            running(client, job)
+            victim.process.kill()
+            try:
+                result = client.result(job, timeout=60)
+            except TimeoutError:
+                denied = admin.acl_log(count=100)
+                raise AssertionError(f"not restored; ACL LOG: {denied}; "
+                                     f"{[w.log()[-3000:] for w in workers]}") from None
+        survivor = next(w for w in workers if w is not victim)
+        assert result.worker_name is not None
+        assert result.worker_name.split("@")[0] == survivor.name.split("@")[0]
+        assert result.usage.completion_tokens > 0
+    finally:
+        for worker in workers:
+            worker.stop()
+    denied = [(e.get("username"), e.get("object"), e.get("reason"))
+              for e in admin.acl_log(count=100)]
+    assert not denied, f"refused by the ACL: {denied}"
