@@ -84,10 +84,12 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
 
         Redis's WAIT counts the writes of the connection it runs on, and kombu publishes on a
         pooled connection of its own: so the publish goes into kombu's publish batch (one
-        pipeline, one connection) and the record's update and the WAIT join that pipeline --
-        LPUSH, SET, WAIT on one connection. A pipeline that fails (the primary died) or a WAIT
-        short of replicas publishes again (a job queued twice still runs once); past about 15 s
-        (or three WAITs) it raises NotReplicated: not accepted, like any submit that raises.
+        pipeline, one connection) and a rewrite of the job's record and the WAIT join that
+        pipeline -- LPUSH, SET, WAIT on one connection. Only then is the record marked queued:
+        a pipeline that fails (the primary died) or a WAIT short of replicas leaves it pending
+        and publishes again (a job queued twice still runs once); past about 15 s (or three
+        WAITs) it raises NotReplicated -- not accepted, and the record still pending, so
+        submitting the same request again publishes and waits again.
         """
         deadline = time.monotonic() + max(15.0, 3 * self.replica_timeout_s)
         given = options.pop("producer", None)
@@ -100,11 +102,13 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
                     if session is None:
                         raise RuntimeError("kombu did not batch the publish: cannot WAIT on "
                                            "its connection (submit_min_replicas)")
-                    session.pipeline.set(key, f"queued {digest}", xx=True, keepttl=True)
+                    session.pipeline.set(key, f"pending {digest}", xx=True, keepttl=True)
                     session.pipeline.execute_command(
                         "WAIT", self.min_replicas, int(self.replica_timeout_s * 1000))
                     replicas = int(session.pipeline.execute()[-1])
                 if replicas >= self.min_replicas:
+                    assert self.accepted is not None
+                    self.accepted.set(key, f"queued {digest}", xx=True, keepttl=True)
                     return published
                 reason = f"on {replicas} of {self.min_replicas} replicas"
             except (redis.ConnectionError, redis.TimeoutError, BatchPublishError,

@@ -24,6 +24,7 @@ import pytest
 import redis as redis_py
 
 from producer import ChatQueueClient, JobFailed, ProducerSettings
+from producer.errors import NotReplicated
 from tests.support.sentinel import SentinelCluster, sentinel_cluster, wait_for_new_primary
 from tests.support.servers import spawn_worker, wait_ready, wait_until, worker_env
 
@@ -181,3 +182,32 @@ def test_jobs_flow_through_a_sentinel_failover_and_none_is_lost(
         assert "Unrecoverable error" not in worker.log()
         # Within down-after (1 s) plus the election: the sentinels found the failure quickly.
         assert switched_at - killed_at < 10, report
+
+
+def test_submit_with_min_replicas_returns_only_once_a_replica_has_the_job() -> None:
+    """CHATQUEUE_SUBMIT_MIN_REPLICAS=1: with the replica stopped (SIGSTOP) submit() raises
+    NotReplicated (not accepted); once it runs again the same request under the same id is
+    accepted, and the replica holds the job's message and record when submit() returns."""
+    with sentinel_cluster() as cluster:
+        settings = ProducerSettings(_env_file=None, queue=QUEUE, submit_min_replicas=1,
+                                    submit_replica_timeout_s=1, **cluster.producer_settings())
+        replica = next(node for node in cluster.nodes if node.port != cluster.primary_port())
+        assert replica.process is not None
+        request = {"job_id": f"wait-{uuid.uuid4().hex[:8]}",
+                   "messages": [{"role": "user", "content": "Replicated?"}]}
+        with ChatQueueClient(settings) as client:
+            replica.process.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(NotReplicated):
+                    client.submit(request)
+                waited = time.monotonic() - started
+            finally:
+                replica.process.send_signal(signal.SIGCONT)
+            job_id = client.submit(request)
+        assert 10 < waited < 30
+        on_replica = replica.client()
+        assert on_replica.get(f"chatqueue:accepted:{job_id}").startswith(b"queued ")
+        queued = [key for key in on_replica.keys(f"{QUEUE}*")]
+        assert queued and any(job_id.encode() in message for key in queued
+                              for message in on_replica.lrange(key, 0, -1))
