@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.batches import Batches
 from gateway.openai_api import (
     ChunkWriter,
     completion,
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 # kombu's Redis transport keeps a queue's messages in one list per priority step (0 plain, n
 # as "<queue>\x06\x16<n>"; producer/celery_app.py: a step per level of the contract).
 _PRIORITY_SUFFIXES = ("", *(f"\x06\x16{step}" for step in range(1, MAX_PRIORITY + 1)))
-_ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics")
+_ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/v1/files",
+           "/v1/batches")
 
 
 class ApiError(Exception):
@@ -370,7 +372,8 @@ class _Observe:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in _ROUTES else "other"
+        path: str = scope["path"]
+        route = next((r for r in _ROUTES if path == r or path.startswith(f"{r}/")), "other")
         status = [500]
 
         async def observed(message: Message) -> None:
@@ -405,12 +408,14 @@ def create_app(settings: GatewaySettings, producer: ProducerSettings | None = No
                                        type_=type_, code=str(exc.status_code)),
                             status_code=exc.status_code)
 
+    batches = Batches(gateway, settings.files_dir, settings.max_file_bytes)
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
             Route("/v1/models", gateway.models, methods=["GET"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),
             Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
+            *batches.routes(),
         ],
         exception_handlers={ApiError: api_error, HTTPException: http_error},
         lifespan=gateway.lifespan,

@@ -31,6 +31,11 @@ class GatewaySettings(BaseSettings):
         default=1000, ge=0,
         description="A model whose queue holds more jobs than this gets 429 (load shedding).")
     request_timeout_s: float = Field(default=600.0, gt=0, description="Longest wait for a job.")
+    files_dir: Path = Field(
+        default=Path("gateway-files"),
+        description="Where uploaded batch input files are kept (a volume in compose).")
+    max_file_bytes: int = Field(default=512 << 20, gt=0,
+                                description="Largest batch input file accepted (413 above).")
     models_cache_s: float = Field(
         default=1.0, ge=0, description="How long a read of the live workers is reused.")
 

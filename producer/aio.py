@@ -119,6 +119,12 @@ class AsyncChatQueueClient:
     def redis(self) -> aioredis.Redis:
         return self._redis
 
+    @property
+    def blocking(self) -> ChatQueueClient:
+        """The synchronous client this one publishes through, for calls with no asyncio form
+        yet (producer.batches.BatchClient): run them in a thread."""
+        return self._publisher
+
     async def submit(self, request: ChatRequest | Mapping[str, Any]) -> str:
         """As ChatQueueClient.submit: a bad request raises JobFailed and queues nothing; once
         this returns, the job is in Redis; a job id names one request (JobIdConflict)."""

@@ -4,6 +4,7 @@ clients) against a real uvicorn process, a real Redis and a real worker on the t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletion
 
 from producer import ChatQueueClient, ProducerSettings
 from tests.support.servers import REPO_ROOT, free_port, wait_until
@@ -41,6 +43,7 @@ def gateway(redis, tiny_queue, tmp_path_factory) -> Iterator[GatewayProcess]:
         "CHATQUEUE_GATEWAY_PORT": str(port),
         "CHATQUEUE_GATEWAY_MAX_BODY_BYTES": "65536",
         "CHATQUEUE_GATEWAY_MODELS_CACHE_S": "0",
+        "CHATQUEUE_GATEWAY_FILES_DIR": str(tmp_path_factory.mktemp("gateway-files")),
         "PYTHONUNBUFFERED": "1",
     })
     log = (tmp_path_factory.mktemp("gateway") / "gateway.log").open("w")
@@ -262,3 +265,40 @@ def test_the_gateway_works_on_the_producer_acl_user():
     assert health.status_code == 200
     assert [m["id"] for m in models.json()["data"]] == [model]
     assert shed.status_code == 429 and shed.json()["error"]["value"] == 2
+
+
+def test_a_batch_from_file_upload_to_output_download(sync_openai, tmp_path):
+    lines = [{"custom_id": f"q-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": TINY_MODEL_ID, "messages": TINY_MESSAGES, "temperature": 0}}
+             for i in range(3)]
+    lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": TINY_MODEL_ID, "messages": TINY_MESSAGES, "max_tokens": 0}})
+    source = tmp_path / "requests.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    uploaded = sync_openai.files.create(file=source.open("rb"), purpose="batch")
+    assert sync_openai.files.content(uploaded.id).content == source.read_bytes()
+    batch = sync_openai.batches.create(input_file_id=uploaded.id,
+                                       endpoint="/v1/chat/completions", completion_window="1h",
+                                       metadata={"team": "tests"})
+    assert batch.id in [b.id for b in sync_openai.batches.list()]
+    batch = wait_until(lambda: (b := sync_openai.batches.retrieve(batch.id)).status
+                       in ("completed", "failed", "expired", "cancelled") and b,
+                       timeout=120, what="the batch to complete", interval=0.25)
+
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed,
+            batch.request_counts.failed) == (4, 3, 1)
+    assert batch.metadata == {"team": "tests"}
+    outputs = [json.loads(line) for line in
+               sync_openai.files.content(batch.output_file_id).text.splitlines()]
+    errors = [json.loads(line) for line in
+              sync_openai.files.content(batch.error_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in outputs] == ["q-0", "q-1", "q-2"]
+    for output in outputs:
+        completion = ChatCompletion.model_validate(output["response"]["body"])
+        assert completion.choices[0].message.content == TINY_CONTENT
+    assert [e["custom_id"] for e in errors] == ["bad"]
+    assert errors[0]["response"]["body"]["error"]["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        sync_openai.batches.retrieve("batch_nonexistent")
