@@ -39,7 +39,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY gateway ./gateway
-RUN pip install ".[gateway]"
+RUN pip install ".[gateway]" \
+ && mkdir -p /data/files && chown -R chatqueue:chatqueue /data
 USER chatqueue
 EXPOSE 8000
 ENTRYPOINT ["chatqueue-gateway"]
