@@ -6,18 +6,26 @@ from typing import Any
 
 from celery import Celery
 
-from producer.schemas import MAX_PRIORITY
+from producer.schemas import DEFAULT_PRIORITY
 from producer.settings import ConnectionSettings
 
 # kombu's Redis transport keeps one list per priority step and pops them in order, 0 first (on
-# Redis 0 is the highest priority, the reverse of RabbitMQ). One step per level of the contract,
-# so no two levels share a list. Both sides must agree: the producer pushes, the worker pops.
-PRIORITY_TRANSPORT_OPTIONS: dict[str, Any] = {"priority_steps": list(range(MAX_PRIORITY + 1))}
+# Redis 0 is the highest priority, the reverse of RabbitMQ); step 0 is the queue's own name.
+# Its default steps, named so both sides agree: Flower's queue lengths and every tool that reads
+# the queue's own list see interactive jobs where they always were.
+PRIORITY_STEPS = [0, 3, 6, 9]
 
 
 def broker_priority(priority: int) -> int:
-    """The contract's priority (higher runs first) as kombu's Redis message priority."""
-    return MAX_PRIORITY - priority
+    """The Redis list a job of the contract's priority (higher first) waits in: interactive jobs
+    (DEFAULT_PRIORITY) and above in the first, popped before any other; 3-4, 1-2 and 0 in the
+    next three. Within a list jobs are taken in order; the engine then admits the exact
+    priority first."""
+    if priority >= DEFAULT_PRIORITY:
+        return 0
+    if priority >= 3:
+        return 3
+    return 6 if priority >= 1 else 9
 
 
 def celery_config(settings: ConnectionSettings) -> dict[str, Any]:
@@ -64,7 +72,7 @@ def _celery_config(settings: ConnectionSettings) -> dict[str, Any]:
             "max_retries": 10, "interval_start": 0, "interval_step": 0.5, "interval_max": 2,
         },
         "enable_utc": True,
-        "broker_transport_options": dict(PRIORITY_TRANSPORT_OPTIONS),
+        "broker_transport_options": {"priority_steps": list(PRIORITY_STEPS)},
     }
 
 

@@ -32,7 +32,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport import redis as kombu_redis
 
 from producer.batches import batch_key, batch_of_job, line_outcome, mark_finished_if_done
-from producer.celery_app import PRIORITY_TRANSPORT_OPTIONS
+from producer.celery_app import PRIORITY_STEPS
 from producer.schemas import JOB_ID_PATTERN
 from worker.redact import REDACTED, redact_event, show_content
 from worker.settings import WorkerSettings
@@ -220,7 +220,7 @@ def broker_options(settings: WorkerSettings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.redelivery_check_s,
             "unacked_restore_throttle": 1,
-            **PRIORITY_TRANSPORT_OPTIONS,  # higher-priority jobs are popped first
+            "priority_steps": list(PRIORITY_STEPS),  # higher-priority jobs are popped first
             **settings.sentinel_transport_options(),
         },
     }

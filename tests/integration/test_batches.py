@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion
 
 from producer import ChatQueueClient, JobFailed, ProducerSettings
 from producer.batches import BatchClient, batch_lines_key, line_job_id
-from producer.schemas import MAX_PRIORITY
+from producer.celery_app import PRIORITY_STEPS
 from tests.support.servers import (
     REPO_ROOT,
     redis_server,
@@ -58,7 +58,7 @@ def idle_client(redis):
 def queued(client: ChatQueueClient) -> int:
     """Messages waiting in the client's queue, over all its priority lists."""
     queue = client.settings.queue
-    keys = [queue] + [f"{queue}\x06\x16{p}" for p in range(1, MAX_PRIORITY + 1)]
+    keys = [queue] + [f"{queue}\x06\x16{p}" for p in PRIORITY_STEPS[1:]]
     return sum(client._redis.llen(key) for key in keys)
 
 
