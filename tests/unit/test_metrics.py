@@ -72,6 +72,8 @@ def test_every_outcome_is_exported_at_zero_before_any_job(metrics: WorkerMetrics
         "limit_exceeded",
         "out_of_memory",
         "internal_error",
+        "batch_expired",
+        "batch_cancelled",
     }
     for outcome in OUTCOMES:
         assert value(metrics, "chatqueue_jobs_total", outcome=outcome) == 0
