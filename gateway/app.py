@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 # kombu's Redis transport keeps a queue's messages in one list per priority step (0 plain, n
 # as "<queue>\x06\x16<n>"; producer/celery_app.py: a step per level of the contract).
 _PRIORITY_SUFFIXES = ("", *(f"\x06\x16{step}" for step in range(1, MAX_PRIORITY + 1)))
+# A stream silent this long gets its result watched (a refused job writes no event at all).
+_SILENCE_S = 0.25
 _ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/v1/files",
            "/v1/batches")
 
@@ -250,14 +252,28 @@ class JobStream:
     async def _pump(self, send: Send) -> None:
         client, timeout = self.gateway.client, self.gateway.settings.request_timeout_s
         events = client.stream(self.job_id, timeout=timeout)
-        result_task = asyncio.ensure_future(client.result(self.job_id, timeout=timeout))
         next_event: asyncio.Future[StreamEvent] = asyncio.ensure_future(anext(events))
         writer, wrote_text, first_token = ChunkWriter(self.job_id, self.model), False, False
+        # The result is watched too (a job that fails writes no end event), but only once the
+        # first text went out or the stream stayed silent for a while: off the first token's path.
+        result_task: asyncio.Future[ChatResult] | None = None
+
+        def watch_result() -> asyncio.Future[ChatResult]:
+            nonlocal result_task
+            if result_task is None:
+                result_task = asyncio.ensure_future(client.result(self.job_id, timeout=timeout))
+            return result_task
+
         try:
             while True:
-                await asyncio.wait({next_event} | ({result_task} - _done(result_task)),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                waiting = {next_event} if result_task is None else \
+                    {next_event} | ({result_task} - _done(result_task))
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED,
+                                   timeout=_SILENCE_S if result_task is None else None)
                 if not next_event.done():
+                    if result_task is None or not result_task.done():
+                        watch_result()
+                        continue
                     failure = result_task.exception()
                     if failure is None:
                         continue  # finished: its end event is on its way
@@ -291,18 +307,21 @@ class JobStream:
                             self.gateway.metrics.first_token.observe(
                                 time.perf_counter() - self.started)
                     await _send_event(send, chunk)
+                    if wrote_text:
+                        watch_result()
                 if event.type == "end":
                     self.finished = True
                     break
                 next_event = asyncio.ensure_future(anext(events))
             if self.include_usage:
-                result: ChatResult = await result_task
+                result: ChatResult = await watch_result()
                 await _send_event(send, writer.usage(result))
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
                         "more_body": False})
         finally:
             next_event.cancel()
-            result_task.cancel()
+            if result_task is not None:
+                result_task.cancel()
             with contextlib.suppress(Exception):
                 await events.aclose()  # type: ignore[attr-defined]
 
