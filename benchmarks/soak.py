@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.soak --short   # CI: 60 jobs, about 2-4 minutes on 2 cores
     .venv/bin/python -m benchmarks.soak           # 300 jobs, about 10 minutes on 2 cores
+    .venv/bin/python -m benchmarks.soak --short --failover   # Redis Sentinel: the primary fails
 
 On loopback only: a real redis-server (AOF on, as compose runs it) and two real `chatqueue-worker
 run` processes on the tiny test model (built once, as the tests do). While jobs are submitted at
@@ -15,6 +16,12 @@ job and prints what became of them:
 - duplicated: more than one final result stored for a job (seen as Redis publishes each
   stored state), or a stored result replaced after it was first read;
 - redelivered: jobs a second worker received (after a kill or the Redis restart): expected.
+
+With --failover, Redis is a primary, a replica and three sentinels (tests/support/sentinel.py,
+down-after 1 s), workers and producer know only the sentinels, and instead of the Redis restart
+the primary is SIGKILLed (then restarted: it rejoins as a replica); the producer submits with
+CHATQUEUE_SUBMIT_MIN_REPLICAS (--min-replicas, default 1), so no accepted job can be lost with
+the primary. `failover_s` is the kill -> new primary time.
 
 Lost and duplicated must be 0: the exit status is 1 otherwise. Everything is bounded: the job
 count, each job's length, and the whole run (--time-limit).
@@ -41,6 +48,7 @@ import redis as redis_py
 
 from producer import ChatQueueClient, JobFailed, JobNotFound, ProducerSettings
 from producer.settings import TASK_NAME
+from tests.support.sentinel import SentinelCluster, sentinel_cluster, wait_for_new_primary
 from tests.support.servers import (
     RedisServer,
     WorkerProcess,
@@ -53,6 +61,7 @@ from tests.support.servers import (
 )
 
 QUEUE = "soak"
+HA_QUEUE = "chatqueue.soak"  # --failover runs on the role ACL, whose users reach chatqueue.* only
 # Short enough that a killed worker's jobs come back within the run: ~visibility + check.
 WORKER_SETTINGS = {
     "max_job_seconds": "12",
@@ -92,6 +101,7 @@ class Report:
     unexpected: int = 0  # a valid job that failed, or an invalid one that did not
     redelivered: int = 0
     submit_retries: int = 0  # submits that raised (Redis away) and were sent again
+    failover_s: float | None = None  # --failover: SIGKILL of the primary -> a new one named
     elapsed_s: float = 0.0
     events: list[str] = field(default_factory=list)
 
@@ -100,7 +110,7 @@ class FinalWrites:
     """Counts the final states stored per job, as Redis publishes every stored state; follows
     Redis through its restart (a publish during the reconnect itself can go unseen)."""
 
-    def __init__(self, server: RedisServer) -> None:
+    def __init__(self, server: RedisServer | SentinelCluster) -> None:
         self.server = server
         self.counts: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -110,7 +120,7 @@ class FinalWrites:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                pubsub = self.server.client().pubsub(ignore_subscribe_messages=True)
+                pubsub = _admin(self.server).pubsub(ignore_subscribe_messages=True)
                 pubsub.psubscribe("celery-task-meta-*")
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.5)
@@ -118,7 +128,7 @@ class FinalWrites:
                         meta = json.loads(message["data"])
                         if meta.get("status") in FINAL:
                             self.counts[meta["task_id"]] += 1
-            except redis_py.ConnectionError:
+            except (redis_py.ConnectionError, redis_py.TimeoutError):
                 self._stop.wait(0.2)
 
     def stop(self) -> None:
@@ -139,25 +149,36 @@ class Soak:
         self.expect_valid: dict[str, bool] = {}
         self.workers: list[WorkerProcess] = []
         self.started = time.monotonic()
+        self.queue = QUEUE
 
     def note(self, text: str) -> None:
         line = f"[{time.monotonic() - self.started:6.1f}s] {text}"
         self.report.events.append(line)
         print(line, file=sys.stderr, flush=True)
 
-    def run(self, server: RedisServer) -> Report:
-        env = worker_env(server.url, self.model_dir, QUEUE, **WORKER_SETTINGS)
+    def run(self, server: RedisServer | SentinelCluster, min_replicas: int = 0) -> Report:
+        if isinstance(server, SentinelCluster):
+            self.queue = HA_QUEUE
+            env = worker_env("redis://sentinel-named-primary/0", self.model_dir, self.queue,
+                             **WORKER_SETTINGS, **server.worker_settings())
+            settings = ProducerSettings(_env_file=None, queue=self.queue, wait_timeout_s=60,
+                                        submit_min_replicas=min_replicas,
+                                        **server.producer_settings())
+            redis_chaos = lambda: self.fail_over(server)  # noqa: E731
+        else:
+            env = worker_env(server.url, self.model_dir, QUEUE, **WORKER_SETTINGS)
+            settings = ProducerSettings(broker_url=server.url, queue=QUEUE, wait_timeout_s=60)
+            redis_chaos = lambda: self.restart_redis(server)  # noqa: E731
         for _ in range(2):
             self.workers.append(spawn_worker(env, self.log_dir))
         for worker in self.workers:
             wait_ready(worker)
         self.note("2 workers ready")
         finals = FinalWrites(server)
-        settings = ProducerSettings(broker_url=server.url, queue=QUEUE, wait_timeout_s=60)
         with ChatQueueClient(settings) as client:
             # The chaos happens at these points of the submissions, each one once.
             chaos = {self.jobs // 5: lambda: self.replace_busy_worker(client, env),
-                     self.jobs * 9 // 20: lambda: self.restart_redis(server),
+                     self.jobs * 9 // 20: redis_chaos,
                      self.jobs * 7 // 10: lambda: self.replace_busy_worker(client, env)}
             pace_s = 0.5
             for index in range(self.jobs):
@@ -194,7 +215,7 @@ class Soak:
                 if valid:
                     client.submit(request)
                 else:  # past the producer's validation, as a buggy client would send it
-                    client.app.send_task(TASK_NAME, task_id=job_id, queue=QUEUE,
+                    client.app.send_task(TASK_NAME, task_id=job_id, queue=self.queue,
                                          kwargs={"request": request})
                 break
             except Exception as exc:  # not accepted: the caller may send it again, same id
@@ -228,7 +249,21 @@ class Soak:
         server.restart()
         self.note("Redis restarted")
 
-    def collect(self, client: ChatQueueClient, server: RedisServer) -> dict[str, Any]:
+    def fail_over(self, cluster: SentinelCluster) -> None:
+        """SIGKILL the primary; its supervisor restarts it once the sentinels promoted the
+        replica, and it rejoins as a replica."""
+        old = cluster.primary()
+        killed_at = time.monotonic()
+        old.stop(signal.SIGKILL)
+        self.note(f"Redis primary :{old.port} killed (SIGKILL)")
+        switched_at = wait_for_new_primary(cluster, old.port)
+        self.report.failover_s = round(switched_at - killed_at, 2)
+        self.note(f"sentinels named :{cluster.primary_port()} primary after "
+                  f"{self.report.failover_s} s; restarting the old one as a replica")
+        old.start()
+
+    def collect(self, client: ChatQueueClient,
+                server: RedisServer | SentinelCluster) -> dict[str, Any]:
         """Wait for every job's final result; returns each stored result as first read."""
         first_seen: dict[str, Any] = {}
         for job_id, valid in self.expect_valid.items():
@@ -241,7 +276,7 @@ class Soak:
             if (outcome == "completed") != valid:
                 self.report.unexpected += 1
                 self.note(f"unexpected: {job_id} ({'valid' if valid else 'invalid'}) {outcome}")
-            first_seen[job_id] = server.client().get(f"celery-task-meta-{job_id}")
+            first_seen[job_id] = _admin(server).get(f"celery-task-meta-{job_id}")
         return first_seen
 
     def wait_for(self, client: ChatQueueClient, job_id: str) -> str:
@@ -258,9 +293,9 @@ class Soak:
                 time.sleep(0.5)
         return "lost"
 
-    def count_duplicates(self, server: RedisServer, finals: FinalWrites,
+    def count_duplicates(self, server: RedisServer | SentinelCluster, finals: FinalWrites,
                          first_seen: dict[str, Any]) -> None:
-        client = server.client()
+        client = _admin(server)
         for job_id, seen in first_seen.items():
             replaced = client.get(f"celery-task-meta-{job_id}") != seen
             if finals.counts[job_id] > 1 or replaced:
@@ -276,6 +311,11 @@ class Soak:
                                       if count > 1 and job_id in self.expect_valid)
 
 
+def _admin(server: RedisServer | SentinelCluster) -> redis_py.Redis:
+    """A client of the server, or of whichever node the sentinels name primary now."""
+    return server.admin() if isinstance(server, SentinelCluster) else server.client()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.soak", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -286,17 +326,22 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 1200; 420 with --short)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    parser.add_argument("--failover", action="store_true",
+                        help="Redis Sentinel (primary, replica, 3 sentinels): the primary is "
+                        "SIGKILLed instead of a Redis restart")
+    parser.add_argument("--min-replicas", type=int, default=1,
+                        help="with --failover: the producer's submit_min_replicas (default 1)")
     args = parser.parse_args(argv)
     jobs = args.jobs or (60 if args.short else 300)
     time_limit = args.time_limit or (420.0 if args.short else 1200.0)
     if not 10 <= jobs <= 5000:
         parser.error("--jobs must be between 10 and 5000")
 
-    with tempfile.TemporaryDirectory(prefix="chatqueue-soak-") as log_dir, \
-            redis_server(appendonly=True) as server:
+    redis_setup = sentinel_cluster() if args.failover else redis_server(appendonly=True)
+    with tempfile.TemporaryDirectory(prefix="chatqueue-soak-") as log_dir, redis_setup as server:
         soak = Soak(jobs, args.invalid_share, time_limit, tiny_model_dir(), Path(log_dir),
                     args.seed)
-        report = soak.run(server)
+        report = soak.run(server, min_replicas=args.min_replicas if args.failover else 0)
 
     summary = {key: value for key, value in asdict(report).items() if key != "events"}
     if args.json:
