@@ -59,7 +59,9 @@ echo "user admin on #$admin ~* &* +@all"
 # Producers: queue jobs, read their records, results and streams, cancel. Nothing else: no
 # reading a lease, a worker's unacked messages, another's queue internals; no control channel.
 # A new key or command the producer uses (batch records, Sentinel's ROLE, ...) needs its rule
-# here and a line in tests/integration/test_security.py, or it is refused with NOPERM.
+# here and a line in tests/integration/test_security.py, or it is refused with NOPERM. Batches:
+# their records, lines and counts (chatqueue:batch:*, the chatqueue:batches index; tested in
+# tests/integration/test_batches.py); the worker counts a line's end in them (HINCRBY).
 # The gateway is a producer that also reads its queues' lengths (LLEN: 429) and the live
 # workers (ZRANGEBYSCORE chatqueue:workers: GET /v1/models, 503; tests/integration/test_gateway.py).
 echo "user producer on #$producer resetkeys resetchannels -@all $session $scripts" \
@@ -69,7 +71,9 @@ echo "user producer on #$producer resetkeys resetchannels -@all $session $script
   "(+lpush %W~chatqueue.*)" \
   "(+llen %R~chatqueue.*)" \
   "(+zrangebyscore %R~chatqueue:workers)" \
-  "(+publish &chatqueue:cancel)"
+  "(+publish &chatqueue:cancel)" \
+  "(+hset +hsetnx +hget +hmget +hgetall +hincrby +expire +zadd +zrevrange +evalsha +set" \
+  "~chatqueue:batch:* ~chatqueue:batches)"
 
 # Workers: consume their queue (kombu's redis transport: BRPOP, the unacked hash and index,
 # restoring dead workers' jobs), store results, write streams and leases, listen for cancels
@@ -78,7 +82,7 @@ echo "user producer on #$producer resetkeys resetchannels -@all $session $script
 echo "user worker on #$worker resetkeys resetchannels -@all $session $scripts" \
   "+brpop +rpop +lpush +rpush +llen +del +pexpire +expire +multi +exec +discard +watch +unwatch" \
   "+sadd +srem +smembers +zadd +zrem +zrange +zrangebyscore +hset +hget +hdel" \
-  "+set +setex +get +mget +exists +xadd +time" \
+  "+set +setex +get +mget +exists +xadd +time +hincrby +hmget +hsetnx" \
   "+subscribe +unsubscribe +psubscribe +punsubscribe" \
   "~chatqueue.* ~chatqueue:* ~celery-task-meta-* ~unacked ~unacked_index ~unacked_mutex" \
   "~_kombu.binding.* ~_kombu.binding_permanent.* ~_kombu.binding_deadlines ~*.celery.pidbox*" \

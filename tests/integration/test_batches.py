@@ -299,3 +299,41 @@ def test_the_batch_commands(redis, tiny_queue, tmp_path):
     assert json.loads(cancelled.stdout)["status"] == "completed"
     missing = chatqueue("batch", "status", "batch_nosuch")
     assert missing.returncode == 4
+
+
+def test_batches_run_on_the_producer_and_worker_logins_of_the_acl(tiny_model_dir, tmp_path):
+    """deploy/redis/acl.sh's users: the producer login submits, follows, reads and cancels a
+    batch; the worker login counts its lines; Redis refuses nothing (ACL LOG stays empty)."""
+    roles = ("admin", "producer", "worker", "flower")
+    passwords = {role: f"{role}-{uuid.uuid4().hex}" for role in roles}
+    env = {"PATH": os.environ["PATH"],
+           **{f"REDIS_{role.upper()}_PASSWORD": pw for role, pw in passwords.items()}}
+    acl = subprocess.run(["sh", str(REPO_ROOT / "deploy" / "redis" / "acl.sh")], env=env,
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    queue = f"chatqueue.acl-{uuid.uuid4().hex[:6]}"
+    with redis_server(acl=acl, username="admin", password=passwords["admin"]) as server:
+        worker = spawn_worker(worker_env(server.url, tiny_model_dir, queue,
+                                         redis_username="worker",
+                                         redis_password=passwords["worker"]), tmp_path)
+        try:
+            wait_ready(worker)
+            settings = ProducerSettings(broker_url=server.url, redis_username="producer",
+                                        redis_password=passwords["producer"], queue=queue,
+                                        wait_timeout_s=60)
+            with ChatQueueClient(settings) as client:
+                batches = BatchClient(client)
+                report = batches.submit(write_file(tmp_path, [line("a", max_tokens=16),
+                                                              line("b", tools=[{}])]))
+                batch = batches.wait(report.batch_id, timeout=60)
+                results = list(batches.results(report.batch_id))
+                assert any(b["id"] == report.batch_id for b in batches.list())
+                batches.cancel(report.batch_id)
+                second = batches.submit(write_file(tmp_path, [line("c")], name="2.jsonl"))
+                assert batches.cancel(second.batch_id)["status"] in ("cancelling", "cancelled")
+        finally:
+            worker.stop()
+        denied = server.client().acl_log()
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    assert [(kind, r["custom_id"]) for kind, r in results] == [("output", "a"), ("error", "b")]
+    assert denied == []
