@@ -499,7 +499,8 @@ class BatchStore:
         return int(window_s) + self.result_ttl_s
 
     def create(self, batch_id: str, *, window: str, window_s: float, priority: int,
-               input_file: str, metadata: Mapping[str, str] | None, now: float) -> bool:
+               input_file: str, metadata: Mapping[str, str] | None, now: float,
+               stream: bool = False) -> bool:
         """Write a new batch's record; False (nothing written) if the batch exists: a
         resumed submission keeps the first one's window and priority."""
         key = batch_key(batch_id)
@@ -509,6 +510,7 @@ class BatchStore:
             "completion_window": window, "window_s": window_s, "created_at": now,
             "expires_at": now + window_s, "priority": priority, "input_file": input_file,
             "metadata": json.dumps(dict(metadata or {})), "completed": 0, "failed": 0,
+            "stream": int(stream),
         })
         self.redis.expire(key, self._ttl(window_s))
         self.redis.zadd(BATCHES_KEY, {batch_id: now})
@@ -630,7 +632,8 @@ class BatchClient:
         """Queue every line of a Batch JSONL file, read line by line (never whole in memory).
 
         Without `batch_id` the batch's id is the file's content digest: submitting the same
-        file again resumes it (each line queued exactly once). Refused lines become error lines
+        file again resumes it (each line queued exactly once, with the first submission's
+        window, priority and `stream`). Refused lines become error lines
         at once; the rest of the file runs."""
         path = Path(path)
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
@@ -647,15 +650,18 @@ class BatchClient:
                              "[A-Za-z0-9_-]")
         created = self.store.create(batch_id, window=window, window_s=window_s,
                                     priority=priority, input_file=path.name, metadata=metadata,
-                                    now=time.time())
+                                    now=time.time(), stream=stream)
         record = self.store.record(batch_id)
         with path.open("rb") as file:
-            lines, refused = self.submit_lines(batch_id, file, record, stream=stream)
+            lines, refused = self.submit_lines(batch_id, file, record)
         return SubmitReport(batch_id, lines, refused, created)
 
     def submit_lines(self, batch_id: str, lines: Iterable[bytes | str],
-                     record: Mapping[str, str], *, stream: bool = False) -> tuple[int, int]:
-        """Queue the lines of an existing batch record, chunk by chunk; (lines, refused)."""
+                     record: Mapping[str, str]) -> tuple[int, int]:
+        """Queue the lines of an existing batch record, chunk by chunk; (lines, refused). The
+        record's window, priority and stream choice hold for every line, so a resumed
+        submission publishes the very requests the first one did."""
+        stream = record.get("stream") == "1"
         window_s = float(record["window_s"])
         expires_at = float(record["expires_at"])
         priority = int(record["priority"])
