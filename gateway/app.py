@@ -251,9 +251,9 @@ class JobStream:
 
     async def _pump(self, send: Send) -> None:
         client, timeout = self.gateway.client, self.gateway.settings.request_timeout_s
-        events = client.stream(self.job_id, timeout=timeout)
-        next_event: asyncio.Future[StreamEvent] = asyncio.ensure_future(anext(events))
-        writer, wrote_text, first_token = ChunkWriter(self.job_id, self.model), False, False
+        batches = client.stream_batches(self.job_id, timeout=timeout)
+        next_batch: asyncio.Future[list[StreamEvent]] = asyncio.ensure_future(anext(batches))
+        writer, wrote_text = ChunkWriter(self.job_id, self.model), False
         # The result is watched too (a job that fails writes no end event), but only once the
         # first text went out or the stream stayed silent for a while: off the first token's path.
         result_task: asyncio.Future[ChatResult] | None = None
@@ -265,12 +265,12 @@ class JobStream:
             return result_task
 
         try:
-            while True:
-                waiting = {next_event} if result_task is None else \
-                    {next_event} | ({result_task} - _done(result_task))
+            while not self.finished:
+                waiting = {next_batch} if result_task is None else \
+                    {next_batch} | ({result_task} - _done(result_task))
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED,
                                    timeout=_SILENCE_S if result_task is None else None)
-                if not next_event.done():
+                if not next_batch.done():
                     if result_task is None or not result_task.done():
                         watch_result()
                         continue
@@ -281,49 +281,54 @@ class JobStream:
                     await self._fail(send, writer, failure)
                     return
                 try:
-                    event = next_event.result()
+                    events = next_batch.result()
                 except StopAsyncIteration:
                     break
                 except (TimeoutError, JobNotFound) as exc:
                     self.finished = True
                     await self._fail(send, writer, exc)
                     return
+                out: list[bytes] = []
                 if not writer.started:
                     await _start(send, 200, "text/event-stream",
                                  {"x-chatqueue-job-id": self.job_id})
-                    await _send_event(send, writer.first())
-                if event.type == "start" and wrote_text:
-                    # The job runs again from its start (its worker died): what was sent is void.
-                    self.finished = True
-                    await self._fail(send, writer, RuntimeError(
-                        "the job restarted after a worker failure; its output so far is void"))
-                    return
-                chunk = writer.event(event)
-                if chunk is not None:
-                    if event.type in ("thinking", "content"):
-                        wrote_text = True
-                        if not first_token:
-                            first_token = True
+                    out.append(_event(writer.first()))
+                for event in events:
+                    if event.type == "start" and wrote_text:
+                        # The job runs again from its start (its worker died): what was sent
+                        # is void.
+                        await _send_body(send, out)
+                        self.finished = True
+                        await self._fail(send, writer, RuntimeError(
+                            "the job restarted after a worker failure; its output so far is "
+                            "void"))
+                        return
+                    chunk = writer.event(event)
+                    if chunk is not None:
+                        if event.type in ("thinking", "content") and not wrote_text:
+                            wrote_text = True
                             self.gateway.metrics.first_token.observe(
                                 time.perf_counter() - self.started)
-                    await _send_event(send, chunk)
-                    if wrote_text:
-                        watch_result()
-                if event.type == "end":
-                    self.finished = True
-                    break
-                next_event = asyncio.ensure_future(anext(events))
+                        out.append(_event(chunk))
+                    if event.type == "end":
+                        self.finished = True
+                # What arrived in one read goes out in one write.
+                await _send_body(send, out)
+                if wrote_text:
+                    watch_result()
+                if not self.finished:
+                    next_batch = asyncio.ensure_future(anext(batches))
             if self.include_usage:
                 result: ChatResult = await watch_result()
-                await _send_event(send, writer.usage(result))
+                await _send_body(send, [_event(writer.usage(result))])
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
                         "more_body": False})
         finally:
-            next_event.cancel()
+            next_batch.cancel()
             if result_task is not None:
                 result_task.cancel()
             with contextlib.suppress(Exception):
-                await events.aclose()  # type: ignore[attr-defined]
+                await batches.aclose()  # type: ignore[attr-defined]
 
     async def _fail(self, send: Send, writer: ChunkWriter, failure: BaseException) -> None:
         if isinstance(failure, JobFailed):
@@ -354,10 +359,18 @@ async def _start(send: Send, status: int, media_type: str, headers: dict[str, st
     await send({"type": "http.response.start", "status": status, "headers": raw})
 
 
-async def _send_event(send: Send, payload: dict[str, Any]) -> None:
+def _event(payload: dict[str, Any]) -> bytes:
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(),
-                "more_body": True})
+    return f"data: {data}\n\n".encode()
+
+
+async def _send_event(send: Send, payload: dict[str, Any]) -> None:
+    await _send_body(send, [_event(payload)])
+
+
+async def _send_body(send: Send, parts: list[bytes]) -> None:
+    if parts:
+        await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
 
 
 async def _disconnected(receive: Receive) -> None:

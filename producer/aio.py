@@ -149,6 +149,14 @@ class AsyncChatQueueClient:
     async def stream(self, job_id: str, timeout: float | None = None
                      ) -> AsyncIterator[StreamEvent]:
         """As ChatQueueClient.stream, as an async iterator."""
+        async for events in self.stream_batches(job_id, timeout):
+            for event in events:
+                yield event
+
+    async def stream_batches(self, job_id: str, timeout: float | None = None
+                             ) -> AsyncIterator[list[StreamEvent]]:
+        """stream(), one list of events per read from Redis: what arrived together can be
+        passed on together (the gateway writes each list to its client at once)."""
         cursor = core.StreamCursor(job_id, stream_key(job_id),
                                    timeout or self.settings.wait_timeout_s)
         if not await self._redis.exists(cursor.key):
@@ -161,8 +169,9 @@ class AsyncChatQueueClient:
             except (redis.ConnectionError, redis.TimeoutError):
                 reply = None
                 await asyncio.sleep(core.RECONNECT_WAIT_S)
-            for event in cursor.feed(reply):
-                yield event
+            events = cursor.feed(reply)
+            if events:
+                yield events
 
     async def progress(self, job_id: str) -> Progress | None:
         state, info = await self._state_and_payload(job_id)
