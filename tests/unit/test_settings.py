@@ -124,6 +124,8 @@ def test_sentinel_setup_reaches_celery_kombu_and_our_clients(monkeypatch):
     assert backend_options["additional_connection_errors"] == ["redis.exceptions.ReadOnlyError"]
     options = broker_options(settings)
     assert options["broker_transport"] == SENTINEL_TRANSPORT
+    # A lost broker is retried within 0.5-2 s, not Celery's 2, 4, ... 30 s.
+    assert options["worker_consumer"] == "worker.delivery:QuickReconnectConsumer"
     assert options["broker_transport_options"].items() >= sentinel_options.items()
     client = redis_client(settings)
     pool = client.connection_pool
