@@ -1,6 +1,7 @@
 """chatqueue producer: the job contract and a thin client. Imports no torch or transformers."""
 
 from producer.aio import AsyncChatQueueClient
+from producer.batches import BatchClient
 from producer.client import ChatQueueClient, parse_request
 from producer.errors import JobFailed, JobIdConflict, JobNotFound
 from producer.schemas import ChatMessage, ChatRequest, ChatResult, GenerationParams, JobError
@@ -8,6 +9,7 @@ from producer.settings import ProducerSettings
 
 __all__ = [
     "AsyncChatQueueClient",
+    "BatchClient",
     "ChatMessage",
     "ChatQueueClient",
     "ChatRequest",
