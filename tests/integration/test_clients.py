@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,7 +22,8 @@ from producer import (
     JobNotFound,
     ProducerSettings,
 )
-from tests.support.servers import wait_until
+from producer.celery_app import create_celery
+from tests.support.servers import redis_server, wait_until
 from worker.devmodels import TINY_CONTENT, TINY_MESSAGES, TINY_MULTI_TURN, TINY_THINKING
 
 pytestmark = pytest.mark.integration
@@ -176,3 +178,74 @@ def test_result_wait_times_out(client):
         client.result(job_id, timeout=0.05)
     client.cancel(job_id)
     assert client.result(job_id).finish_reason == "cancelled"
+
+
+@pytest.fixture(params=["sync", "async"])
+def restartable(request) -> Iterator[tuple[Any, Any]]:
+    """A client on a Redis of its own (AOF on), which the test restarts; no worker."""
+    with redis_server(appendonly=True) as server:
+        settings = ProducerSettings(broker_url=server.url, queue="no-worker", wait_timeout_s=60)
+        made = ChatQueueClient(settings) if request.param == "sync" else \
+            BlockingAsyncClient(settings)
+        yield server, made
+        made.close()
+
+
+def test_a_result_wait_rides_out_a_redis_restart(restartable):
+    server, client = restartable
+    job_id = client.submit(chat())
+    waited: dict[str, Any] = {}
+
+    def wait() -> None:
+        try:
+            waited["result"] = client.result(job_id, timeout=60)
+        except Exception as exc:  # handed to the test's thread
+            waited["error"] = exc
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.5)
+    server.restart()
+    # What a worker's result backend does once Redis is back: store the state and publish it.
+    storer = create_celery(client.settings, name="test-storer")
+    storer.backend.store_result(job_id, _result(job_id), "SUCCESS")
+    waiter.join(timeout=60)
+    storer.close()
+
+    assert "error" not in waited, waited.get("error")
+    assert waited["result"].content == TINY_CONTENT
+
+
+def _result(job_id: str) -> dict[str, Any]:
+    now = "2026-12-01T00:00:00+00:00"
+    return {"job_id": job_id, "model_id": "m", "model_revision": "r", "thinking": "",
+            "content": TINY_CONTENT, "finish_reason": "stop",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "thinking_tokens": 0},
+            "timings": {"queued_at": now, "started_at": now, "finished_at": now,
+                        "queue_wait_s": 0.0, "generation_s": 0.0, "tokens_per_s": 0.0},
+            "worker_host": "h", "device": "cpu"}
+
+
+def test_a_stream_rides_out_a_redis_restart(restartable):
+    server, client = restartable
+    job_id = client.submit(chat())
+    key, read = f"chatqueue:stream:{job_id}", {}
+    server.client().xadd(key, {"type": "start"})
+
+    def follow() -> None:
+        try:
+            read["events"] = list(client.stream(job_id, timeout=60))
+        except Exception as exc:  # handed to the test's thread
+            read["error"] = exc
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    time.sleep(0.5)
+    server.restart()
+    redis = server.client()
+    redis.xadd(key, {"type": "content", "text": TINY_CONTENT})
+    redis.xadd(key, {"type": "end", "finish_reason": "stop"})
+    reader.join(timeout=60)
+
+    assert "error" not in read, read.get("error")
+    assert [e.type for e in read["events"]] == ["start", "content", "end"]
