@@ -13,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,10 +119,10 @@ class Batches:
                            code="not_found", param="file_id")
         return path
 
-    async def _results(self, batch_id: str, kind: str) -> AsyncIterator[bytes]:
-        lines: Iterator[tuple[str, dict[str, Any]]] = iter(
-            await asyncio.to_thread(lambda: list(self.client.results(batch_id))))
-        for line_kind, line in lines:
+    def _results(self, batch_id: str, kind: str) -> Iterator[bytes]:
+        """The batch's lines of one kind, read as they are sent (Starlette runs a plain
+        iterator in its thread pool): a large batch is never whole in memory."""
+        for line_kind, line in self.client.results(batch_id):
             if line_kind == kind:
                 yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
 
