@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -441,6 +442,19 @@ def create_app(settings: GatewaySettings, producer: ProducerSettings | None = No
                             status_code=exc.status_code)
 
     batches = Batches(gateway, settings.files_dir, settings.max_file_bytes)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # Redis away past the clients' retries (kombu raises OperationalError for a publish):
+        # a retryable 503; anything else a 500 -- both in OpenAI's shape, with no traceback.
+        if isinstance(exc, redis.RedisError | OperationalError):
+            log.warning("%s %s: the queue is unreachable: %s", request.method, request.url.path,
+                        exc)
+            return JSONResponse(error_body("the queue is unreachable; retry later",
+                                           type_="service_unavailable",
+                                           code="queue_unavailable"), status_code=503)
+        log.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse(error_body("internal error", type_="server_error",
+                                       code="internal_error"), status_code=500)
+
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
@@ -449,7 +463,8 @@ def create_app(settings: GatewaySettings, producer: ProducerSettings | None = No
             Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
             *batches.routes(),
         ],
-        exception_handlers={ApiError: api_error, HTTPException: http_error},
+        exception_handlers={ApiError: api_error, HTTPException: http_error,
+                            Exception: unexpected},
         lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway
