@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install demo test test-unit test-integration lint bench bench-quick bench-gpu models clean
+.PHONY: install demo test test-unit test-integration lint bench bench-quick bench-gpu bench-gateway gateway models clean
 
 install: .venv/.installed
 
@@ -31,6 +31,14 @@ bench: install
 
 bench-quick: install
 	$(PY) -m benchmarks.run --quick
+
+# The OpenAI-compatible HTTP API on 127.0.0.1:8000 (CHATQUEUE_GATEWAY_* to change it).
+gateway: install
+	.venv/bin/chatqueue-gateway
+
+# Time to first token through the gateway vs the producer (real Redis, tiny-model worker).
+bench-gateway: install
+	$(PY) -m benchmarks.gateway_load $(ARGS)
 
 # No install: a GPU machine has torch + transformers and no .venv (see benchmarks/gpu.py).
 bench-gpu:
