@@ -23,6 +23,8 @@ from producer.schemas import (
     Progress,
     StreamEvent,
     error_from_validation,
+    request_size,
+    request_too_large,
 )
 from producer.settings import ProducerSettings
 
@@ -85,14 +87,29 @@ class Submission:
 def plan_submission(raw: ChatRequest | Mapping[str, Any], settings: ProducerSettings,
                     now: float | None = None) -> Submission:
     """Validate a request (JobFailed when bad: nothing is queued) and say how it is published:
-    the client's job id or a new one; the queue of the model it names."""
+    the client's job id or a new one; the queue of the model it names.
+
+    A request over settings.max_request_bytes as JSON is refused before it is parsed (a mapping)
+    and as published (its dump, defaults included), the same error a worker would store."""
+    limit = settings.max_request_bytes
+    if not isinstance(raw, ChatRequest):
+        check_request_size(raw, limit)
     request = parse_request(raw)
+    dumped = request.model_dump(mode="json")
+    check_request_size(dumped, limit)
     return Submission(
         job_id=request.job_id or uuid.uuid4().hex,
-        kwargs={"request": request.model_dump(mode="json"),
+        kwargs={"request": dumped,
                 "submitted_at": time.time() if now is None else now},
         queue=settings.queue_for(request.model or settings.default_model),
     )
+
+
+def check_request_size(raw: Any, limit: int) -> None:
+    """JobFailed (limit_exceeded, field "request") when `raw` is over `limit` bytes as JSON."""
+    size = request_size(raw)
+    if size > limit:
+        raise JobFailed(request_too_large(size, limit, "the producer's"))
 
 
 def record_verdict(current: bytes | str | None, digest: str,

@@ -6,6 +6,7 @@ validate a request before it is ever queued.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,11 @@ from pydantic import (
 # Hard ceilings of the contract itself; each worker enforces its own, lower limits on top.
 MAX_MESSAGES = 256
 MAX_MESSAGE_CHARS = 200_000
+# The whole request as UTF-8 JSON: what binds before the per-message ceilings do (256 messages
+# of 200,000 characters made a 51 MB request that took a worker from 72 to 390 MB). 1 MiB is
+# about 250k tokens of English, far past any served model's context; workers default to it and
+# the producer refuses a larger request before it is published.
+MAX_REQUEST_BYTES = 1_048_576
 MAX_NEW_TOKENS_CEILING = 131_072
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 MAX_STOP_STRINGS = 4
@@ -213,6 +219,20 @@ def error_from_validation(exc: ValidationError) -> JobError:
     message = f"{where}: {_printable(first['msg'], width=300)} (got {value})"
     return JobError(code="invalid_request", field=field, message=message,
                     limit=_scalar(limit), value=value)
+
+
+def request_size(raw: Any) -> int:
+    """A request's size in bytes as compact UTF-8 JSON, as the worker measures it (a lone
+    surrogate counts its 3 bytes; a value JSON cannot carry counts as its str())."""
+    text = json.dumps(raw, ensure_ascii=False, separators=(",", ":"), default=str)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def request_too_large(size: int, limit: int, whose: str) -> JobError:
+    """The error for a request over a byte limit: field "request", the limit and the size."""
+    return JobError(code="limit_exceeded", field="request", limit=limit, value=size,
+                    message=f"request: the request is {size} bytes as JSON, over {whose} limit "
+                            f"of {limit}")
 
 
 def _short(value: Any, width: int = 80) -> str:

@@ -9,6 +9,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.schemas import MAX_REQUEST_BYTES
+
 TASK_NAME = "chatqueue.generate_chat"
 QUEUE_PREFIX = "chatqueue."
 DEMO_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -177,6 +179,11 @@ class ProducerSettings(ConnectionSettings):
         default=DEMO_MODEL_ID, description="Where a request that names no model goes."
     )
     wait_timeout_s: float = Field(default=600.0, gt=0, description="Default wait for a result.")
+    max_request_bytes: int = Field(
+        default=MAX_REQUEST_BYTES, gt=0, le=MAX_REQUEST_BYTES,
+        description="A request larger than this as UTF-8 JSON is refused before it is published "
+        "(JobFailed, limit_exceeded); keep it at or under the workers' own limit.",
+    )
     submit_min_replicas: int = Field(
         default=0, ge=0,
         description="submit() returns only once the job's message and record are on at least "

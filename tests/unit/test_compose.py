@@ -327,6 +327,34 @@ def test_redis_persists_starts_on_the_role_acl_and_checks_health(config: dict[st
     assert not redis.get("ports"), "Redis must stay on the project network"
 
 
+def redis_size(text: str) -> int:
+    """A Redis memory size as its config reads one (8mb, 2gb, 1048576)."""
+    number, unit = re.fullmatch(r"(\d+)([kmg]b?)?", text.lower()).groups()  # type: ignore[union-attr]
+    return int(number) * {None: 1, "k": 1000, "kb": 1024, "m": 10**6, "mb": 1 << 20,
+                          "g": 10**9, "gb": 1 << 30}[unit]
+
+
+@pytest.mark.parametrize("name", ["redis", "redis-replica"])
+def test_redis_bounds_its_memory_and_the_size_of_a_value(name: str, compose: Path,
+                                                         secrets_env: Path) -> None:
+    """A full Redis refuses writes rather than evicting queued jobs (noeviction), and refuses a
+    single value larger than a worker will decode, before it is stored."""
+    done = run_compose(compose, secrets_env, "--profile", "sentinel", "config", "--format",
+                       "json")
+    assert done.returncode == 0, done.stderr
+    command = json.loads(done.stdout)["services"][name]["command"]
+
+    def option(flag: str) -> str:
+        return str(command[command.index(flag) + 1])
+
+    assert option("--maxmemory-policy") == "noeviction"
+    assert redis_size(option("--maxmemory")) >= 256 << 20
+    bulk = redis_size(option("--proto-max-bulk-len"))
+    assert bulk >= 1 << 20, "Redis refuses a proto-max-bulk-len under 1mb"
+    # Every message a worker accepts must fit, and Redis's 512 MB default must not be left.
+    assert WorkerSettings().message_byte_limit < bulk <= 64 << 20
+
+
 def test_flower_requires_basic_auth_and_listens_on_loopback_only(config: dict[str, Any]) -> None:
     flower = services(config)["flower"]
     ports = flower["ports"]

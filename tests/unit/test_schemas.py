@@ -6,12 +6,18 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from producer.core import plan_submission
+from producer.errors import JobFailed
 from producer.schemas import (
     MAX_MESSAGES,
     MAX_NEW_TOKENS_CEILING,
+    MAX_REQUEST_BYTES,
     ChatRequest,
     error_from_validation,
+    request_size,
 )
+from producer.settings import ProducerSettings
+from worker.settings import WorkerSettings
 
 USER = {"role": "user", "content": "Hi"}
 
@@ -85,3 +91,50 @@ def test_huge_value_is_shortened_in_the_error():
     error = error_from_validation(caught.value)
     assert error.field == "messages.0.content"
     assert len(error.message) < 400
+
+
+# --------------------------------------------------------------------------- the byte ceiling
+
+
+def _sized(total_bytes: int) -> dict[str, object]:
+    """A request of about total_bytes as JSON, each message under MAX_MESSAGE_CHARS."""
+    count = total_bytes // 100_000 + 1
+    return {"messages": [{"role": "user", "content": "x" * 100_000}] * count}
+
+
+@pytest.mark.parametrize(
+    ("limit", "raw"),
+    [
+        pytest.param(MAX_REQUEST_BYTES, _sized(MAX_REQUEST_BYTES), id="contract-ceiling"),
+        pytest.param(600_000, _sized(600_000), id="producer-setting"),
+        pytest.param(MAX_REQUEST_BYTES, ChatRequest.model_validate(_sized(MAX_REQUEST_BYTES)),
+                     id="a-built-ChatRequest"),
+        # 256 messages of 200,000 characters passed every per-field ceiling: 51 MB.
+        pytest.param(MAX_REQUEST_BYTES, {"messages": [{"role": "user", "content": "x" * 200_000}]
+                                         * MAX_MESSAGES}, id="every-field-at-its-ceiling"),
+    ],
+)
+def test_producer_refuses_a_request_over_the_byte_limit_before_publishing(limit, raw):
+    settings = ProducerSettings(max_request_bytes=limit)
+    with pytest.raises(JobFailed) as failed:
+        plan_submission(raw, settings)
+    error = failed.value.error
+    assert (error.code, error.field, error.limit) == ("limit_exceeded", "request", limit)
+    assert isinstance(error.value, int) and error.value > limit
+    assert str(limit) in error.message and str(error.value) in error.message
+    assert error.message.startswith("request: ")
+
+
+def test_request_just_under_the_byte_limit_is_published_as_measured():
+    job = plan_submission({"messages": [USER]}, ProducerSettings())
+    size = request_size(job.kwargs["request"])
+    assert plan_submission({"messages": [USER]}, ProducerSettings(max_request_bytes=size))
+    with pytest.raises(JobFailed):
+        plan_submission({"messages": [USER]}, ProducerSettings(max_request_bytes=size - 1))
+
+
+def test_the_byte_limit_cannot_be_set_over_the_contract_ceiling():
+    with pytest.raises(ValidationError):
+        ProducerSettings(max_request_bytes=MAX_REQUEST_BYTES + 1)
+    with pytest.raises(ValidationError):
+        WorkerSettings(max_request_bytes=MAX_REQUEST_BYTES + 1)
