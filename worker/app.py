@@ -8,6 +8,7 @@ feeds.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from worker.offline import enter_offline_mode
@@ -28,7 +29,7 @@ from producer.celery_app import celery_config  # noqa: E402
 from producer.errors import JobFailed  # noqa: E402
 from producer.schemas import Progress  # noqa: E402
 from producer.settings import TASK_NAME, accepted_key  # noqa: E402
-from worker.control import install_revoke  # noqa: E402
+from worker.control import ProgressWrite, install_revoke  # noqa: E402
 from worker.delivery import CheckedRequest, WorkerLoader, broker_options  # noqa: E402
 from worker.drain import JobInterrupted  # noqa: E402
 from worker.lease import Lease  # noqa: E402
@@ -126,20 +127,32 @@ def generate_chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         log.info("job %s failed: %s", job_id, describe_failure(failed))
         raise
 
-    def report(progress: Progress) -> None:
-        try:
-            task.update_state(state="PROGRESS", meta=progress.model_dump())
-        except Exception as exc:  # progress is a view: never fail the job for it
-            log.warning("job %s: progress not stored (%s)", job_id, exc)
-
     try:
         result = run_job(runtime, arguments.request, job_id=job_id,
-                         submitted_at=arguments.submitted_at, report=report, lease=lease,
+                         submitted_at=arguments.submitted_at,
+                         progress=progress_encoder(task.backend, job_id), lease=lease,
                          batch=arguments.batch)
     except JobInterrupted as interrupted:
         # Back to the queue, to run again from its start here or on another worker.
         raise Reject(str(interrupted), requeue=True) from None
     return result.model_dump(mode="json")
+
+
+def progress_encoder(backend: Any, job_id: str) -> Callable[[Progress], ProgressWrite]:
+    """The job's PROGRESS state as Celery's `update_state` would store it, for the worker's
+    relay to write with the job's stream (fenced by its lease, one pipeline for all jobs)
+    instead of a Redis transaction per job and report."""
+    key = backend.get_key_for_task(job_id)
+    key = key.decode() if isinstance(key, bytes) else key
+    ttl_s = int(backend.expires or settings.result_ttl_s)
+
+    def encode(progress: Progress) -> ProgressWrite:
+        meta = backend._get_result_meta(result=progress.model_dump(), state="PROGRESS",
+                                        traceback=None, request=None)
+        meta["task_id"] = job_id
+        return ProgressWrite(key, backend.encode(meta), ttl_s)
+
+    return encode
 
 
 def _claim(runtime: WorkerRuntime, task: Task) -> Lease | None:

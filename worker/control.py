@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -43,16 +44,32 @@ def valid_job_id(job_id: str) -> bool:
     """A job id the contract accepts: no control characters, so never a forged log line."""
     return bool(_JOB_ID.fullmatch(job_id))
 
-# KEYS: stream, lease; ARGV: token, lease ms, restart (0/1), maxlen, stream ttl s, then per
-# event its field count and fields. 0 (nothing written) when another run holds the lease.
+
+# KEYS: stream, lease, progress (the job's result key); ARGV: lease token ('' for no fence),
+# lease ms, restart (0/1), maxlen, stream ttl s, progress value ('' for none), progress ttl s,
+# then per event its field count and fields. 0 (nothing written) when another run holds the
+# lease. The progress (a PROGRESS state) never replaces a final one (SUCCESS/FAILURE/REVOKED).
 FENCED_PUBLISH = """
-local holder = redis.call('GET', KEYS[2])
-if holder ~= ARGV[1] then
-  if holder then return 0 end
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if ARGV[1] ~= '' then
+  local holder = redis.call('GET', KEYS[2])
+  if holder ~= ARGV[1] then
+    if holder then return 0 end
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  end
+end
+if ARGV[6] ~= '' then
+  local current = redis.call('GET', KEYS[3])
+  local final = false
+  if current then
+    local ok, meta = pcall(cjson.decode, current)
+    if ok and type(meta) == 'table' and (meta.status == 'SUCCESS' or meta.status == 'FAILURE'
+        or meta.status == 'REVOKED') then final = true end
+  end
+  if not final then redis.call('SET', KEYS[3], ARGV[6], 'EX', ARGV[7]) end
 end
 if ARGV[3] == '1' then redis.call('DEL', KEYS[1]) end
-local i = 6
+local i = 8
+if i > #ARGV then return 1 end
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   local entry = {KEYS[1], 'MAXLEN', '~', ARGV[4], '*'}
@@ -63,6 +80,15 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
+
+
+@dataclass(frozen=True)
+class ProgressWrite:
+    """A job's PROGRESS state as the result backend stores it."""
+
+    key: str
+    value: str | bytes
+    ttl_s: int
 
 
 class JobControl:
@@ -167,26 +193,33 @@ class JobControl:
         With the run's `lease`, the write is fenced: it happens only while this run holds the
         job's lease (taken back if it lapsed with nobody else taking it), so a job's stream
         never has two writers. False: another run holds it and nothing was written."""
-        if lease is not None:
-            args: list[Any] = [lease.token, lease.ttl_ms, int(restart), self.stream_maxlen,
-                               self.ttl_s]
-            for event in events:
-                dumped = event.model_dump(mode="json", exclude_none=True)
-                args.append(len(dumped))
-                for name, value in dumped.items():
-                    args += [name, value]
-            return bool(self._fenced_publish(keys=[stream_key(job_id), lease_key(job_id)],
-                                             args=args))
-        key = stream_key(job_id)
         pipe = self.redis.pipeline(transaction=False)
-        if restart:
-            pipe.delete(key)  # a redelivered job streams again from its start
+        self.queue_publish(pipe, job_id, events, restart=restart, lease=lease)
+        return bool(pipe.execute()[0])
+
+    def queue_publish(self, pipe: Any, job_id: str, events: list[StreamEvent], *,
+                      restart: bool = False, lease: Lease | None = None,
+                      progress: ProgressWrite | None = None,
+                      picked_at: float | None = None) -> None:
+        """`publish` (and the job's progress) as one command in `pipe`, whose reply is 1, or 0
+        when another run holds the lease. `picked_at`: when the oldest token of the events'
+        text was picked (time.time()), written as the text events' `t` field for readers
+        that measure how live a stream is (StreamEvent ignores it)."""
+        args: list[Any] = ["" if lease is None else lease.token,
+                           0 if lease is None else lease.ttl_ms, int(restart),
+                           self.stream_maxlen, self.ttl_s,
+                           "" if progress is None else progress.value,
+                           0 if progress is None else progress.ttl_s]
         for event in events:
-            entry: dict[Any, Any] = event.model_dump(mode="json", exclude_none=True)
-            pipe.xadd(key, entry, maxlen=self.stream_maxlen, approximate=True)
-        pipe.expire(key, self.ttl_s)
-        pipe.execute()
-        return True
+            dumped: dict[str, Any] = event.model_dump(mode="json", exclude_none=True)
+            if picked_at is not None and event.text:
+                dumped["t"] = f"{picked_at:.4f}"
+            args.append(len(dumped))
+            for name, value in dumped.items():
+                args += [name, value]
+        key = stream_key(job_id)
+        self._fenced_publish(keys=[key, lease_key(job_id), key if progress is None
+                                   else progress.key], args=args, client=pipe)
 
 
 def wait_interval(started: float, *, first: float = 0.05, steady: float = 0.25) -> float:

@@ -9,8 +9,6 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable
-from concurrent.futures import wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,18 +23,15 @@ from producer.schemas import (
     ChatRequest,
     ChatResult,
     JobError,
-    Progress,
-    StreamEvent,
     Timings,
     Usage,
     error_from_validation,
 )
-from worker.control import JobControl, wait_interval
+from worker.control import JobControl
 from worker.drain import Drain, JobInterrupted
 from worker.engine import (
     DeviceOutOfMemory,
     Engine,
-    EngineJob,
     EngineLimits,
     EngineOutput,
     EngineRequest,
@@ -48,11 +43,10 @@ from worker.model import LoadedModel
 from worker.pipeline.prompt import build_prompt
 from worker.pipeline.reasoning import decode_part, prompt_opens_thinking, split_reasoning
 from worker.pipeline.sampling import SamplingParams, resolve_sampling
-from worker.pipeline.stop import StopStringCheck, StopStringFilter, truncate_at_stop
-from worker.pipeline.stream import Part, StreamSplitter
+from worker.pipeline.stop import StopStringCheck, truncate_at_stop
 from worker.pipeline.tokenize import tokenize_prompt
 from worker.redact import describe_failure
-from worker.relay import StreamRelay
+from worker.relay import ProgressEncoder, Relay
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -71,6 +65,7 @@ class WorkerRuntime:
     worker_name: str | None = None
     drain: Drain = field(default_factory=Drain)
     leases: LeaseKeeper | None = None
+    relay: Relay | None = None  # every running job's stream events and progress
 
     @classmethod
     def start(cls, settings: WorkerSettings, loaded: LoadedModel, metrics: WorkerMetrics,
@@ -90,8 +85,11 @@ class WorkerRuntime:
         leases = None if control is None else LeaseKeeper(
             control.redis, ttl_s=settings.job_lease_ttl_s, renew_s=settings.job_lease_renew_s,
             owner=worker_name).start()
+        relay = Relay(control, loaded.tokenizer, loaded.think).start()
+        engine.on_step(relay.wake)
         return cls(settings=settings, loaded=loaded, engine=engine, host=socket.gethostname(),
-                   metrics=metrics, control=control, worker_name=worker_name, leases=leases)
+                   metrics=metrics, control=control, worker_name=worker_name, leases=leases,
+                   relay=relay)
 
     def warm_up(self) -> None:
         """One short generation, so the first real job does not pay for lazy initialisation."""
@@ -104,6 +102,8 @@ class WorkerRuntime:
         self.drain.stopping.set()  # jobs the engine drops now go back to the queue
         self.drain.cancel_timer()
         self.engine.stop()
+        if self.relay is not None:
+            self.relay.stop()
         if self.leases is not None:
             self.leases.stop()
         if self.control is not None:
@@ -218,7 +218,7 @@ def prepare_job(runtime: WorkerRuntime, request: ChatRequest) -> PreparedJob:
 
 def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
             submitted_at: float | None = None,
-            report: Callable[[Progress], None] | None = None,
+            progress: ProgressEncoder | None = None,
             lease: Lease | None = None, batch: BatchLine | None = None) -> ChatResult:
     """Run one job to its result; raises JobFailed with a structured error (never retried),
     or JobInterrupted when this worker cannot finish it (it stops, Redis went away, or its
@@ -226,7 +226,7 @@ def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
     is counted in the metrics; every job, whatever its end, is logged in one line."""
     try:
         result, batch_size = _run(runtime, raw_request, job_id=job_id,
-                                  submitted_at=submitted_at, report=report, lease=lease,
+                                  submitted_at=submitted_at, progress=progress, lease=lease,
                                   batch=batch)
     except JobFailed as failed:
         runtime.metrics.job_failed(failed.error.code)
@@ -255,12 +255,12 @@ def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
 
 
 def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at: float | None,
-         report: Callable[[Progress], None] | None,
+         progress: ProgressEncoder | None,
          lease: Lease | None = None, batch: BatchLine | None = None) -> tuple[ChatResult, int]:
     """Returns the result and the largest batch the job ran in.
 
-    While the engine decodes, this thread (the task slot) streams the new text to Redis and
-    reports progress, so the decode loop itself never waits on the network."""
+    While the engine decodes, the worker's relay streams the new text to Redis and stores the
+    progress; this thread (the task slot) only waits for the job's end."""
     started = (time.time(), time.monotonic())  # wall clock for the record, monotonic for spans
     request = parse_request(raw_request, max_bytes=runtime.settings.max_request_bytes)
     prepared = prepare_job(runtime, request)
@@ -270,6 +270,7 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
     if control is not None and control.cancelled_before_start(job_id):
         never_started = EngineOutput([], "cancelled", 0)
         return _result(runtime, prepared, job_id, never_started, submitted_at, started), 0
+    relay, followed = runtime.relay, None
     try:
         job = runtime.engine.submit(prepared.engine_request)
         if lease is not None:
@@ -278,12 +279,19 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
             try:
                 if control is not None:
                     control.track(job_id, job)
-                _follow(runtime, job_id, job, prepared, report, lease,
-                        streamed=batch is None or batch.stream)
+                followed = None if relay is None else relay.follow(
+                    job_id, job, prompt_opened_thinking=prepared.prompt_opened_thinking,
+                    stops=tuple(request.params.stop or ()), lease=lease,
+                    streamed=batch is None or batch.stream, encode_progress=progress)
                 output = job.future.result()
+                if relay is not None and followed is not None:
+                    # The stream's end goes out before the result is stored.
+                    followed.written.wait(relay.flush_timeout_s + 5.0)
             finally:
                 if not job.future.done():
-                    job.cancel()  # this slot stops following it: free the device
+                    job.cancel()  # this slot stops waiting for it: free the device
+                if relay is not None and followed is not None:
+                    relay.forget(followed)
                 if control is not None:
                     control.untrack(job_id)
     except DeviceOutOfMemory as exc:
@@ -308,53 +316,6 @@ def _check_batch_line(control: JobControl | None, batch: BatchLine) -> None:
         raise JobFailed(JobError(
             code="batch_cancelled", message=f"batch {batch.batch_id} was cancelled before this "
             "line started"))
-
-
-def _follow(runtime: WorkerRuntime, job_id: str, job: EngineJob, prepared: PreparedJob,
-            report: Callable[[Progress], None] | None, lease: Lease | None = None, *,
-            streamed: bool = True) -> None:
-    """Relay the job's new tokens as stream events (`streamed`) and progress until the engine
-    ends it."""
-    loaded = runtime.loaded
-    splitter = StreamSplitter(loaded.tokenizer, loaded.think,
-                              prompt_opened_thinking=prepared.prompt_opened_thinking)
-    stops = StopStringFilter(prepared.request.params.stop or ())
-    stream = StreamRelay(runtime.control if streamed else None, job_id, lease)
-    stream.send([StreamEvent(type="start")])
-    sent, since = 0, time.monotonic()
-    while True:
-        done = job.future.done() or bool(
-            wait([job.future], timeout=wait_interval(since)).done)
-        count = len(job.generated)
-        events = []
-        if count > sent:
-            events = _events(splitter.feed(job.generated[sent:count]), stops, final=False)
-            sent = count
-            if report is not None:
-                phase = "thinking" if splitter.part == "thinking" else "answering"
-                report(Progress(phase=phase, tokens=count))
-        if done and job.future.exception() is None:
-            events += _events(splitter.finish(), stops, final=True)
-            events.append(StreamEvent(type="end",
-                                      finish_reason=job.future.result().finish_reason))
-        stream.send(events)
-        if done:
-            stream.flush(timeout_s=10.0)
-            return
-
-
-def _events(pieces: list[tuple[Part, str]], stops: StopStringFilter, *,
-            final: bool) -> list[StreamEvent]:
-    """Stream events of the splitter's pieces, the answer's cut before a stop string."""
-    events = []
-    for part, text in pieces:
-        if part == "content":
-            text = stops.feed(text)
-        if text:
-            events.append(StreamEvent(type=part, text=text))
-    if final and (tail := stops.finish()):
-        events.append(StreamEvent(type="content", text=tail))
-    return events
 
 
 def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: EngineOutput,

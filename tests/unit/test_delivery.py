@@ -1,16 +1,14 @@
-"""The delivery settings as Celery and kombu get them, the drain, and the stream relay."""
+"""The delivery settings as Celery and kombu get them, and the drain."""
 
 from __future__ import annotations
 
 import ssl
 
 import pytest
-import redis
 from celery import Celery
 from pydantic import ValidationError
 
 from producer.celery_app import celery_config
-from producer.schemas import StreamEvent
 from worker.delivery import (
     TRANSPORT,
     WorkerLoader,
@@ -20,7 +18,6 @@ from worker.delivery import (
 from worker.drain import Drain, JobInterrupted
 from worker.engine import EngineJob, EngineRequest
 from worker.pipeline.sampling import SamplingParams
-from worker.relay import StreamRelay
 from worker.settings import WorkerSettings
 
 
@@ -110,27 +107,3 @@ def test_drain_before_its_grace_leaves_jobs_alone():
         drain.begin(grace_s=3600)
         assert not job.cancelled and not drain.stopped("cancelled")
         drain.cancel_timer()
-
-
-class FlakyControl:
-    """Stands in for JobControl: the first `failures` writes find Redis away."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.writes: list[tuple[list[str], bool]] = []
-
-    def publish(self, job_id: str, events: list[StreamEvent], *, restart: bool = False) -> None:
-        if self.failures:
-            self.failures -= 1
-            raise redis.ConnectionError("Redis is restarting")
-        self.writes.append(([event.type for event in events], restart))
-
-
-def test_stream_events_wait_for_redis_in_order_and_the_restart_is_kept():
-    control = FlakyControl(failures=2)
-    relay = StreamRelay(control, "job-1")  # type: ignore[arg-type]
-    assert not relay.send([StreamEvent(type="start")])
-    assert not relay.send([StreamEvent(type="thinking", text="a")])
-    assert relay.send([StreamEvent(type="content", text="b")])
-    assert relay.send([StreamEvent(type="end", finish_reason="stop")])
-    assert control.writes == [(["start", "thinking", "content"], True), (["end"], False)]

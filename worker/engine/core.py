@@ -14,6 +14,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,6 +70,7 @@ class Engine:
         self._inbox: queue.Queue[EngineJob] = queue.Queue()
         self._stop = threading.Event()
         self._stop_requested = False
+        self._step_listeners: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="chatqueue-engine", daemon=True)
 
     # --- the interface task slots use
@@ -80,6 +82,11 @@ class Engine:
         self._stop_requested = True
         self._stop.set()
         self._thread.join(timeout)
+
+    def on_step(self, listener: Callable[[], None]) -> None:
+        """Call `listener` on the engine thread after each step that picked tokens or ended a
+        job (the worker's relay: it must only take note and return, never wait)."""
+        self._step_listeners.append(listener)
 
     def submit(self, request: EngineRequest) -> EngineJob:
         if self._stop.is_set():
@@ -120,12 +127,14 @@ class Engine:
     def _serve(self) -> None:
         while not self._stop.is_set():
             self._take_inbox()
-            self._end_interrupted()
+            if self._end_interrupted():
+                self._notify()
             plan = self.scheduler.schedule()
             if not plan.rows:
                 continue
             try:
-                self._step(plan.rows)
+                if self._step(plan.rows):
+                    self._notify()
             except torch.OutOfMemoryError:
                 self._recover_from_oom(plan.rows)
             except Exception as exc:  # a bug must fail its jobs, not the engine thread
@@ -133,6 +142,14 @@ class Engine:
                 for row in plan.rows:
                     row.job.fail(exc)
                     self.scheduler.finish(row.job)
+                self._notify()
+
+    def _notify(self) -> None:
+        for listener in self._step_listeners:
+            try:
+                listener()
+            except Exception:  # a listener's bug must not stop the engine
+                log.exception("engine step listener failed")
 
     def _fail_all(self, error: EngineStopped) -> None:
         for job in self.scheduler.running + self.scheduler.waiting + _drain(self._inbox):
@@ -156,14 +173,18 @@ class Engine:
         for job in _drain(self._inbox):
             scheduler.add(job)
 
-    def _end_interrupted(self) -> None:
+    def _end_interrupted(self) -> bool:
         now = time.monotonic()
+        ended = False
         for job in self.scheduler.running + self.scheduler.waiting:
             if (reason := stopping.first_reason(stopping.INTERRUPTIONS, job, now)) is not None:
                 job.finish(reason)
                 self.scheduler.finish(job)
+                ended = True
+        return ended
 
-    def _step(self, rows: list[ScheduledRow]) -> None:
+    def _step(self, rows: list[ScheduledRow]) -> bool:
+        """One forward; True when it picked tokens."""
         for row in rows:
             if row.job.generator is None and row.job.request.sampling.do_sample:
                 row.job.generator = _generator_for(row.job.request.sampling, self.device)
@@ -174,20 +195,22 @@ class Engine:
             row.job.peak_batch = max(row.job.peak_batch, size)
             self.kv.cache_computed(row.job)
         if not sampling:
-            return
+            return False
         jobs = [row.job for row in sampling]
         tokens = sample_batch(logits, [job.request.sampling for job in jobs],
                               [job.generator for job in jobs])
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         for job, token in zip(jobs, tokens, strict=True):
             token = self._steer(job, token)
             if not job.generated:
                 job.first_token_at = now
             job.tokens.append(token)
+            job.picked_at.append(wall)  # before `generated`: a reader of a token finds its time
             job.generated.append(token)
             if (reason := stopping.first_reason(stopping.AFTER_TOKEN, job, now)) is not None:
                 job.finish(reason)
                 self.scheduler.finish(job)
+        return True
 
     def _steer(self, job: EngineJob, token: int) -> int:
         """Apply the thinking budget: once spent, the think block is closed for the model the

@@ -69,8 +69,8 @@ class EngineLimits:
 
 @dataclass(eq=False)  # compared and hashed by identity: a job is one thing in flight
 class EngineJob:
-    """One job in the engine. Other threads may read `generated` (append-only) and call
-    `cancel()`; the engine thread does everything else."""
+    """One job in the engine. Other threads may read `generated` and `picked_at` (append-only)
+    and call `cancel()`; the engine thread does everything else."""
 
     request: EngineRequest
     future: Future[EngineOutput] = field(default_factory=Future)
@@ -78,6 +78,7 @@ class EngineJob:
     admitted_at: float | None = None  # when its prefill began
     first_token_at: float | None = None
     generated: list[int] = field(default_factory=list)
+    picked_at: list[float] = field(default_factory=list)  # time.time() each token was picked
     generator: torch.Generator | None = None
     peak_batch: int = 0
     cancelled: bool = False
