@@ -16,6 +16,7 @@ is stored). What they leave open, and this module closes:
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import ssl
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import redis
-from celery import states
+from celery import current_app, states
 from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError, InvalidTaskError
 from celery.loaders.app import AppLoader
@@ -31,10 +32,14 @@ from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
 from producer.batches import batch_key, batch_of_job, line_outcome, mark_finished_if_done
 from producer.celery_app import PRIORITY_STEPS
-from producer.schemas import JOB_ID_PATTERN
+from producer.errors import JobFailed
+from producer.schemas import JOB_ID_PATTERN, JobError
+from producer.settings import TASK_NAME
 from worker.redact import REDACTED, redact_event, show_content
 from worker.settings import WorkerSettings
 
@@ -130,16 +135,124 @@ class TolerantChannel(kombu_redis.Channel):
     JSON, or not a kombu envelope, raised there and Celery stopped the worker ("Unrecoverable
     error"). The entry is already off the queue when that happens; here it is logged and the
     loop goes on. Connection errors still go to Celery, which reconnects.
+
+    An entry over `max_message_bytes` (a transport option) is never decoded: kombu would turn
+    it into a string, a dict, base64-decoded bytes and JSON objects before Celery or our size
+    check saw it (a 51 MB request took a worker from 72 to 390 MB). Its task id is read from
+    the envelope with the body cut out, its job fails with limit_exceeded (`refuse_oversized`),
+    and it is dropped: off the queue, never in the unacked hash, so never delivered again.
     """
+
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "max_message_bytes")
+    max_message_bytes: int | None = None
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
-            return super()._brpop_read(**options)
+            return self._checked_brpop_read(**options)
         except (kombu_redis.Empty, *self.connection_errors):
             raise
         except Exception:
             log.exception("dropped a queue entry that is not a valid message")
             return True
+
+    def _checked_brpop_read(self, **options: Any) -> Any:
+        """kombu 5.7's Channel._brpop_read, with the size check before the entry is decoded."""
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP",
+                                                        **options)
+            except self.connection_errors:
+                # As kombu: disconnect, so the next iteration reconnects.
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise kombu_redis.Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            if self._fits(item, dest):
+                self.connection._deliver(loads(bytes_to_str(item)), dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _get(self, queue: str) -> Any:
+        """kombu's polling read (used without Celery's event loop), with the same check."""
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                item = client.rpop(self._q_for_pri(queue, pri))
+                if item and self._fits(item, queue):
+                    self._maybe_update_queues_expire(client, queue)
+                    return loads(bytes_to_str(item))
+            self._maybe_update_queues_expire(client, queue)
+            raise kombu_redis.Empty()
+
+    def _fits(self, item: bytes | str, queue: str) -> bool:
+        limit = self.max_message_bytes
+        if limit is None or len(item) <= limit:
+            return True
+        refuse_oversized(item, queue, limit)
+        return False
+
+
+_BODY_START = re.compile(rb'"body"\s*:\s*"')
+
+
+def envelope_headers(item: bytes | str) -> dict[str, Any]:
+    """A kombu envelope's headers and properties, read without decoding its body: the body (a
+    JSON string, base64 in kombu's Redis transport) is cut out and the small rest parsed. {}
+    for an entry that is not such an envelope."""
+    raw = item.encode("utf-8", "surrogatepass") if isinstance(item, str) else item
+    found = _BODY_START.search(raw)
+    if found is None:
+        return {}
+    end = found.end()
+    while True:  # the closing quote: one not escaped by an odd run of backslashes
+        end = raw.find(b'"', end)
+        if end < 0:
+            return {}
+        start = end
+        while start > found.end() and raw[start - 1] == 0x5C:  # a backslash
+            start -= 1
+        if (end - start) % 2 == 0:
+            break
+        end += 1
+    try:
+        envelope = json.loads(raw[:found.end()] + raw[end:])
+    except ValueError:
+        return {}
+    if not isinstance(envelope, dict):
+        return {}
+    headers = envelope.get("headers")
+    properties = envelope.get("properties")
+    return {**(properties if isinstance(properties, dict) else {}),
+            **(headers if isinstance(headers, dict) else {})}
+
+
+def refuse_oversized(item: bytes | str, queue: str, limit: int) -> None:
+    """Fail the job of a queue entry too large to decode, with the contract's error: code
+    limit_exceeded, field "request", the limit and the entry's size. Nothing of its content is
+    logged; an entry with no valid chatqueue job id is only logged."""
+    size = len(item)
+    headers = envelope_headers(item)
+    job_id, task = headers.get("id") or headers.get("correlation_id"), headers.get("task")
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id) or task != TASK_NAME:
+        log.warning("dropped a %d-byte queue entry on %s without decoding it: over this "
+                    "worker's limit of %d bytes for a message (not a chatqueue job)",
+                    size, queue, limit)
+        return
+    log.warning("job %s refused without decoding it: its message is %d bytes, over this "
+                "worker's limit of %d", job_id, size, limit)
+    error = JobError(
+        code="limit_exceeded", field="request", limit=limit, value=size,
+        message=f"request: the job's message is {size} bytes, over this worker's limit of "
+                f"{limit} bytes for a message (refused before decoding; max_request_bytes "
+                "bounds the request itself)")
+    try:
+        current_app.backend.mark_as_failure(job_id, JobFailed(error))
+    except Exception:
+        log.exception("job %s: the refusal of its oversized message was not stored", job_id)
 
 
 class TolerantRedisTransport(kombu_redis.Transport):
@@ -242,6 +355,8 @@ def broker_options(settings: WorkerSettings) -> dict[str, Any]:
             "unacked_restore_interval": settings.redelivery_check_s,
             "unacked_restore_throttle": 1,
             "priority_steps": list(PRIORITY_STEPS),  # higher-priority jobs are popped first
+            # Refused before kombu decodes it (TolerantChannel).
+            "max_message_bytes": settings.message_byte_limit,
             **settings.sentinel_transport_options(),
         },
     }

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from producer.schemas import MAX_MESSAGES
+from producer.schemas import MAX_MESSAGES, MAX_REQUEST_BYTES
 from producer.settings import DEMO_MODEL_ID, ConnectionSettings
 
 
@@ -62,8 +62,15 @@ class WorkerSettings(ConnectionSettings):
     default_max_new_tokens: int = Field(default=512, gt=0)
     max_prompt_tokens: int = Field(default=8192, gt=0)
     max_request_bytes: int = Field(
-        default=1_048_576, gt=0,
+        default=MAX_REQUEST_BYTES, gt=0, le=MAX_REQUEST_BYTES,
         description="A request larger than this as UTF-8 JSON is refused before it is parsed.",
+    )
+    max_message_bytes: int | None = Field(
+        default=None, gt=0,
+        description="A queue entry (kombu's envelope) larger than this is refused before it is "
+        "decoded: acknowledged, its job failed with limit_exceeded. Unset: 4 x "
+        "max_request_bytes + 64 KiB (the body is JSON with \\u escapes, then base64: a request "
+        "of 2-byte characters grows 4x). Keep Redis's proto-max-bulk-len above it.",
     )
     max_messages: int = Field(
         default=MAX_MESSAGES, gt=0, le=MAX_MESSAGES, description="Messages one request may hold."
@@ -161,6 +168,11 @@ class WorkerSettings(ConnectionSettings):
                 "delivered again, would wait for its lease to lapse"
             )
         return self
+
+    @property
+    def message_byte_limit(self) -> int:
+        """The largest queue entry this worker decodes (max_message_bytes, or derived)."""
+        return self.max_message_bytes or 4 * self.max_request_bytes + 65_536
 
     @property
     def serving_queue(self) -> str:

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import pickle
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import redis as redis_py
 from kombu import Connection
 
 from producer import ChatQueueClient, JobFailed, ProducerSettings
 from producer.settings import TASK_NAME
-from tests.support.servers import RedisServer, WorkerProcess, wait_until
+from tests.support.servers import RedisServer, WorkerProcess, redis_server, wait_until
 from worker.devmodels import TINY_CONTENT, TINY_MESSAGES
 
 pytestmark = pytest.mark.integration
@@ -199,12 +203,104 @@ def test_malformed_message_in_redis_is_refused_and_the_worker_serves_on(hostile,
     assert "Unrecoverable error" not in worker.log()
 
 
-def test_oversized_payload_is_refused_before_it_is_parsed(hostile):
+# The hostile worker's limit on a queue entry: 4 x max_request_bytes + 64 KiB (the default).
+MESSAGE_LIMIT = 4 * int(LIMITS["max_request_bytes"]) + 65_536
+
+
+def test_oversized_payload_is_refused_before_it_is_decoded(hostile, redis):
     client, worker = hostile
     huge = {"messages": [{"role": "user", "content": "x" * 3_000_000}]}  # over the contract too
     with pytest.raises(JobFailed) as failed:
         client.result(send_raw(client, kwargs={"request": huge}))
     error = failed.value.error
-    assert (error.code, error.field, error.limit) == ("limit_exceeded", "request", 600_000)
-    assert error.value > 3_000_000
+    assert (error.code, error.field, error.limit) == ("limit_exceeded", "request", MESSAGE_LIMIT)
+    assert error.value > 4_000_000  # the message: base64 of the JSON body
+    assert "refused before decoding" in error.message
     still_serving(client, worker)
+    assert pending(redis, client.settings.queue) == 0  # acknowledged: never delivered again
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def test_a_50_mb_request_costs_the_worker_no_lasting_memory(hostile, redis):
+    """256 messages of 200,000 characters: every field within the contract's per-field
+    ceilings, 51 MB in all (it took a worker from 72 to 390 MB when kombu decoded it). Pushed
+    past the producer's own check, as a hostile client would, three times over."""
+    client, worker = hostile
+    still_serving(client, worker)
+    pid = worker.process.pid
+    before = rss_bytes(pid)
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_bytes(pid))
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    huge = {"messages": [{"role": "user", "content": "x" * 200_000}] * 256}
+    after: list[int] = []
+    try:
+        for _ in range(3):
+            with pytest.raises(JobFailed) as failed:
+                client.result(send_raw(client, kwargs={"request": huge}))
+            after.append(rss_bytes(pid))
+    finally:
+        done.set()
+        sampler.join()
+    error = failed.value.error
+    assert (error.code, error.field, error.limit) == ("limit_exceeded", "request", MESSAGE_LIMIT)
+    assert error.value > 51_200_000
+    mib = [f"{value / 2**20:.0f}" for value in after]
+    print(f"worker RSS: before {before / 2**20:.0f} MiB, after each of three "
+          f"{', '.join(mib)} MiB, peak {peak / 2**20:.0f} MiB (message {error.value / 2**20:.0f} "
+          "MiB)")
+    # Decoded, one cost ~320 MB that stayed. Refused, what stays after the first (measured +86
+    # MiB for a 65 MiB message) is the BRPOP connection's read buffer, which redis-py keeps at
+    # its largest size; it does not add up from one message to the next. The peak is redis-py
+    # reading the reply (that buffer and the bytes it returns), before any hook of kombu's: in
+    # deployment Redis's proto-max-bulk-len (compose: 8mb) refuses such a value at the push.
+    assert after[0] - before < 1.5 * error.value
+    assert after[-1] - after[0] < 16 * 2**20
+    assert peak - before < 4 * error.value
+    assert "refused without decoding it" in worker.log()
+    still_serving(client, worker)
+    assert pending(redis, client.settings.queue) == 0
+
+
+def test_an_oversized_entry_that_is_not_a_job_is_dropped_and_logged(hostile, redis):
+    client, worker = hostile
+    redis.client().lpush(client.settings.queue, b"\x00" * (MESSAGE_LIMIT + 1))
+    wait_until(lambda: "(not a chatqueue job)" in worker.log(), timeout=60,
+               what="the worker to drop the entry")
+    still_serving(client, worker)
+    assert pending(redis, client.settings.queue) == 0
+
+
+def test_redis_with_compose_limits_refuses_a_value_over_proto_max_bulk_len():
+    """compose's Redis options (docker-compose.yml): a value past proto-max-bulk-len never
+    reaches a queue -- Redis drops the connection mid-command (redis-py: ConnectionError) --
+    while a message a worker accepts still fits."""
+    limit = 8 << 20
+    options = ("--maxmemory", "64mb", "--maxmemory-policy", "noeviction",
+               "--proto-max-bulk-len", "8mb")
+    with redis_server(args=options) as server:
+        client = server.client()
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        with pytest.raises(redis_py.ConnectionError):
+            client.lpush("chatqueue.q", b"x" * (limit + 1))
+        assert client.llen("chatqueue.q") == 0
+        assert client.lpush("chatqueue.q", b"x" * (4 * (1 << 20) + 65_536)) == 1
+        # Full: refused (OOM), nothing evicted.
+        with pytest.raises(redis_py.exceptions.OutOfMemoryError):
+            for _ in range(20):
+                client.lpush("chatqueue.q", b"x" * (4 << 20))
+        assert client.llen("chatqueue.q") >= 1

@@ -57,14 +57,17 @@ class RedisServer:
     password: str | None = None
     username: str | None = None
     command: tuple[str, ...] = ()
+    tls: TlsFiles | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)} if self.tls else {}
         return redis.Redis(host="127.0.0.1", port=self.port, username=self.username,
-                           password=self.password)
+                           password=self.password, **tls)  # type: ignore[arg-type]
 
     def stop(self, timeout: float = 30) -> None:
         """Shut Redis down the way an orchestrator does (SIGTERM): with appendonly it fsyncs its
@@ -86,11 +89,74 @@ class RedisServer:
         self.start()
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: the CA that signed the server's certificate, the certificate and its key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(folder: Path, host: str = "127.0.0.1") -> TlsFiles:
+    """A fresh CA and a server certificate it signed for `host` (an IP address SAN), valid
+    for a day; `cryptography` builds them."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name(f"chatqueue test CA {uuid.uuid4().hex[:6]}")
+    usage = x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                          content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, encipher_only=False,
+                          decipher_only=False)
+    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+               .add_extension(usage, critical=True)
+               .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        alt = x509.DNSName(host)
+    cert = (x509.CertificateBuilder().subject_name(name(host)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    files = TlsFiles(ca=folder / "ca.pem", cert=folder / "server.pem", key=folder / "server.key")
+    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    return files
+
+
 @contextmanager
 def redis_server(*, password: str | None = None, appendonly: bool = False,
-                 acl: str | None = None, username: str | None = None) -> Iterator[RedisServer]:
+                 acl: str | None = None, username: str | None = None,
+                 tls: TlsFiles | None = None, args: tuple[str, ...] = ()) -> Iterator[RedisServer]:
     """`acl`: the text of an ACL file to start with (deploy/redis/acl.sh writes one); then
-    `username` / `password` are the login server.client() uses (the admin's)."""
+    `username` / `password` are the login server.client() uses (the admin's). `tls`: serve
+    TLS only (its URL is rediss://), clients not asked for certificates. `args`: more
+    redis-server options."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError(
@@ -99,7 +165,11 @@ def redis_server(*, password: str | None = None, appendonly: bool = False,
     workdir = Path(tempfile.mkdtemp(prefix="chatqueue-redis-"))
     port = free_port()
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-               "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)]
+               "--appendonly", "yes" if appendonly else "no", "--dir", str(workdir), *args]
+    if tls is not None:
+        command[command.index("--port") + 1] = "0"
+        command += ["--tls-port", str(port), "--tls-cert-file", str(tls.cert), "--tls-key-file",
+                    str(tls.key), "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no"]
     if acl is not None:
         (workdir / "users.acl").write_text(acl)
         command += ["--aclfile", str(workdir / "users.acl")]
@@ -107,7 +177,7 @@ def redis_server(*, password: str | None = None, appendonly: bool = False,
         command += ["--requirepass", password]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisServer(port=port, process=process, workdir=workdir, password=password,
-                         username=username, command=tuple(command))
+                         username=username, command=tuple(command), tls=tls)
     try:
         wait_until(lambda: _pings(server), timeout=20, what=f"redis-server on port {port}")
         yield server
