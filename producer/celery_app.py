@@ -44,7 +44,17 @@ def celery_config(settings: ConnectionSettings) -> dict[str, Any]:
 
 
 def _celery_config(settings: ConnectionSettings) -> dict[str, Any]:
-    return {
+    tls: dict[str, Any] = {}
+    # rediss://: the same TLS options on every side (settings.tls_options). Without them kombu
+    # fell back to no certificate check, and Celery's result backend refused the URL.
+    broker_tls = settings.tls_options(settings.broker_url)
+    if broker_tls is not None:
+        tls["broker_use_ssl"] = broker_tls
+    backend_tls = None if settings.uses_sentinel else \
+        settings.tls_options(settings.result_backend or settings.broker_url)
+    if backend_tls is not None:
+        tls["redis_backend_use_ssl"] = backend_tls
+    return tls | {
         "broker_url": settings.broker_connection_url(),
         "result_backend": settings.backend_connection_url(),
         # Pickle on the wire is remote code execution: accept JSON and nothing else.

@@ -20,6 +20,7 @@ from producer.settings import ConnectionSettings
 
 def redis_client(settings: ConnectionSettings, **kwargs: Any) -> redis.Redis:
     """A client of the current Redis primary; `kwargs` go to redis.Redis (retry, timeouts)."""
+    kwargs = {**_tls_kwargs(settings), **kwargs}
     if not settings.uses_sentinel:
         return redis.Redis.from_url(settings.broker_connection_url(), **kwargs)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
@@ -31,6 +32,7 @@ def redis_client(settings: ConnectionSettings, **kwargs: Any) -> redis.Redis:
 
 def async_redis_client(settings: ConnectionSettings, **kwargs: Any) -> aioredis.Redis:
     """As redis_client, for asyncio."""
+    kwargs = {**_tls_kwargs(settings), **kwargs}
     if not settings.uses_sentinel:
         return aioredis.Redis.from_url(settings.broker_connection_url(), **kwargs)
     sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
@@ -38,6 +40,15 @@ def async_redis_client(settings: ConnectionSettings, **kwargs: Any) -> aioredis.
     client: aioredis.Redis = sentinel.master_for(settings.redis_sentinel_master,
                                                  **_master_kwargs(settings), **kwargs)
     return client
+
+
+def _tls_kwargs(settings: ConnectionSettings) -> dict[str, Any]:
+    """rediss://: the TLS options Celery's clients get too (certificate required by default);
+    with Sentinel, for the primary (ssl=True picks redis-py's TLS connection class)."""
+    options = settings.tls_options(settings.broker_url)
+    if options is None:
+        return {}
+    return {"ssl": True, **options} if settings.uses_sentinel else options
 
 
 def _sentinel_kwargs(settings: ConnectionSettings) -> dict[str, Any]:

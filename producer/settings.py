@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import ssl
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.schemas import MAX_REQUEST_BYTES
@@ -42,6 +44,15 @@ PRESENCE_TTL_S = 15.0
 
 def presence_member(node: str, model_id: str, queue: str) -> str:
     return json.dumps({"node": node, "model": model_id, "queue": queue}, sort_keys=True)
+
+
+# What a rediss:// URL's ssl_cert_reqs may say (kombu's, Celery's and redis-py's spellings).
+CERT_REQS = {"required": ssl.CERT_REQUIRED, "cert_required": ssl.CERT_REQUIRED,
+             "optional": ssl.CERT_OPTIONAL, "cert_optional": ssl.CERT_OPTIONAL,
+             "none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE}
+# TLS parameters a Redis URL may carry in its query; taken out of the URL and applied as
+# explicit options, so every client (kombu, Celery's result backend, redis-py) gets the same.
+TLS_QUERY_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
 def lease_key(job_id: str) -> str:
@@ -90,6 +101,18 @@ class ConnectionSettings(BaseSettings):
     redis_sentinel_password: SecretStr | None = Field(
         default=None, description="The sentinels' own password (their requirepass), if any."
     )
+    redis_ca_file: Path | None = Field(
+        default=None,
+        description="rediss://: a PEM bundle of the CA(s) that sign Redis's certificate; unset: "
+        "the system's trusted CAs (or the URL's ssl_ca_certs). The certificate and its host "
+        "name are verified on every connection, producer and worker alike.",
+    )
+    redis_tls_allow_unverified: bool = Field(
+        default=False,
+        description="Let a rediss:// URL turn the certificate check off or make it optional "
+        "(?ssl_cert_reqs=none / optional): anyone on the path could then read and forge jobs. "
+        "Off: such a URL is refused at start.",
+    )
     queue: str | None = Field(
         default=None,
         description="One queue for every job whatever its model; unset: a queue per model, "
@@ -113,6 +136,49 @@ class ConnectionSettings(BaseSettings):
             if not host or not port.isdigit():
                 raise ValueError("redis_sentinels: expected host:port[,host:port...]")
         return value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ConnectionSettings:
+        for name in ("broker_url", "result_backend"):
+            url = getattr(self, name)
+            if url is not None:
+                self.tls_options(url, checking=name)
+        return self
+
+    def tls_options(self, url: str, checking: str | None = None) -> dict[str, Any] | None:
+        """redis-py's TLS options for `url` (kombu's broker_use_ssl, Celery's
+        redis_backend_use_ssl and our own clients take the same keys); None unless rediss://.
+        The certificate is required unless the URL says otherwise and redis_tls_allow_unverified
+        lets it; ValueError otherwise."""
+        parts = urlsplit(url)
+        if parts.scheme != "rediss":
+            return None
+        query = {key: unquote(value) for key, value in parse_qsl(parts.query)}
+        where = f"{checking}: " if checking else ""
+        asked = query.get("ssl_cert_reqs", "required")
+        mode = CERT_REQS.get(asked.lower())
+        if mode is None:
+            raise ValueError(f"{where}ssl_cert_reqs must be one of required, optional, none "
+                             f"(got {asked[:20]!r})")
+        if mode != ssl.CERT_REQUIRED and not self.redis_tls_allow_unverified:
+            raise ValueError(
+                f"{where}ssl_cert_reqs={asked[:20]} turns off the check of Redis's certificate "
+                "(anyone on the path could read and forge jobs): refused unless "
+                "CHATQUEUE_REDIS_TLS_ALLOW_UNVERIFIED=true. To trust a private CA, set "
+                "CHATQUEUE_REDIS_CA_FILE instead.")
+        ca_file = self.redis_ca_file or query.get("ssl_ca_certs")
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise ValueError(f"{where}the CA bundle {str(ca_file)[:200]} is not a file "
+                             "(CHATQUEUE_REDIS_CA_FILE)")
+        options: dict[str, Any] = {"ssl_cert_reqs": mode}
+        if ca_file is not None:
+            options["ssl_ca_certs"] = str(ca_file)
+        for key in ("ssl_certfile", "ssl_keyfile"):
+            if query.get(key):
+                options[key] = query[key]
+        if mode == ssl.CERT_NONE:
+            options["ssl_check_hostname"] = False  # Python refuses a host check without one
+        return options
 
     def queue_for(self, model_id: str) -> str:
         return self.queue or f"{QUEUE_PREFIX}{model_id}"
@@ -201,7 +267,18 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _without_tls_query(url: str) -> str:
+    """The URL less its TLS parameters (ConnectionSettings.tls_options applies them)."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    kept = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True)
+            if key not in TLS_QUERY_KEYS]
+    return urlunsplit(parts._replace(query=urlencode(kept)))
+
+
 def _with_password(url: str, username: str | None, password: SecretStr | None) -> str:
+    url = _without_tls_query(url)
     if password is None:
         return url
     parts = urlsplit(url)

@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import ssl
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 import redis
 from celery import current_app, states
@@ -360,9 +358,6 @@ def broker_options(settings: WorkerSettings) -> dict[str, Any]:
             **settings.sentinel_transport_options(),
         },
     }
-    if urlsplit(settings.broker_url).scheme == "rediss":
-        # kombu turns TLS on for rediss:// only when the transport is its own "rediss" alias;
-        # with ours it must be asked. Certificates are verified unless the URL says otherwise
-        # (?ssl_cert_reqs=..., which kombu applies on top of this).
-        options["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # rediss://: TLS comes from celery_config (broker_use_ssl, redis_backend_use_ssl), as on
+    # the producer; kombu turns it on for our transport only because that asks for it.
     return options

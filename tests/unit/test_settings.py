@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from producer.celery_app import celery_config, create_celery
 from producer.settings import ProducerSettings
 from worker.settings import WorkerSettings
 
@@ -143,3 +145,58 @@ def test_sentinel_addresses_are_checked(monkeypatch, value):
     monkeypatch.setenv("CHATQUEUE_REDIS_SENTINELS", value)
     with pytest.raises(ValidationError, match="redis_sentinels"):
         ProducerSettings(_env_file=None)
+
+
+# --------------------------------------------------------------------------- TLS (rediss://)
+
+TLS_URL = "rediss://redis.example:6380/0"
+
+
+def test_rediss_verifies_the_certificate_on_both_sides_by_default(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    for settings in (ProducerSettings(broker_url=TLS_URL, _env_file=None),
+                     WorkerSettings(broker_url=TLS_URL, _env_file=None)):
+        config = celery_config(settings)
+        expected = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        assert config["broker_use_ssl"] == expected
+        assert config["redis_backend_use_ssl"] == expected
+        # Celery's result backend takes the plain URL (it refused it without the option), and
+        # kombu's connection carries the check (it fell back to CERT_NONE).
+        app = create_celery(settings)
+        assert app.backend.connparams["ssl_cert_reqs"] == ssl.CERT_REQUIRED
+        assert app.connection_for_write().ssl == expected
+    with_ca = ProducerSettings(broker_url=TLS_URL, redis_ca_file=ca, _env_file=None)
+    assert with_ca.tls_options(TLS_URL) == {"ssl_cert_reqs": ssl.CERT_REQUIRED,
+                                            "ssl_ca_certs": str(ca)}
+    app = create_celery(with_ca)
+    assert app.backend.connparams["ssl_ca_certs"] == str(ca)
+
+
+def test_plain_redis_gets_no_tls_options():
+    config = celery_config(ProducerSettings(broker_url="redis://127.0.0.1:6379/0",
+                                            _env_file=None))
+    assert "broker_use_ssl" not in config and "redis_backend_use_ssl" not in config
+
+
+@pytest.mark.parametrize("reqs", ["none", "CERT_NONE", "optional", "CERT_OPTIONAL"])
+def test_an_unverified_rediss_url_is_refused_unless_allowed(reqs):
+    url = f"{TLS_URL}?ssl_cert_reqs={reqs}"
+    for cls in (ProducerSettings, WorkerSettings):
+        with pytest.raises(ValidationError, match="CHATQUEUE_REDIS_TLS_ALLOW_UNVERIFIED"):
+            cls(broker_url=url, _env_file=None)
+        with pytest.raises(ValidationError, match="result_backend"):
+            cls(result_backend=url, _env_file=None)
+    allowed = ProducerSettings(broker_url=url, redis_tls_allow_unverified=True, _env_file=None)
+    options = allowed.tls_options(url)
+    assert options is not None and options["ssl_cert_reqs"] != ssl.CERT_REQUIRED
+    # The URL's TLS parameters are applied as options, not left in the URL for kombu.
+    assert "ssl_cert_reqs" not in allowed.broker_connection_url()
+
+
+def test_a_missing_ca_file_or_an_unknown_mode_is_refused(tmp_path):
+    with pytest.raises(ValidationError, match="CHATQUEUE_REDIS_CA_FILE"):
+        ProducerSettings(broker_url=TLS_URL, redis_ca_file=tmp_path / "nope.pem",
+                         _env_file=None)
+    with pytest.raises(ValidationError, match="ssl_cert_reqs must be one of"):
+        ProducerSettings(broker_url=f"{TLS_URL}?ssl_cert_reqs=maybe", _env_file=None)
