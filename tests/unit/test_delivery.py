@@ -14,6 +14,7 @@ from worker.delivery import (
     WorkerLoader,
     WriteOnceRedisBackend,
     broker_options,
+    envelope_headers,
 )
 from worker.drain import Drain, JobInterrupted
 from worker.engine import EngineJob, EngineRequest
@@ -40,6 +41,8 @@ def test_redelivery_settings_reach_kombu():
     assert options["broker_transport_options"] == {
         "visibility_timeout": 8, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
         "priority_steps": [0, 3, 6, 9],
+        # Refused before kombu decodes it: 4 x max_request_bytes + 64 KiB by default.
+        "max_message_bytes": 4 * 1_048_576 + 65_536,
     }
     assert options["broker_transport"] == TRANSPORT
     assert options["broker_connection_max_retries"] is None
@@ -107,3 +110,22 @@ def test_drain_before_its_grace_leaves_jobs_alone():
         drain.begin(grace_s=3600)
         assert not job.cancelled and not drain.stopped("cancelled")
         drain.cancel_timer()
+
+
+@pytest.mark.parametrize(
+    ("envelope", "expected"),
+    [
+        pytest.param(b'{"body": "W1tdLCB7fSwge31d", "content-encoding": "utf-8", "headers": '
+                     b'{"id": "job-1", "task": "chatqueue.generate_chat"}, "properties": '
+                     b'{"delivery_tag": "t"}}',
+                     {"id": "job-1", "task": "chatqueue.generate_chat", "delivery_tag": "t"},
+                     id="kombu-envelope"),
+        pytest.param(b'{"body": "a \\" quote \\\\", "headers": {"id": "j"}}', {"id": "j"},
+                     id="escaped-quotes-in-the-body"),
+        pytest.param(b"\x00 not json", {}, id="not-an-envelope"),
+        pytest.param(b'{"body": "unterminated', {}, id="unterminated-body"),
+        pytest.param(b'["body": "x"]', {}, id="not-an-object"),
+    ],
+)
+def test_envelope_headers_are_read_without_the_body(envelope, expected):
+    assert envelope_headers(envelope) == expected
