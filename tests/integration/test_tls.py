@@ -5,6 +5,7 @@ needs CHATQUEUE_REDIS_TLS_ALLOW_UNVERIFIED."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import redis as redis_py
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from producer import ChatQueueClient, ProducerSettings
+from producer import AsyncChatQueueClient, ChatQueueClient, ProducerSettings
 from tests.support.servers import (
     RedisServer,
     TlsFiles,
@@ -70,6 +71,14 @@ def test_a_job_flows_end_to_end_with_verification_on(tls_redis, tls_files, tiny_
             streamed = "".join(event.text for event in client.stream(job_id)
                                if event.type == "content")
             assert streamed == TINY_CONTENT
+
+        async def through_asyncio() -> str:  # the gateway's client: redis.asyncio over TLS
+            async with AsyncChatQueueClient(settings) as aclient:
+                job = await aclient.submit({"messages": TINY_MESSAGES,
+                                            "params": {"do_sample": False, "max_new_tokens": 64}})
+                return (await aclient.result(job)).content
+
+        assert asyncio.run(through_asyncio()) == TINY_CONTENT
         assert VERIFY_FAILED not in worker.log()
     finally:
         worker.stop()
