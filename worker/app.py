@@ -29,6 +29,7 @@ from producer.celery_app import celery_config  # noqa: E402
 from producer.errors import JobFailed  # noqa: E402
 from producer.schemas import Progress  # noqa: E402
 from producer.settings import TASK_NAME, accepted_key  # noqa: E402
+from worker import exit_status  # noqa: E402
 from worker.control import ProgressWrite, install_revoke  # noqa: E402
 from worker.delivery import CheckedRequest, WorkerLoader, broker_options  # noqa: E402
 from worker.drain import JobInterrupted  # noqa: E402
@@ -40,21 +41,18 @@ from worker.redact import install as redact_logs  # noqa: E402
 from worker.service import WorkerRuntime, run_job, task_arguments  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 from worker.startup import start_runtime  # noqa: E402
-from worker.watchdog import EXIT_ENGINE_DIED, stop_consuming, watch_engine  # noqa: E402
+from worker.watchdog import stop_consuming, watch_engine  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 _runtime: WorkerRuntime | None = None
 _consumer: Any = None  # Celery's consumer while it runs (ConsumerProbe), for the health check
-exit_status = 0  # what `chatqueue-worker run` exits with once Celery's worker returns
+exit_code = exit_status.OK  # what `chatqueue-worker run` exits with once Celery returns
 
 
 class WorkerMisconfigured(RuntimeError):
     """A setting this worker cannot run with; the message says which."""
 
-
-# The exit status of a worker that could not become ready (sysexits.h EX_CONFIG).
-EXIT_START_FAILED = 78
 
 
 def create_worker_app(settings: WorkerSettings) -> Celery:
@@ -222,7 +220,7 @@ def _load_model_once(sender: Any = None, **_: Any) -> None:
         # dispatch lets it through).
         log.critical("worker start failed, exiting before taking any job: %s", exc,
                      exc_info=not isinstance(exc, (ModelNotReady, WorkerMisconfigured)))
-        raise SystemExit(EXIT_START_FAILED) from exc
+        raise SystemExit(exit_status.START_FAILED) from exc
     _runtime.metrics.watch_consuming(consuming)
     watch_engine(_runtime.engine, on_death=_engine_died)
     if _runtime.control is not None:  # GET /v1/models and the gateway's 503 read it
@@ -232,13 +230,13 @@ def _load_model_once(sender: Any = None, **_: Any) -> None:
 
 
 def _engine_died() -> None:
-    global exit_status
-    exit_status = EXIT_ENGINE_DIED
+    global exit_code
+    exit_code = exit_status.ENGINE_DIED
     if _runtime is not None:
         _runtime.metrics.model_unloaded()  # the health check fails from now on
     log.critical("the engine thread died: this worker stops taking jobs, puts its running jobs "
-                 "back in the queue and exits with status %d", EXIT_ENGINE_DIED)
-    stop_consuming(EXIT_ENGINE_DIED)
+                 "back in the queue and exits with status %d", exit_status.ENGINE_DIED)
+    stop_consuming(exit_status.ENGINE_DIED)
 
 
 @worker_shutting_down.connect

@@ -83,7 +83,7 @@ def run_worker(extra: list[str]) -> int:
     # died must still exit non-zero (worker/watchdog.py).
     from worker import app as worker_app
 
-    return worker_app.exit_status
+    return worker_app.exit_code
 
 
 class JsonFormatter(logging.Formatter):

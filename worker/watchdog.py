@@ -16,10 +16,6 @@ from typing import Protocol
 
 log = logging.getLogger(__name__)
 
-# The exit status of a worker whose engine thread died (sysexits.h EX_SOFTWARE).
-EXIT_ENGINE_DIED = 70
-
-
 class Watched(Protocol):
     def wait_ended(self, timeout: float | None = None) -> bool: ...
 
@@ -41,7 +37,7 @@ def watch_engine(engine: Watched, on_death: Callable[[], None]) -> threading.Thr
     return thread
 
 
-def stop_consuming(exitcode: int = EXIT_ENGINE_DIED) -> None:
+def stop_consuming(exitcode: int) -> None:
     """Ask Celery for a warm shutdown, as its SIGTERM handler does: the consumer loop checks
     this flag on every turn and stops taking messages; the process then exits with `exitcode`."""
     from celery.worker import state

@@ -23,9 +23,8 @@ from tests.support.servers import (
     wait_ready,
     worker_env,
 )
-from worker.app import EXIT_START_FAILED
 from worker.devmodels import TINY_CONTENT, TINY_MESSAGES
-from worker.watchdog import EXIT_ENGINE_DIED
+from worker.exit_status import ENGINE_DIED, START_FAILED
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +105,7 @@ def test_a_worker_that_cannot_become_ready_exits_and_takes_no_job(
     returncode = worker.process.wait(timeout=EXIT_TIMEOUT_S)
 
     log = worker.log()
-    assert returncode == EXIT_START_FAILED, log[-3000:]
+    assert returncode == START_FAILED, log[-3000:]
     assert message in log, log[-3000:]
     assert "worker start failed, exiting before taking any job" in log
     assert " ready." not in log
@@ -119,7 +118,7 @@ def test_jobs_left_by_a_worker_that_failed_to_start_are_served_by_a_healthy_one(
 ):
     queue, jobs, client = queue_with_jobs
     bad = spawn(tmp_path / "no-such-model", queue)
-    assert bad.process.wait(timeout=EXIT_TIMEOUT_S) == EXIT_START_FAILED
+    assert bad.process.wait(timeout=EXIT_TIMEOUT_S) == START_FAILED
 
     spawn(tiny_model_dir, queue)
     results = [client.result(job, timeout=120) for job in jobs]
@@ -148,7 +147,7 @@ def test_a_worker_whose_engine_dies_stops_consuming_and_gives_its_jobs_back(
         finally:
             dying.stop()
         log = dying.log()
-        assert returncode == EXIT_ENGINE_DIED, log[-3000:]
+        assert returncode == ENGINE_DIED, log[-3000:]
         assert "the engine thread died" in log
         # Not one job failed: those it had taken went back to the queue.
         states = [client.state(job) for job in jobs]
