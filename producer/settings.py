@@ -126,6 +126,12 @@ class ConnectionSettings(BaseSettings):
     )
     stream_maxlen: int = Field(default=10_000, gt=0, description="Entries kept per job stream.")
 
+    @field_validator("redis_password", "redis_sentinel_password", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        # compose passes an optional secret that .env leaves out as "" (`${VAR:-}`).
+        return None if value == "" else value
+
     @field_validator("redis_sentinels")
     @classmethod
     def _check_sentinels(cls, value: str | None) -> str | None:

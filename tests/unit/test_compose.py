@@ -170,7 +170,12 @@ def test_config_is_valid_with_the_secrets_set(
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("missing", sorted(SECRETS))
+# The sentinel profile's secrets are optional: without the profile a deployment needs none of
+# them (its scripts refuse to start a replica login or sentinel without them).
+SENTINEL_SECRETS = ("REDIS_REPLICA_PASSWORD", "REDIS_SENTINEL_PASSWORD", "SENTINEL_PASSWORD")
+
+
+@pytest.mark.parametrize("missing", sorted(set(SECRETS) - set(SENTINEL_SECRETS)))
 @pytest.mark.parametrize("how", ["unset", "empty"])
 def test_compose_refuses_to_start_without_a_secret(
     compose: Path, tmp_path: Path, missing: str, how: str
@@ -198,10 +203,15 @@ def test_env_example_as_shipped_is_refused_and_works_once_filled_in(
 
 def test_no_secret_has_a_default_in_the_file() -> None:
     checked = set()
-    for match in INTERPOLATION.finditer(compose_text()):
+    text = compose_text()
+    for match in INTERPOLATION.finditer(text):
         name, operator = match.groups()
         if SECRET_NAME.search(name):
-            assert operator == ":?", f"${{{name}}} must be required (:?), not {operator!r}"
+            # An optional one may be empty, never a value written in the file.
+            allowed = (":?", ":-") if name in SENTINEL_SECRETS else (":?",)
+            assert operator in allowed, f"${{{name}}} must be required (:?), not {operator!r}"
+            if operator == ":-":
+                assert text[match.end()] == "}", f"${{{name}}} has a default in the file"
             checked.add(name)
     assert set(SECRETS) <= checked
     # And nothing the secrets were set to leaks in from anywhere but the environment.
@@ -475,6 +485,14 @@ def test_env_example_documents_every_variable() -> None:
     # Secrets ship empty: a copied example must not carry a password anyone can read here.
     for name in SECRETS:
         assert documented[name] == f"{name}=", documented[name]
+
+
+def test_a_deployment_without_the_sentinel_profile_needs_none_of_its_secrets(
+    compose: Path, tmp_path: Path
+) -> None:
+    values = {name: value for name, value in SECRETS.items() if name not in SENTINEL_SECRETS}
+    done = run_compose(compose, write_env(tmp_path / "plain.env", values), "config", "-q")
+    assert done.returncode == 0, done.stderr
 
 
 def test_sentinel_profile_runs_a_replica_and_three_sentinels_on_the_acl(
