@@ -3,16 +3,20 @@ submitted and collected through `producer.ChatQueueClient`, as a backend would."
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from producer import ChatQueueClient, ChatRequest, ChatResult, ProducerSettings
+from producer.settings import stream_key
 from tests.support.servers import redis_server, spawn_worker, wait_ready, worker_env
 
 WORKER_START_TIMEOUT_S = 300.0
@@ -62,6 +66,9 @@ class LevelRun:
 
     jobs: list[JobRun]
     wall_s: float  # first submit -> last result
+    # Each streamed text event: seconds from its oldest token's pick (the worker's `t`) to this
+    # process reading it (one reader streaming every job of the level).
+    stream_lags_s: list[float] = field(default_factory=list)
 
 
 @contextmanager
@@ -104,10 +111,11 @@ def benchmark_request(
 
 def run_level(
     client: ChatQueueClient, prompts: list[list[dict[str, str]]], *, max_new_tokens: int,
-    enable_thinking: bool, sampled: bool = False,
+    enable_thinking: bool, sampled: bool = False, streamed: bool = False,
 ) -> LevelRun:
     """Submit one job per prompt back to back, then wait for them all. `sampled`: Qwen3's
-    default sampling on every job, job i seeded with i.
+    default sampling on every job, job i seeded with i. `streamed`: a client streams each job
+    (`StreamWatcher`), and the level keeps how live the streams were.
 
     Each job gets a waiting thread as soon as it is submitted, so its latency is stamped when
     its own result arrives, not when a loop over the others gets round to it.
@@ -117,11 +125,14 @@ def run_level(
                           sampling={**QWEN3_SAMPLING, "seed": i} if sampled else None)
         for i, m in enumerate(prompts)
     ]
+    watcher = StreamWatcher(client.settings.broker_url) if streamed else None
     with ThreadPoolExecutor(max_workers=len(requests)) as waiters:
         pending = []
         for index, request in enumerate(requests):
             submitted = time.perf_counter()
             job_id = client.submit(request)
+            if watcher is not None:
+                watcher.watch(job_id)
             pending.append((index, submitted, waiters.submit(_await_result, client, job_id)))
         jobs, finished = [], []
         for index, submitted, future in pending:
@@ -138,7 +149,62 @@ def run_level(
                 finished_at=result.timings.finished_at.timestamp(),
                 cached_prompt_tokens=getattr(result.usage, "cached_prompt_tokens", None) or 0,
             ))
-    return LevelRun(jobs=jobs, wall_s=max(finished) - pending[0][1])
+    lags = watcher.close() if watcher is not None else []
+    return LevelRun(jobs=jobs, wall_s=max(finished) - pending[0][1], stream_lags_s=lags)
+
+
+class StreamWatcher:
+    """One thread reading every watched job's stream (one XREAD BLOCK over all of them, as a
+    client per job would, without a thread per job competing for the benchmark's cores); for
+    each text event, how long after its oldest token was picked (the worker's `t` field, epoch
+    seconds on this machine's clock) it was read here."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis = redis.Redis.from_url(redis_url)
+        self.lags_s: list[float] = []
+        self._cursors: dict[str, bytes | str] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="stream-watcher", daemon=True)
+        self._thread.start()
+
+    def watch(self, job_id: str) -> None:
+        with self._lock:
+            self._cursors[stream_key(job_id)] = "0-0"
+
+    def close(self, timeout_s: float = 30.0) -> list[float]:
+        """Once every watched stream ended (or `timeout_s`): the lags seen."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._cursors:
+                    break
+            time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(5)
+        self.redis.close()
+        return self.lags_s
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                cursors = dict(self._cursors)
+            if not cursors:
+                time.sleep(0.005)
+                continue
+            reply = self.redis.xread(cursors, block=100)  # type: ignore[arg-type]
+            now = time.time()
+            for key, entries in reply or []:
+                name = key.decode() if isinstance(key, bytes) else key
+                for entry_id, fields in entries:
+                    picked = fields.get(b"t")
+                    if picked is not None:
+                        self.lags_s.append(now - float(picked))
+                    with self._lock:
+                        if fields.get(b"type") == b"end":
+                            self._cursors.pop(name, None)
+                        elif name in self._cursors:
+                            self._cursors[name] = entry_id
 
 
 def warm_up(client: ChatQueueClient, messages: list[dict[str, str]], enable_thinking: bool) -> None:

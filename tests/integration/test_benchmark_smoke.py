@@ -65,6 +65,12 @@ def test_quick_benchmark_writes_its_results(tiny_model_dir: Path, tmp_path: Path
     assert summary["tok_s_32"] is None and summary["decode_ratio_vs_padded_64"] is None
     assert summary["shared_prefix_speedup"] > 0
 
+    # One client streamed every job of the sweep; the engine alone ran the largest level's jobs.
+    assert results["stream_lag_ms"]["events"] > 0 and summary["stream_lag_p95_ms"] >= 0
+    (engine,) = results["engine_alone"]
+    assert engine["concurrency"] == 8 and engine["product_over_engine"] > 0
+    assert summary["engine_tok_s_32"] is None and summary["product_over_engine_64"] is None
+
 
 def test_quick_backends_comparison_writes_its_results(tiny_model_dir: Path, tmp_path: Path) -> None:
     completed = subprocess.run(
