@@ -349,3 +349,39 @@ def test_seeded_sampling_is_reproducible_across_chunks_and_cache_hits(loaded):
         busy.stop()
     assert outputs[-1].cached_prompt_tokens > 0
     assert outputs[-1].token_ids == alone
+
+
+def test_the_engine_tells_its_relay_each_step_and_never_waits_for_its_redis(loaded, engine):
+    from tests.unit.test_relay import FakeControl, text_of
+    from worker.pipeline.reasoning import decode_part, split_reasoning
+    from worker.relay import Relay
+
+    control = FakeControl()
+    control.release.clear()  # Redis hangs in the relay's first write, until the end
+    relay = Relay(control, loaded.tokenizer, loaded.think).start()  # type: ignore[arg-type]
+    steps: list[int] = []
+    engine.on_step(lambda: steps.append(1))
+    engine.on_step(relay.wake)
+    try:
+        jobs = [engine.submit(request) for request in requests_for(loaded)]
+        followed = [relay.follow(f"job-{i}", job, prompt_opened_thinking=False)
+                    for i, job in enumerate(jobs)]
+        outputs = [job.future.result(timeout=120) for job in jobs]  # finished, Redis still hung
+        assert control.executing.is_set() and not control.written
+        # (a job's result can be in hand just before its last step's notice)
+        assert len(steps) >= max(len(output.token_ids) for output in outputs) - 1
+        control.release.set()
+        for one in followed:
+            assert one.written.wait(30)
+        assert control.pipelines < len(steps)  # what the hang held back went out together
+        for i, output in enumerate(outputs):
+            events = control.stream(f"job-{i}")
+            assert events[0].type == "start" and events[-1].type == "end"
+            split = split_reasoning(output.token_ids, loaded.think)
+            assert text_of(events, "thinking") == decode_part(loaded.tokenizer,
+                                                              split.thinking_ids, loaded.think)
+            assert text_of(events, "content") == decode_part(loaded.tokenizer,
+                                                             split.content_ids, loaded.think)
+    finally:
+        control.release.set()
+        relay.stop()
