@@ -269,6 +269,11 @@ class TolerantSentinelChannel(TolerantChannel, kombu_redis.SentinelChannel):
     visibility timeout, as after any lost ack.
     """
 
+    # TolerantChannel's list (plain Redis + max_message_bytes) comes first in the MRO: without
+    # this, master_name and sentinel_kwargs never reached the channel.
+    from_transport_options = (
+        *kombu_redis.SentinelChannel.from_transport_options, "max_message_bytes")
+
     def _connparams(self, asynchronous: bool = False) -> Any:
         if self.connection.client is None:
             raise redis.ConnectionError("the broker connection was closed (Sentinel failover)")

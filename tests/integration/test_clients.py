@@ -173,11 +173,17 @@ def test_a_failed_job_raises_its_structured_error(client, redis, tiny_queue):
 
 
 def test_result_wait_times_out(client):
+    # The tiny model writes LONG tokens in a fraction of a second on a quiet machine: the job
+    # waits behind four others that hold every task slot of the tiny_queue worker, so it is
+    # still unfinished however long the client takes to start waiting.
+    ahead = [client.submit(chat(max_new_tokens=LONG, ignore_eos=True)) for _ in range(4)]
     job_id = client.submit(chat(max_new_tokens=LONG, ignore_eos=True))
     with pytest.raises(TimeoutError):
         client.result(job_id, timeout=0.05)
-    client.cancel(job_id)
+    for other in [job_id, *ahead]:
+        client.cancel(other)
     assert client.result(job_id).finish_reason == "cancelled"
+    assert {client.result(other).finish_reason for other in ahead} <= {"cancelled", "length"}
 
 
 @pytest.fixture(params=["sync", "async"])
