@@ -323,8 +323,10 @@ def test_redis_restart_with_jobs_queued_and_running_loses_none(fault_redis, star
 
 def test_a_result_read_after_it_expired_is_job_not_found_not_a_hang(fault_redis, start):
     queue = f"ttl-{uuid.uuid4().hex[:6]}"
-    start(queue, result_ttl_s="2")
-    with client_for(fault_redis, queue, result_ttl_s=2) as client:
+    # Short enough to wait out, long enough that the job's result (stored ~0.1 s after the
+    # submit) is still there when a loaded client starts waiting for it (2 s was not, in CI).
+    start(queue, result_ttl_s="6")
+    with client_for(fault_redis, queue, result_ttl_s=6) as client:
         job_id = submit(client)
         assert client.result(job_id).job_id == job_id
 
