@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.run import cpu_model
 from worker.pipeline.sampling import SamplingParams, sample_batch, sample_token
 
 QWEN3_DEFAULTS = SamplingParams(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
@@ -79,16 +80,6 @@ def measure(rows: int, vocab: int, device: torch.device, dtype: torch.dtype,
     return {"rows": rows, "vocab": vocab, "timings": results,
             "legacy_ms_per_row": legacy / rows,
             "speedup_batch_over_legacy": legacy / batched}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
