@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+import pytest
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from producer import ChatRequest, JobFailed, parse_request
@@ -80,35 +81,91 @@ def test_valid_requests_read_back_the_same_after_a_trip_through_json(raw):
     assert parse_request(wire) == request
 
 
+def read_back(request: ChatRequest) -> ChatRequest:
+    """The request after a trip through JSON, as the worker reads what the producer sent."""
+    return parse_request(json.loads(json.dumps(request.model_dump(mode="json"))))
+
+
+def value_at(tree: Any, path: tuple[str | int, ...]) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
 @FUZZ
 @given(valid_requests(), st.data())
 def test_one_bad_field_is_the_one_named(raw, data):
     paths = [("messages", i, key) for i in range(len(raw["messages"]))
              for key in ("role", "content")] + [("params", key) for key in raw["params"]]
     path = data.draw(st.sampled_from(paths))
-    value = data.draw(json_values)
-    target = raw
-    for part in path[:-1]:
-        target = target[part]
-    target[path[-1]] = value
+    value = data.draw(json_values | roles | contents, label="value")
+    value_at(raw, path[:-1])[path[-1]] = value
     try:
-        parse_request(raw)
+        request = parse_request(raw)
     except JobFailed as failed:
         assert_structured(failed)
         named = ".".join(str(part) for part in path)
-        # A role change can break the last-turn rule, which is about the whole request.
-        assert failed.error.field in (named, None)
+        if failed.error.field is None:
+            # Only the whole-request rule has no field: a valid role on the last turn that is
+            # not the user's.
+            assert path == ("messages", len(raw["messages"]) - 1, "role")
+            assert value in ("system", "assistant")
+            assert "last message must come from the user" in failed.error.message
+        else:
+            assert failed.error.field == named
+    else:
+        event("a valid value")
+        # The value was one the field takes: it is kept as given, and the request reads back
+        # the same after a trip through JSON.
+        assert value_at(request.model_dump(), path) == value
+        assert type(value_at(request.model_dump(), path)) is (
+            float if isinstance(value, int) and path[-1] in ("temperature", "top_p", "timeout_s")
+            else type(value))
+        assert request.messages[-1].role == "user"
+        assert read_back(request) == request
 
 
 @FUZZ
-@given(json_values, st.integers(1, 2_000))
+@given(json_values | valid_requests(), st.integers(1, 2_000))
 def test_worker_reads_any_value_within_its_byte_limit(raw, max_bytes):
+    """Over its byte limit the worker refuses a value before reading it; within it, the worker
+    reads exactly what the producer reads: the same request, or the same error."""
+    size = request_size(raw)
     try:
-        worker_parse_request(raw, max_bytes=max_bytes)
+        request = worker_parse_request(raw, max_bytes=max_bytes)
     except JobFailed as failed:
         assert_structured(failed, ("invalid_request", "limit_exceeded"))
-        if failed.error.code == "limit_exceeded":
-            assert failed.error.value == request_size(raw) > max_bytes
+        if size > max_bytes:
+            assert failed.error.code == "limit_exceeded"
+            assert (failed.error.field, failed.error.limit, failed.error.value) == (
+                "request", max_bytes, size)
+        else:
+            assert failed.error.code == "invalid_request"
+            with pytest.raises(JobFailed) as producer_side:
+                parse_request(raw)
+            assert failed.error == producer_side.value.error
+    else:
+        event("read")
+        assert size <= max_bytes
+        assert request == parse_request(raw)
+        assert read_back(request) == request
+
+
+@FUZZ
+@given(valid_requests(), st.integers(0, 64))
+def test_worker_reads_a_valid_request_up_to_its_byte_limit_and_refuses_it_past(raw, slack):
+    size = request_size(raw)
+    request = worker_parse_request(raw, max_bytes=size + slack)
+    assert request == parse_request(raw)
+    assert request.messages[-1].content == raw["messages"][-1]["content"]
+    assert request.params.model_dump(exclude_unset=True) == raw["params"]
+    assert worker_parse_request(raw) == request  # no limit: read the same
+
+    over = max(size - 1 - slack, 1)
+    with pytest.raises(JobFailed) as refused:
+        worker_parse_request(raw, max_bytes=over)
+    assert (refused.value.error.code, refused.value.error.field, refused.value.error.limit,
+            refused.value.error.value) == ("limit_exceeded", "request", over, size)
 
 
 @FUZZ
