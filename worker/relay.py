@@ -29,9 +29,8 @@ from producer.schemas import Progress, StreamEvent
 from worker.control import JobControl, ProgressWrite
 from worker.engine import EngineJob
 from worker.lease import Lease
-from worker.pipeline.reasoning import ThinkTokens
+from worker.pipeline.reasoning import Part, StreamSplitter, ThinkTokens
 from worker.pipeline.stop import StopStringFilter
-from worker.pipeline.stream import Part, StreamSplitter
 
 log = logging.getLogger(__name__)
 

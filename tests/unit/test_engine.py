@@ -385,3 +385,25 @@ def test_the_engine_tells_its_relay_each_step_and_never_waits_for_its_redis(load
     finally:
         control.release.set()
         relay.stop()
+
+
+@pytest.mark.parametrize("budget", [0, 1, 2, 5])
+def test_a_thinking_budget_of_n_reports_at_most_n_thinking_tokens(loaded, budget):
+    from worker.pipeline.reasoning import count_thinking_tokens, split_reasoning
+
+    engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=EngineLimits(),
+                    think=loaded.think).start()
+    try:
+        prompt = build_prompt_ids(loaded, ChatRequest.model_validate(
+            {"messages": [{"role": "user", "content": "Hi! Who are you?"}]}))
+        free = engine.generate(EngineRequest(prompt, 64, GREEDY, loaded.stop_ids))
+        job = engine.submit(EngineRequest(
+            prompt, 64, GREEDY, loaded.stop_ids, thinking_budget=budget,
+            close_thinking_ids=loaded.close_thinking_ids))
+        capped = job.future.result()
+    finally:
+        engine.stop()
+    assert count_thinking_tokens(free.token_ids, loaded.think) > budget  # the budget bites
+    split = split_reasoning(capped.token_ids, loaded.think)
+    assert split.thinking_tokens == job.thinking_tokens <= budget
+    assert loaded.think.close_id in capped.token_ids and split.content_ids

@@ -31,7 +31,7 @@ from worker.engine.job import (
 from worker.engine.kv_cache import KVCacheManager, pool_blocks
 from worker.engine.runner import ModelRunner
 from worker.engine.scheduler import ScheduledRow, Scheduler
-from worker.pipeline.reasoning import ThinkTokens
+from worker.pipeline.reasoning import ThinkTokens, advance_thinking, close_for_budget
 from worker.pipeline.sampling import SamplingParams
 
 try:
@@ -214,18 +214,16 @@ class Engine:
 
     def _steer(self, job: EngineJob, token: int) -> int:
         """Apply the thinking budget: once spent, the think block is closed for the model the
-        way its template writes it, and the model goes on to answer."""
-        budget = job.request.thinking_budget
-        if not job.forced and job.thinking and budget is not None and job.thinking_tokens >= budget:
-            job.forced = list(job.request.close_thinking_ids)
+        way its template writes it, and the model goes on to answer. Thinking tokens are
+        counted by worker.pipeline.reasoning's rule, the one usage.thinking_tokens uses."""
+        if not job.forced and job.thinking:
+            job.forced = close_for_budget(job.request.close_thinking_ids, self.think,
+                                          spent=job.thinking_tokens,
+                                          budget=job.request.thinking_budget)
         if job.forced:
             token = job.forced.pop(0)
-        if token == self.think.open_id:
-            job.thinking = True
-        elif token == self.think.close_id:
-            job.thinking = False
-        elif job.thinking:
-            job.thinking_tokens += 1
+        job.thinking, counted = advance_thinking(token, self.think, thinking=job.thinking)
+        job.thinking_tokens += counted
         return token
 
     def _recover_from_oom(self, rows: list[ScheduledRow]) -> None:
