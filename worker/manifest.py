@@ -98,6 +98,28 @@ def manifest_for_local_dir(
     )
 
 
+def manifest_digest(manifest: Manifest) -> str:
+    """The sha256 that pins a model folder's content: of its files' `sha256sum` listing.
+
+    Every listed file's sha256 and path, sorted by path, one `<sha256>  <path>` line each -- what
+    `sha256sum` prints -- so an operator can compute it without chatqueue:
+    `cd <model dir> && sha256sum <files> | LC_ALL=C sort -k2 | sha256sum`. Where the files came
+    from, when, and the manifest's own layout do not change it; any byte of any file does.
+    """
+    listing = "".join(f"{f.sha256}  {f.path}\n" for f in sorted(manifest.files, key=_path_key))
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _path_key(entry: ManifestFile) -> bytes:
+    return entry.path.encode()  # byte order, as `LC_ALL=C sort`
+
+
+def unlisted_files(model_dir: Path, manifest: Manifest) -> list[str]:
+    """Files in the folder that the manifest does not list (hub metadata and the manifest aside)."""
+    listed = {entry.path for entry in manifest.files}
+    return [path for path in list_model_files(model_dir) if path not in listed]
+
+
 def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
     """Write atomically: a reader sees the old manifest or the new one, never half of one."""
     target = model_dir / MANIFEST_NAME
@@ -125,12 +147,19 @@ def read_manifest(model_dir: Path, *, fetch_hint: str = "") -> Manifest:
 def verify_model_dir(
     model_dir: Path, *, fetch_hint: str = "", check_hashes: bool = True
 ) -> Manifest:
-    """Check every file the manifest lists: present, right size and (by default) right sha256.
+    """Check every file the manifest lists: present, right size and (by default) right sha256;
+    and that the folder holds no file the manifest does not list.
 
+    An unlisted file is refused, not ignored: transformers picks files up by name (a pickled
+    `pytorch_model.bin`, a `chat_template.jinja`, a tokenizer file, code for trust_remote_code),
+    so a file dropped into the folder could change what is loaded without changing the digest.
     Raises ModelNotReady naming every problem found, so one message tells the operator everything.
     """
     manifest = read_manifest(model_dir, fetch_hint=fetch_hint)
-    problems = []
+    problems = [
+        f"{path}: not listed in {MANIFEST_NAME} (remove it)"
+        for path in unlisted_files(model_dir, manifest)
+    ]
     for entry in manifest.files:
         path = model_dir / entry.path
         if not path.is_file():

@@ -101,6 +101,9 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=resolve_dtype(dtype, device=device, model_dir=model_dir),
         device_map=str(device), local_files_only=True,
+        # Weights only from safetensors: a pickled checkpoint (pytorch_model.bin) can run code
+        # when unpickled. A folder without safetensors weights fails to load instead.
+        use_safetensors=True,
         trust_remote_code=trust_remote_code,
     ).eval()
     defaults = model.generation_config

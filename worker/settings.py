@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from producer.schemas import MAX_MESSAGES, MAX_REQUEST_BYTES
 from producer.settings import DEMO_MODEL_ID, ConnectionSettings
+
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+
+
+def is_commit_id(revision: str) -> bool:
+    """A full git commit id, as the Hub reports them: 40 lowercase hex digits."""
+    return _COMMIT_ID.fullmatch(revision) is not None
 
 
 class WorkerSettings(ConnectionSettings):
@@ -19,7 +27,18 @@ class WorkerSettings(ConnectionSettings):
 
     # --- the model and where it comes from
     model_id: str = Field(default=DEMO_MODEL_ID, description="Hub repo id of the served model.")
-    model_revision: str = Field(default="main", description="Branch, tag or commit to download.")
+    model_revision: str = Field(
+        default="main",
+        description="Branch, tag or commit to download. A full 40-hex commit id pins it: the "
+        "download refuses a mirror that resolves it to another commit, and a worker refuses a "
+        "model folder whose manifest names another commit.",
+    )
+    model_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="Expected manifest digest (worker.manifest.manifest_digest: the sha256 of "
+        "the files' sha256sum listing, printed by the download). Set: the download and the "
+        "worker refuse a model folder whose digest differs.",
+    )
     models_root: Path = Field(default=Path("models"), description="Folder holding model folders.")
     model_dir: Path | None = Field(
         default=None, description="The model's folder; <models_root>/<org>--<name> when unset."
@@ -168,6 +187,20 @@ class WorkerSettings(ConnectionSettings):
                 "delivered again, would wait for its lease to lapse"
             )
         return self
+
+    @field_validator("model_revision", "model_sha256", mode="before")
+    @classmethod
+    def _strip(cls, value: object) -> object:
+        # Hex ids pasted from other tools come in upper case or with spaces around them.
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        return value.lower() if re.fullmatch(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}", value) else value
+
+    @property
+    def pinned_commit(self) -> str | None:
+        """model_revision when it is a full commit id, else None (a branch or tag moves)."""
+        return self.model_revision if is_commit_id(self.model_revision) else None
 
     @property
     def message_byte_limit(self) -> int:

@@ -23,7 +23,13 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import OfflineModeIsEnabled
 from pydantic import SecretStr
 
-from tests.support.mirror import OlahMirror, free_port, olah_fixture, publish_model
+from tests.support.mirror import (
+    OlahMirror,
+    free_port,
+    olah_fixture,
+    publish_model,
+    running_olah,
+)
 from worker.download import (
     DEFAULT_ALLOW_PATTERNS,
     OFFLINE_VARIABLES,
@@ -113,13 +119,8 @@ def download(olah: OlahMirror, local_dir: Path, *, revision: str = "main", **kwa
 
 
 def worker_settings(olah: OlahMirror, model_dir: Path, **overrides: object) -> WorkerSettings:
-    return WorkerSettings(
-        model_id=REPO,
-        model_revision="main",
-        model_dir=model_dir,
-        hf_endpoint=olah.endpoint,
-        **overrides,
-    )
+    fields: dict[str, object] = {"model_revision": "main", **overrides}
+    return WorkerSettings(model_id=REPO, model_dir=model_dir, hf_endpoint=olah.endpoint, **fields)
 
 
 def wanted_by_default(source: Path) -> set[str]:
@@ -538,3 +539,129 @@ def test_if_missing_keeps_a_verified_folder_without_asking_the_mirror(
 
     (local / "config.json").write_text("{}")  # no longer verifies: a real download is needed
     assert main(argv) == 1
+
+
+# --------------------------------------------------------------------------- pins (issue 17.6)
+
+CLI = str(Path(sys.executable).with_name("chatqueue-worker"))
+SECRET = "hf_thisIsNotARealTokenButMustNotLeak"
+
+
+def download_command(olah_endpoint: str, local: Path, *args: str,
+                     env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`chatqueue-worker download` as an operator runs it: a real process."""
+    return subprocess.run(
+        [CLI, "download", "--model-id", REPO, "--endpoint", olah_endpoint,
+         "--model-dir", str(local), "--no-progress", *args],
+        env=env or online_env(), capture_output=True, text=True, timeout=BOUND_S,
+    )
+
+
+def printed_digest(stdout: str) -> str:
+    line = next(line for line in stdout.splitlines() if line.startswith("sha256:"))
+    return line.split()[1]
+
+
+def test_a_pinned_commit_and_the_printed_digest_are_what_a_worker_checks(
+    olah: OlahMirror, published: Published, tmp_path: Path, restore_online: None
+) -> None:
+    local = tmp_path / "model"
+    done = download_command(olah.endpoint, local, "--revision", published.first_commit)
+    assert done.returncode == 0, done.stderr
+    digest = printed_digest(done.stdout)
+    assert read_manifest(local).commit == published.first_commit
+
+    pinned = worker_settings(olah, local, model_revision=published.first_commit,
+                             model_sha256=digest)
+    assert ensure_model(pinned).commit == published.first_commit
+
+    # main moved on since: a worker pinned to it refuses the folder, naming what differs.
+    moved = worker_settings(olah, local, model_revision=published.latest_commit)
+    with pytest.raises(ModelNotReady) as caught:
+        ensure_model(moved)
+    message = str(caught.value)
+    assert f"CHATQUEUE_MODEL_REVISION pins commit {published.latest_commit}" in message
+    assert f"holds commit {published.first_commit}" in message
+    assert fetch_command(moved) in message
+
+    other = "0" * 64
+    with pytest.raises(ModelNotReady) as caught:
+        ensure_model(worker_settings(olah, local, model_sha256=other))
+    assert f"CHATQUEUE_MODEL_SHA256 expects manifest digest {other}" in str(caught.value)
+    assert f"the folder's is {digest}" in str(caught.value)
+
+
+def test_a_mirror_serving_other_bytes_is_refused_by_the_digest(
+    olah: OlahMirror, published: Published, tmp_path: Path
+) -> None:
+    """The substitute mirror's own hashes agree with its files: only the pin catches it."""
+    genuine = download_command(olah.endpoint, tmp_path / "genuine")
+    assert genuine.returncode == 0, genuine.stderr
+    digest = printed_digest(genuine.stdout)
+    substitute_source = copy_model(published.source, tmp_path / "substitute-source")
+    (substitute_source / "generation_config.json").write_text(json.dumps({"temperature": 2.0}))
+    with running_olah(tmp_path / "substitute") as substitute:
+        publish_model(substitute_source, substitute.mirrors_path, REPO)
+        local = tmp_path / "model"
+        refused = download_command(substitute.endpoint, local, "--sha256", digest)
+
+    assert refused.returncode == 1
+    assert f"CHATQUEUE_MODEL_SHA256 expects manifest digest {digest}" in refused.stderr
+    assert "no manifest written" in refused.stderr
+    assert not (local / MANIFEST_NAME).exists()
+
+    # --if-missing keeps the genuine folder offline, and only while its digest is the pinned one.
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    kept = download_command(unreachable, tmp_path / "genuine", "--if-missing", "--sha256", digest)
+    assert kept.returncode == 0 and "already holds" in kept.stdout, kept.stderr
+    other = download_command(unreachable, tmp_path / "genuine", "--if-missing", "--sha256",
+                             "1" * 64)
+    assert other.returncode == 1 and "the mirror did not answer" in other.stderr
+
+
+def test_a_file_dropped_into_the_model_folder_stops_the_worker_and_the_download(
+    olah: OlahMirror, published: Published, tmp_path: Path, restore_online: None
+) -> None:
+    local = tmp_path / "model"
+    download(olah, local)
+    (local / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle
+
+    with pytest.raises(ModelNotReady, match=r"pytorch_model\.bin: not listed"):
+        ensure_model(worker_settings(olah, local))
+    # The download does not delete what it did not fetch: it says so and leaves it.
+    refused = download_command(olah.endpoint, local)
+    assert refused.returncode == 1
+    assert "pytorch_model.bin" in refused.stderr and "did not fetch" in refused.stderr
+    assert (local / "pytorch_model.bin").exists()
+
+
+def test_files_an_earlier_download_fetched_are_removed_when_no_longer_listed(
+    olah: OlahMirror, published: Published, tmp_path: Path
+) -> None:
+    local = tmp_path / "model"
+    assert download_command(olah.endpoint, local, "--all-files").returncode == 0
+    assert (local / "pytorch_model.bin").is_file()
+
+    done = download_command(olah.endpoint, local)
+
+    assert done.returncode == 0, done.stderr
+    assert not any((local / extra).exists() for extra in EXTRAS)
+    assert {f.path for f in verify_model_dir(local).files} == wanted_by_default(published.source)
+
+
+@pytest.mark.parametrize("variable", ["HF_TOKEN", "CHATQUEUE_HF_TOKEN"])
+def test_the_token_is_never_sent_over_plain_http_off_the_host(
+    olah: OlahMirror, published: Published, tmp_path: Path, variable: str
+) -> None:
+    env = {**online_env(), variable: SECRET}
+    # TEST-NET-1: nothing answers there; a request would hang until its timeouts, not fail.
+    refused = download_command("http://192.0.2.1:8090", tmp_path / "m", env=env)
+    assert refused.returncode == 1
+    assert "HF_TOKEN is set, but the endpoint 'http://192.0.2.1:8090'" in refused.stderr
+    assert "HF_ENDPOINT" in refused.stderr
+    assert SECRET not in refused.stdout + refused.stderr
+
+    # Over loopback the token goes (it never leaves the host), and stays out of the output.
+    allowed = download_command(olah.endpoint, tmp_path / "m", env=env)
+    assert allowed.returncode == 0, allowed.stderr
+    assert SECRET not in allowed.stdout + allowed.stderr
