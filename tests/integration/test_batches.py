@@ -171,6 +171,29 @@ def test_a_file_of_valid_and_invalid_lines_gives_one_line_each(tiny_client, tmp_
     assert all(e["response"]["status_code"] == 400 for e in errors)
 
 
+def test_a_line_over_the_byte_limit_is_an_error_line_and_never_published(
+        redis, tiny_queue, tmp_path):
+    limit = 4_096
+    settings = ProducerSettings(broker_url=redis.url, queue=tiny_queue, wait_timeout_s=120,
+                                max_request_bytes=limit)
+    big = json.dumps({"custom_id": "big", "body": {
+        "messages": [{"role": "user", "content": "x" * 10_000}]}})
+    with ChatQueueClient(settings) as client:
+        batches = BatchClient(client)
+        report = batches.submit(write_file(tmp_path, [line("ok", max_tokens=8), big]))
+        assert (report.lines, report.refused) == (2, 1)
+        batch = batches.wait(report.batch_id, timeout=120)
+        assert batch["status"] == "completed"  # the batch runs; only that line fails
+        assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+        results = list(batches.results(report.batch_id))
+        assert [(kind, r["custom_id"]) for kind, r in results] == [
+            ("output", "ok"), ("error", "big")]
+        error = results[1][1]["response"]["body"]["error"]
+        assert (error["param"], error["code"]) == ("body", "limit_exceeded")
+        assert str(limit) in error["message"] and "bytes" in error["message"]
+        assert client._redis.get(accepted_key(line_job_id(report.batch_id, "big"))) is None
+
+
 def test_a_submission_killed_halfway_and_run_again_queues_each_line_once(
         idle_client, redis, tmp_path):
     total = 1500

@@ -11,6 +11,7 @@ from openai.types.chat import ChatCompletion
 
 from producer.batches import (
     LineError,
+    LinePolicy,
     batch_object,
     batch_of_job,
     batch_status,
@@ -18,10 +19,13 @@ from producer.batches import (
     line_from_meta,
     line_job_id,
     map_body,
+    named_lines,
     parse_line,
     parse_window,
+    plan_chunk,
+    read_line,
 )
-from producer.schemas import BATCH_PRIORITY, JOB_ID_PATTERN, JobError
+from producer.schemas import BATCH_PRIORITY, JOB_ID_PATTERN, JobError, request_size
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -289,3 +293,92 @@ def test_the_worker_ends_an_unstarted_line_of_an_expired_or_cancelled_batch(
     with pytest.raises(JobFailed) as caught:
         _check_batch_line(_Control(cancelled), line)
     assert caught.value.error.code == code
+
+
+# --- the byte limit, and the pure planning a driver (sync or asyncio) shares
+
+
+def _raw(custom_id: str, content: str, **body: object) -> str:
+    return json.dumps({"custom_id": custom_id,
+                       "body": {"messages": [{"role": "user", "content": content}], **body}})
+
+
+POLICY = LinePolicy(batch_id="batch_t", window_s=3600.0, expires_at=2e9, priority=2,
+                    stream=False, max_bytes=2_000)
+
+
+def _plan(*texts: str, unique: list[bool] | None = None):
+    chunk = [(i, read_line(text, i, POLICY.max_bytes)) for i, text in enumerate(texts)]
+    named = named_lines(chunk)
+    return plan_chunk(POLICY, chunk, unique if unique is not None else [True] * len(named),
+                      lambda request: "q", now=5.0)
+
+
+def test_a_line_over_the_byte_limit_is_its_error_line_naming_field_limit_and_size():
+    text = _raw("big", "x" * 3_000)
+    refused = read_line(text, 0, 2_000)
+    assert isinstance(refused, LineError)
+    size = request_size(json.loads(text)["body"])
+    assert (refused.custom_id, refused.param, refused.code) == ("big", "body", "limit_exceeded")
+    assert (refused.limit, refused.value) == (2_000, size)
+    plan = _plan(_raw("ok", "hi"), text)
+    assert [job.job_id for job in plan.jobs] == [line_job_id("batch_t", "ok")]  # never published
+    (index, line), = plan.errors
+    assert index == 1 and line["custom_id"] == "big"
+    error = line["response"]["body"]["error"]
+    assert line["response"]["status_code"] == 400
+    assert (error["param"], error["code"]) == ("body", "limit_exceeded")
+    assert f"{size} bytes" in error["message"] and "2000" in error["message"]
+
+
+def test_a_body_under_the_limit_whose_request_as_published_is_over_it_is_refused_too():
+    """The published request carries the contract's defaults: the worker measures that."""
+    def published(n: int) -> int:
+        return request_size(map_body(json.loads(_raw("c", "y" * n))["body"],
+                                     job_id=line_job_id("batch_t", "c")).model_dump(mode="json"))
+
+    n = next(n for n in range(1_000, 2_000) if published(n) > POLICY.max_bytes)
+    text = _raw("c", "y" * n)
+    assert request_size(json.loads(text)["body"]) <= POLICY.max_bytes
+    plan = _plan(text)
+    assert not plan.jobs
+    (_, line), = plan.errors
+    assert line["response"]["request_id"] == line_job_id("batch_t", "c")
+    assert line["response"]["body"]["error"]["code"] == "limit_exceeded"
+    assert len(_plan(_raw("c", "y" * (n - 1))).jobs) == 1  # one byte less is published
+
+
+def test_a_chunk_plans_every_line_once_in_order():
+    plan = _plan(_raw("a", "hi", max_tokens=3), "{bad", _raw("b", "hi", n=2), _raw("a", "again"),
+                 unique=[True, True, False])
+    assert plan.custom_ids == [(0, "a"), (1, None), (2, "b"), (3, "a")]
+    assert [index for index, _ in plan.errors] == [1, 2, 3]
+    (job,) = plan.jobs
+    assert job.queue == "q" and job.kwargs["submitted_at"] == 5.0
+    assert job.kwargs["request"]["priority"] == POLICY.priority
+    assert job.kwargs["request"]["params"]["max_new_tokens"] == 3
+    assert job.kwargs["batch"]["custom_id"] == "a" and job.kwargs["batch"]["stream"] is False
+
+
+def test_batch_progress_metrics():
+    from producer.batches.metrics import batch_families
+
+    records = [
+        {"id": "batch_run", "in_progress_at": "1", "seen": "7", "completed": "3", "failed": "1"},
+        {"id": "batch_done", "total": "2", "completed": "2", "finished_at": "3"},
+    ]
+    batches, requests = batch_families(records, now=10.0)
+    by_status = {s.labels["status"]: s.value for s in batches.samples}
+    assert by_status["in_progress"] == 1 and by_status["completed"] == 1
+    assert by_status["cancelled"] == 0  # every status exists from the first scrape
+    assert {(s.labels["batch"], s.labels["state"]): s.value for s in requests.samples} == {
+        ("batch_run", "total"): 7, ("batch_run", "completed"): 3, ("batch_run", "failed"): 1}
+
+
+def test_no_module_of_the_batches_package_is_large():
+    from pathlib import Path
+
+    import producer.batches as package
+
+    for path in Path(package.__file__).parent.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 350, path.name
