@@ -1,0 +1,33 @@
+"""The worker sets OpenMP's wait policy before torch loads, and leaves the operator's alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from worker.openmp import POLICY
+
+READ = "import os, json; print(json.dumps({k: os.environ.get(k) for k in %r}))" % sorted(POLICY)
+
+
+def _policy_after(imports: str, **env: str) -> dict[str, str | None]:
+    clean = {k: v for k, v in os.environ.items() if k not in POLICY}
+    out = subprocess.run([sys.executable, "-c", f"{imports}; {READ}"], env={**clean, **env},
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def test_importing_the_worker_sets_the_policy_before_torch() -> None:
+    assert _policy_after("import worker; import torch") == POLICY
+
+
+def test_a_policy_the_operator_set_wins() -> None:
+    got = _policy_after("import worker", OMP_WAIT_POLICY="PASSIVE")
+    assert got == {"GOMP_SPINCOUNT": None, "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_nothing_is_set_once_torch_is_loaded() -> None:
+    # libgomp read its environment when torch loaded: setting it then would only mislead.
+    assert _policy_after("import torch; import worker") == dict.fromkeys(POLICY)
