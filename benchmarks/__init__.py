@@ -5,4 +5,4 @@ Nothing here is imported by the product, and no test asserts a speed.
 
 # Before anything imports torch: the engine thread's OpenMP wait policy, as in the worker (the
 # engine-alone rows run the engine in this process).
-import worker  # noqa: E402,F401
+import worker  # noqa: F401

@@ -9,7 +9,7 @@ import sys
 
 from worker.openmp import POLICY
 
-READ = "import os, json; print(json.dumps({k: os.environ.get(k) for k in %r}))" % sorted(POLICY)
+READ = f"import os, json; print(json.dumps({{k: os.environ.get(k) for k in {sorted(POLICY)!r}}}))"
 
 
 def _policy_after(imports: str, **env: str) -> dict[str, str | None]:
