@@ -5,7 +5,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from producer.schemas import MAX_MESSAGES, MAX_REQUEST_BYTES
@@ -190,11 +197,13 @@ class WorkerSettings(ConnectionSettings):
 
     @field_validator("model_revision", "model_sha256", mode="before")
     @classmethod
-    def _strip(cls, value: object) -> object:
+    def _strip(cls, value: object, info: ValidationInfo) -> object:
         # Hex ids pasted from other tools come in upper case or with spaces around them.
         if not isinstance(value, str):
             return value
         value = value.strip()
+        if not value and info.field_name == "model_sha256":
+            return None  # compose passes an unset variable as an empty one
         return value.lower() if re.fullmatch(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}", value) else value
 
     @property

@@ -134,6 +134,11 @@ def test_the_digest_setting_takes_a_sha256_only() -> None:
         WorkerSettings(model_sha256="ab" * 31)
 
 
+def test_an_empty_digest_setting_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATQUEUE_MODEL_SHA256", "")  # what compose passes for ${VAR:-}
+    assert WorkerSettings().model_sha256 is None
+
+
 def test_the_fetch_command_carries_the_pins() -> None:
     settings = WorkerSettings(model_revision="c" * 40, model_sha256="d" * 64)
     command = fetch_command(settings)
