@@ -54,11 +54,16 @@ def task_meta_key(job_id: str) -> str:
     return f"celery-task-meta-{job_id}"
 
 
-def parse_request(raw: ChatRequest | Mapping[str, Any]) -> ChatRequest:
+def parse_request(raw: ChatRequest | Mapping[str, Any], max_bytes: int | None = None, *,
+                  whose: str = "the producer's") -> ChatRequest:
     """A request as the contract reads it; a bad one raises JobFailed whose JobError names the
-    field, the limit and the value given -- the same error a worker would store."""
+    field, the limit and the value given. The producer and the worker both read requests here,
+    so a client gets the error a worker would store. With `max_bytes`, the size as JSON is
+    checked before anything parses it (`whose` limit it is, for the message)."""
     if isinstance(raw, ChatRequest):
         return raw
+    if max_bytes is not None:
+        check_request_size(raw, max_bytes, whose)
     try:
         return ChatRequest.model_validate(raw)
     except ValidationError as exc:
@@ -105,11 +110,11 @@ def plan_submission(raw: ChatRequest | Mapping[str, Any], settings: ProducerSett
     )
 
 
-def check_request_size(raw: Any, limit: int) -> None:
+def check_request_size(raw: Any, limit: int, whose: str = "the producer's") -> None:
     """JobFailed (limit_exceeded, field "request") when `raw` is over `limit` bytes as JSON."""
     size = request_size(raw)
     if size > limit:
-        raise JobFailed(request_too_large(size, limit, "the producer's"))
+        raise JobFailed(request_too_large(size, limit, whose))
 
 
 def record_verdict(current: bytes | str | None, digest: str,

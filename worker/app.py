@@ -31,16 +31,16 @@ from producer.schemas import Progress  # noqa: E402
 from producer.settings import TASK_NAME, accepted_key  # noqa: E402
 from worker import exit_status  # noqa: E402
 from worker.control import ProgressWrite, install_revoke  # noqa: E402
-from worker.delivery import CheckedRequest, WorkerLoader, broker_options  # noqa: E402
-from worker.drain import JobInterrupted  # noqa: E402
+from worker.delivery import CheckedRequest, broker_options  # noqa: E402
+from worker.errors import JobInterrupted, ModelNotReady, WorkerMisconfigured  # noqa: E402
 from worker.lease import Lease  # noqa: E402
-from worker.manifest import ModelNotReady  # noqa: E402
+from worker.outcome import job_failed  # noqa: E402
 from worker.presence import keep_present  # noqa: E402
-from worker.redact import describe_failure  # noqa: E402
 from worker.redact import install as redact_logs  # noqa: E402
-from worker.service import WorkerRuntime, run_job, task_arguments  # noqa: E402
+from worker.result_store import WorkerLoader  # noqa: E402
+from worker.service import run_job, task_arguments  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
-from worker.startup import start_runtime  # noqa: E402
+from worker.startup import WorkerRuntime, start_runtime  # noqa: E402
 from worker.watchdog import stop_consuming, watch_engine  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,8 @@ _consumer: Any = None  # Celery's consumer while it runs (ConsumerProbe), for th
 exit_code = exit_status.OK  # what `chatqueue-worker run` exits with once Celery returns
 
 
-class WorkerMisconfigured(RuntimeError):
-    """A setting this worker cannot run with; the message says which."""
-
-
-
 def create_worker_app(settings: WorkerSettings) -> Celery:
-    # The loader brings the write-once result backend (worker/delivery.py).
+    # The loader brings the write-once result backend (worker/result_store.py).
     app = Celery("chatqueue-worker", set_as_current=True, loader=WorkerLoader)
     app.conf.update(celery_config(settings))
     app.conf.update(
@@ -121,9 +116,7 @@ def generate_chat(task: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     try:
         arguments = task_arguments(args, kwargs)
     except JobFailed as failed:
-        runtime.metrics.job_failed(failed.error.code)
-        log.info("job %s failed: %s", job_id, describe_failure(failed))
-        raise
+        raise job_failed(runtime.metrics, job_id, failed) from None
 
     try:
         result = run_job(runtime, arguments.request, job_id=job_id,

@@ -2,12 +2,12 @@
 stored result, and no message, however malformed, takes the worker down.
 
 Celery and kombu give at-least-once delivery (acks_late: a job is acknowledged once its result
-is stored). What they leave open, and this module closes:
+is stored). What they leave open, and this module and worker/result_store.py close:
 
 - A job can run twice: its worker died after storing the result but before the ack, Redis
-  went away in between, or the producer's publish was retried. `WriteOnceRedisBackend` makes a
-  job's final state (SUCCESS or FAILURE) final: no later write replaces it, so a second run can
-  never replace the first one's result. The task itself skips a job that already has one.
+  went away in between, or the producer's publish was retried. The write-once result backend
+  (worker/result_store.py) makes a job's final state final. The task itself skips a job that
+  already has one.
 - Celery treats any exception in its consumer as unrecoverable and stops the worker; a queue
   entry that is not a kombu message, or a task message whose body is not (args, kwargs, embed),
   raised such exceptions (measured with kombu/Celery 5.7). `TolerantChannel` and
@@ -19,13 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, ClassVar
+from typing import Any
 
 import redis
-from celery import current_app, states
-from celery.backends.redis import RedisBackend, SentinelBackend
-from celery.exceptions import BackendStoreError, InvalidTaskError
-from celery.loaders.app import AppLoader
+from celery import current_app
+from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
@@ -33,7 +31,6 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from producer.batches import batch_key, batch_of_job, line_outcome, mark_finished_if_done
 from producer.celery_app import PRIORITY_STEPS
 from producer.errors import JobFailed
 from producer.schemas import JOB_ID_PATTERN, JobError
@@ -44,86 +41,6 @@ from worker.settings import WorkerSettings
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 
 log = logging.getLogger(__name__)
-
-
-class WriteOnceRedisBackend(RedisBackend):
-    """Celery's Redis result backend, except that a job's final state is written once.
-
-    Celery itself only refuses to overwrite a SUCCESS, and not atomically; a FAILURE (our
-    structured errors) it lets a second run replace, STARTED and PROGRESS included. Here the
-    check and the write are one Redis transaction (WATCH), so two runs finishing together still
-    store one result.
-    """
-
-    def _set_with_state(self, key: bytes | str, value: Any, state: str) -> Any:
-        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
-            raise BackendStoreError("value too large for Redis backend")
-        expires = self.failure_expires if state == states.FAILURE else self.expires
-        stored = self.ensure(self._set_unless_final, (key, value, expires))
-        if not stored and state in states.READY_STATES:
-            log.warning("job %s already has a final result: this run's %s is not stored",
-                        self._job_id(key), state)
-        return stored
-
-    def _set_unless_final(self, key: bytes | str, value: Any, expires: int | None) -> bool:
-        batch_id = batch_of_job(self._job_id(key))
-
-        def write(pipe: Any) -> bool:
-            current = pipe.get(key)
-            if current is not None and self._is_final(current):
-                return False
-            # A batch line's final result counts in its batch in the same transaction: exact
-            # counts whatever crashes or redeliveries happen (and only the first result counts).
-            outcome = self._batch_outcome(value) if batch_id is not None and \
-                pipe.exists(batch_key(batch_id)) else None
-            pipe.multi()
-            pipe.set(key, value, ex=expires or None)
-            pipe.publish(key, value)  # what result waiters subscribe to, as in RedisBackend
-            if outcome is not None and batch_id is not None:
-                pipe.hincrby(batch_key(batch_id), outcome, 1)
-            return True
-
-        stored = bool(self.client.transaction(write, key, value_from_callable=True))
-        if stored and batch_id is not None:
-            mark_finished_if_done(self.client, batch_id)
-        return stored
-
-    def _batch_outcome(self, value: Any) -> str | None:
-        """completed / failed for a final state, None for STARTED or PROGRESS."""
-        try:
-            meta = self.decode(value)
-        except Exception:
-            return None
-        if meta.get("status") not in states.READY_STATES:
-            return None
-        return line_outcome(meta["status"], meta.get("result"))
-
-    def _is_final(self, stored: bytes) -> bool:
-        try:
-            return self.decode(stored).get("status") in states.READY_STATES
-        except Exception:  # not ours to judge: let the new write replace it
-            return False
-
-    def _job_id(self, key: bytes | str) -> str:
-        text = key.decode() if isinstance(key, bytes) else key
-        prefix = self.task_keyprefix.decode() if isinstance(self.task_keyprefix, bytes) \
-            else self.task_keyprefix
-        return text.removeprefix(prefix)
-
-
-class WriteOnceSentinelBackend(WriteOnceRedisBackend, SentinelBackend):
-    """The write-once result backend on the primary Redis Sentinel names (sentinel:// URLs)."""
-
-
-class WorkerLoader(AppLoader):
-    """Celery's default loader, with the write-once backend for redis://, rediss:// and
-    sentinel:// URLs."""
-
-    override_backends: ClassVar[dict[str, str]] = {
-        "redis": f"{__name__}:WriteOnceRedisBackend",
-        "rediss": f"{__name__}:WriteOnceRedisBackend",
-        "sentinel": f"{__name__}:WriteOnceSentinelBackend",
-    }
 
 
 class TolerantChannel(kombu_redis.Channel):

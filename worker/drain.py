@@ -2,8 +2,9 @@
 
 On SIGTERM Celery stops taking jobs and waits for the running ones (warm shutdown), however
 long they take. `Drain` bounds that wait: after the grace period it stops the jobs still
-running, and their task slots raise `JobInterrupted`, which the task turns into a requeue of
-the message -- the job runs again, from its start, on another worker.
+running -- each one's future fails with `JobInterrupted` (the job did not end: no finish
+reason says so), which the task turns into a requeue of the message -- and the job runs
+again, from its start, on another worker.
 """
 
 from __future__ import annotations
@@ -14,13 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from worker.engine import EngineJob
+from worker.errors import JobInterrupted
 
 log = logging.getLogger(__name__)
-
-
-class JobInterrupted(Exception):
-    """This worker could not finish the job, through no fault of the job: it goes back to the
-    queue instead of ending with an error."""
 
 
 class Drain:
@@ -44,14 +41,16 @@ class Drain:
         self._timer.start()
 
     def abandon(self) -> None:
-        """Stop every running job; each one's task slot then hands it back to the queue."""
+        """Stop every running job; each one's task slot then hands it back to the queue. A job
+        that finished first keeps its result."""
         with self._lock:
             self.abandoning = True
             running = list(self._running)
         if running:
             log.warning("grace period over: %d job(s) go back to the queue", len(running))
         for job in running:
-            job.cancel()
+            job.fail(JobInterrupted("this worker is stopping and its grace period is over"))
+            job.cancel()  # frees its row in the engine
 
     @property
     def draining(self) -> bool:
@@ -76,7 +75,3 @@ class Drain:
         finally:
             with self._lock:
                 self._running.discard(job)
-
-    def stopped(self, finish_reason: str) -> bool:
-        """Whether a job that ended so was stopped by this worker stopping, not on its own."""
-        return self.abandoning and finish_reason == "cancelled"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import redis
 
 from producer.settings import lease_key
-from worker.drain import JobInterrupted
+from worker.errors import JobInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 return 1
 """
-
-
-class LeaseLost(Exception):
-    """Another run of the job holds its lease now: this run stops and stores nothing."""
 
 
 @dataclass(eq=False)

@@ -15,15 +15,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from worker.errors import ModelNotReady
+
 MANIFEST_NAME = "chatqueue-manifest.json"
 # huggingface_hub keeps its partial downloads and metadata under <local_dir>/.cache.
 _IGNORED_DIRS = {".cache", ".git"}
 _CHUNK = 1 << 20
-
-
-class ModelNotReady(RuntimeError):
-    """The model folder is missing, incomplete or fails verification; the message says how to
-    fix it."""
 
 
 class ManifestFile(BaseModel):

@@ -5,111 +5,44 @@ validate -> template -> tokenize -> check limits -> engine -> split -> ChatResul
 
 from __future__ import annotations
 
-import json
 import logging
-import socket
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.batches import batch_cancel_key
+from producer.core import parse_request as _parse_request
 from producer.errors import JobFailed
 from producer.schemas import (
     BatchLine,
     ChatRequest,
     ChatResult,
     JobError,
-    Timings,
-    Usage,
     error_from_validation,
+    request_size,
 )
 from worker.control import JobControl
-from worker.drain import Drain, JobInterrupted
-from worker.engine import (
-    DeviceOutOfMemory,
-    Engine,
-    EngineLimits,
-    EngineOutput,
-    EngineRequest,
-    EngineStopped,
-)
-from worker.lease import Lease, LeaseKeeper
-from worker.metrics import WorkerMetrics
+from worker.engine import EngineOutput, EngineRequest
+from worker.errors import JobInterrupted
+from worker.lease import Lease
 from worker.model import LoadedModel
+from worker.outcome import job_failed
 from worker.pipeline.prompt import build_prompt
-from worker.pipeline.reasoning import decode_part, prompt_opens_thinking, split_reasoning
-from worker.pipeline.sampling import SamplingParams, resolve_sampling
-from worker.pipeline.stop import StopStringCheck, truncate_at_stop
+from worker.pipeline.reasoning import prompt_opens_thinking
+from worker.pipeline.sampling import resolve_sampling
+from worker.pipeline.stop import StopStringCheck
 from worker.pipeline.tokenize import tokenize_prompt
-from worker.redact import describe_failure
-from worker.relay import ProgressEncoder, Relay
-from worker.settings import WorkerSettings
+from worker.relay import ProgressEncoder
+from worker.result import build_result
+
+if TYPE_CHECKING:
+    from worker.startup import WorkerRuntime
+
+__all__ = ["parse_request", "prepare_job", "request_size", "run_job", "task_arguments"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class WorkerRuntime:
-    """Everything a worker process holds once: settings, the loaded model and its engine."""
-
-    settings: WorkerSettings
-    loaded: LoadedModel
-    engine: Engine
-    host: str
-    metrics: WorkerMetrics
-    control: JobControl | None = None
-    worker_name: str | None = None
-    drain: Drain = field(default_factory=Drain)
-    leases: LeaseKeeper | None = None
-    relay: Relay | None = None  # every running job's stream events and progress
-
-    @classmethod
-    def start(cls, settings: WorkerSettings, loaded: LoadedModel, metrics: WorkerMetrics,
-              control: JobControl | None = None, worker_name: str | None = None) -> WorkerRuntime:
-        limits = EngineLimits(
-            max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            batch_wait_s=settings.batch_wait_ms / 1000,
-            max_step_tokens=settings.max_step_tokens,
-            block_size=settings.kv_block_size,
-            prefix_caching=settings.prefix_caching,
-            kv_cache_bytes=settings.kv_cache_bytes,
-            kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
-        )
-        engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits,
-                        think=loaded.think).start()
-        leases = None if control is None else LeaseKeeper(
-            control.redis, ttl_s=settings.job_lease_ttl_s, renew_s=settings.job_lease_renew_s,
-            owner=worker_name).start()
-        relay = Relay(control, loaded.tokenizer, loaded.think).start()
-        engine.on_step(relay.wake)
-        return cls(settings=settings, loaded=loaded, engine=engine, host=socket.gethostname(),
-                   metrics=metrics, control=control, worker_name=worker_name, leases=leases,
-                   relay=relay)
-
-    def warm_up(self) -> None:
-        """One short generation, so the first real job does not pay for lazy initialisation."""
-        prompt = build_prompt_ids(self.loaded, ChatRequest.model_validate(
-            {"messages": [{"role": "user", "content": "Hello"}]}))
-        self.engine.generate(EngineRequest(prompt, 2, SamplingParams(do_sample=False),
-                                           self.loaded.stop_ids))
-
-    def stop(self) -> None:
-        self.drain.stopping.set()  # jobs the engine drops now go back to the queue
-        self.drain.cancel_timer()
-        self.engine.stop()
-        if self.relay is not None:
-            self.relay.stop()
-        if self.leases is not None:
-            self.leases.stop()
-        if self.control is not None:
-            self.control.stop()
-        self.metrics.model_unloaded()
-        self.metrics.close()
 
 
 @dataclass(frozen=True)
@@ -142,22 +75,10 @@ def task_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskArgumen
         raise JobFailed(error_from_validation(exc)) from None
 
 
-def request_size(raw: Any) -> int:
-    """The request's size in bytes as UTF-8 JSON (a lone surrogate counts its 3 bytes)."""
-    text = json.dumps(raw, ensure_ascii=False, separators=(",", ":"))
-    return len(text.encode("utf-8", "surrogatepass"))
-
-
 def parse_request(raw: Any, max_bytes: int | None = None) -> ChatRequest:
-    """The request as the contract reads it; the size is checked before anything parses it."""
-    if max_bytes is not None and (size := request_size(raw)) > max_bytes:
-        raise _limit_error("request", max_bytes, size,
-                           "the request is {value} bytes as JSON, over this worker's limit of "
-                           "{limit}")
-    try:
-        return ChatRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise JobFailed(error_from_validation(exc)) from None
+    """The request as the contract reads it (the producer's own check, so a client gets the
+    error a worker would store); the size is checked before anything parses it."""
+    return _parse_request(raw, max_bytes, whose="this worker's")
 
 
 def build_prompt_ids(loaded: LoadedModel, request: ChatRequest) -> list[int]:
@@ -228,20 +149,11 @@ def run_job(runtime: WorkerRuntime, raw_request: Any, *, job_id: str,
         result, batch_size = _run(runtime, raw_request, job_id=job_id,
                                   submitted_at=submitted_at, progress=progress, lease=lease,
                                   batch=batch)
-    except JobFailed as failed:
-        runtime.metrics.job_failed(failed.error.code)
-        log.info("job %s failed: %s", job_id, describe_failure(failed))
-        raise
-    except JobInterrupted as interrupted:
-        log.warning("job %s goes back to the queue: %s", job_id, interrupted)
-        raise
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        log.warning("job %s goes back to the queue: Redis unreachable (%s)", job_id, exc)
-        raise JobInterrupted(f"Redis unreachable: {exc}") from exc
-    except Exception:
-        runtime.metrics.job_failed("internal_error")
-        log.exception("job %s failed with an internal error", job_id)
-        raise
+    except Exception as exc:
+        settled = job_failed(runtime.metrics, job_id, exc)
+        if settled is exc:
+            raise
+        raise settled from (None if isinstance(settled, JobFailed) else exc)
     runtime.metrics.job_finished(result, batch_size=batch_size or None)
     log.info(
         "job %s done: model=%s finish=%s prompt=%d completion=%d thinking=%d "
@@ -269,40 +181,36 @@ def _run(runtime: WorkerRuntime, raw_request: Any, *, job_id: str, submitted_at:
         _check_batch_line(control, batch)
     if control is not None and control.cancelled_before_start(job_id):
         never_started = EngineOutput([], "cancelled", 0)
-        return _result(runtime, prepared, job_id, never_started, submitted_at, started), 0
+        return build_result(runtime, prepared, job_id, never_started, submitted_at, started), 0
     relay, followed = runtime.relay, None
-    try:
-        job = runtime.engine.submit(prepared.engine_request)
-        if lease is not None:
-            lease.on_lost(job.cancel)  # another run owns the job now: free the device
-        with drain.hold(job):
-            try:
-                if control is not None:
-                    control.track(job_id, job)
-                followed = None if relay is None else relay.follow(
-                    job_id, job, prompt_opened_thinking=prepared.prompt_opened_thinking,
-                    stops=tuple(request.params.stop or ()), lease=lease,
-                    streamed=batch is None or batch.stream, encode_progress=progress)
-                output = job.future.result()
-                if relay is not None and followed is not None:
-                    # The stream's end goes out before the result is stored.
-                    followed.written.wait(relay.flush_timeout_s + 5.0)
-            finally:
-                if not job.future.done():
-                    job.cancel()  # this slot stops waiting for it: free the device
-                if relay is not None and followed is not None:
-                    relay.forget(followed)
-                if control is not None:
-                    control.untrack(job_id)
-    except DeviceOutOfMemory as exc:
-        raise JobFailed(JobError(code="out_of_memory", message=str(exc))) from None
-    except EngineStopped as exc:  # the worker is shutting down: not the job's fault
-        raise JobInterrupted(str(exc)) from exc
-    if drain.stopped(output.finish_reason):
-        raise JobInterrupted("this worker is stopping and its grace period is over")
+    # The engine's errors (out of memory: failed; stopped: requeued) and a drain's
+    # JobInterrupted reach run_job as they are; worker/outcome.py settles them.
+    job = runtime.engine.submit(prepared.engine_request)
+    if lease is not None:
+        lease.on_lost(job.cancel)  # another run owns the job now: free the device
+    with drain.hold(job):
+        try:
+            if control is not None:
+                control.track(job_id, job)
+            followed = None if relay is None else relay.follow(
+                job_id, job, prompt_opened_thinking=prepared.prompt_opened_thinking,
+                stops=tuple(request.params.stop or ()), lease=lease,
+                streamed=batch is None or batch.stream, encode_progress=progress)
+            output = job.future.result()
+            if relay is not None and followed is not None:
+                # The stream's end goes out before the result is stored.
+                followed.written.wait(relay.flush_timeout_s + 5.0)
+        finally:
+            if not job.future.done():
+                job.cancel()  # this slot stops waiting for it: free the device
+            if relay is not None and followed is not None:
+                relay.forget(followed)
+            if control is not None:
+                control.untrack(job_id)
     if lease is not None and lease.lost.is_set():
         raise JobInterrupted("its lease is held by another run, whose result will stand")
-    return _result(runtime, prepared, job_id, output, submitted_at, started), output.batch_size
+    return build_result(runtime, prepared, job_id, output, submitted_at, started), \
+        output.batch_size
 
 
 def _check_batch_line(control: JobControl | None, batch: BatchLine) -> None:
@@ -318,54 +226,7 @@ def _check_batch_line(control: JobControl | None, batch: BatchLine) -> None:
             "line started"))
 
 
-def _result(runtime: WorkerRuntime, prepared: PreparedJob, job_id: str, output: EngineOutput,
-            submitted_at: float | None, started: tuple[float, float]) -> ChatResult:
-    """`started`: when the task slot took the job, as time.time() and time.monotonic()."""
-    started_at, started_mono = started
-    finished_at = time.time()
-    loaded = runtime.loaded
-    split = split_reasoning(output.token_ids, loaded.think,
-                            prompt_opened_thinking=prepared.prompt_opened_thinking)
-    generation_s = finished_at - started_at
-    completion = len(output.token_ids)
-    content = decode_part(loaded.tokenizer, split.content_ids, loaded.think)
-    finish_reason = output.finish_reason
-    if prepared.request.params.stop:
-        content, stopped = truncate_at_stop(content, prepared.request.params.stop)
-        if stopped and finish_reason in ("stop", "length"):
-            finish_reason = "stop"
-    return ChatResult(
-        job_id=job_id,
-        model_id=loaded.manifest.repo_id,
-        model_revision=loaded.manifest.commit,
-        thinking=decode_part(loaded.tokenizer, split.thinking_ids, loaded.think),
-        content=content,
-        finish_reason=finish_reason,
-        usage=Usage(prompt_tokens=len(prepared.engine_request.prompt_ids),
-                    completion_tokens=completion, thinking_tokens=split.thinking_tokens,
-                    cached_prompt_tokens=output.cached_prompt_tokens),
-        timings=Timings(
-            queued_at=_utc(submitted_at) if submitted_at else None,
-            started_at=_utc(started_at),
-            finished_at=_utc(finished_at),
-            queue_wait_s=max(0.0, started_at - submitted_at) if submitted_at else None,
-            batch_wait_s=output.batch_wait_s,
-            first_token_s=(output.first_token_at - started_mono
-                           if output.first_token_at is not None else None),
-            generation_s=generation_s,
-            tokens_per_s=completion / generation_s if generation_s > 0 else 0.0,
-        ),
-        worker_host=runtime.host,
-        worker_name=runtime.worker_name,
-        device=str(loaded.device),
-    )
-
-
 def _limit_error(field: str, limit: int, value: int, template: str) -> JobFailed:
     message = f"{field}: " + template.format(limit=limit, value=value)
     return JobFailed(JobError(code="limit_exceeded", field=field, message=message,
                               limit=limit, value=value))
-
-
-def _utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, tz=UTC)

@@ -1,20 +1,89 @@
-"""Worker start: check the model folder, load once onto the device, start the engine, warm up."""
+"""Worker start and stop: check the model folder, load once onto the device, start the engine,
+its relay and the lease keeper, warm up; and stop them all again (WorkerRuntime)."""
 
 from __future__ import annotations
 
 import logging
+import socket
+from dataclasses import dataclass, field
 
 import torch
 
+from producer.schemas import ChatRequest
 from worker.control import JobControl
 from worker.download import ensure_model
-from worker.manifest import ModelNotReady
+from worker.drain import Drain
+from worker.engine import Engine, EngineLimits, EngineRequest
+from worker.errors import ModelNotReady
+from worker.lease import LeaseKeeper
 from worker.metrics import WorkerMetrics
-from worker.model import load_model, resolve_device
-from worker.service import WorkerRuntime
+from worker.model import LoadedModel, load_model, resolve_device
+from worker.pipeline.sampling import SamplingParams
+from worker.relay import Relay
+from worker.service import build_prompt_ids
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerRuntime:
+    """Everything a worker process holds once: settings, the loaded model and its engine."""
+
+    settings: WorkerSettings
+    loaded: LoadedModel
+    engine: Engine
+    host: str
+    metrics: WorkerMetrics
+    control: JobControl | None = None
+    worker_name: str | None = None
+    drain: Drain = field(default_factory=Drain)
+    leases: LeaseKeeper | None = None
+    relay: Relay | None = None  # every running job's stream events and progress
+
+    @classmethod
+    def start(cls, settings: WorkerSettings, loaded: LoadedModel, metrics: WorkerMetrics,
+              control: JobControl | None = None, worker_name: str | None = None) -> WorkerRuntime:
+        limits = EngineLimits(
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            max_step_tokens=settings.max_step_tokens,
+            block_size=settings.kv_block_size,
+            prefix_caching=settings.prefix_caching,
+            kv_cache_bytes=settings.kv_cache_bytes,
+            kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
+        )
+        engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits,
+                        think=loaded.think).start()
+        leases = None if control is None else LeaseKeeper(
+            control.redis, ttl_s=settings.job_lease_ttl_s, renew_s=settings.job_lease_renew_s,
+            owner=worker_name).start()
+        relay = Relay(control, loaded.tokenizer, loaded.think).start()
+        engine.on_step(relay.wake)
+        return cls(settings=settings, loaded=loaded, engine=engine, host=socket.gethostname(),
+                   metrics=metrics, control=control, worker_name=worker_name, leases=leases,
+                   relay=relay)
+
+    def warm_up(self) -> None:
+        """One short generation, so the first real job does not pay for lazy initialisation."""
+        prompt = build_prompt_ids(self.loaded, ChatRequest.model_validate(
+            {"messages": [{"role": "user", "content": "Hello"}]}))
+        self.engine.generate(EngineRequest(prompt, 2, SamplingParams(do_sample=False),
+                                           self.loaded.stop_ids))
+
+    def stop(self) -> None:
+        self.drain.stopping.set()  # jobs the engine drops now go back to the queue
+        self.drain.cancel_timer()
+        self.engine.stop()
+        if self.relay is not None:
+            self.relay.stop()
+        if self.leases is not None:
+            self.leases.stop()
+        if self.control is not None:
+            self.control.stop()
+        self.metrics.model_unloaded()
+        self.metrics.close()
 
 
 def start_runtime(settings: WorkerSettings, worker_name: str | None = None) -> WorkerRuntime:

@@ -10,17 +10,10 @@ from typing import Literal
 
 import torch
 
+# The engine's errors are worker/errors.py's (one hierarchy); kept importable from here.
+from worker.errors import DeviceOutOfMemory as DeviceOutOfMemory
+from worker.errors import EngineStopped as EngineStopped
 from worker.pipeline.sampling import SamplingParams
-
-
-class DeviceOutOfMemory(RuntimeError):
-    """The job does not fit on the device even alone."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine stopped (the worker is shutting down) before the job finished: the job is
-    not at fault and can run again elsewhere."""
-
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
 
