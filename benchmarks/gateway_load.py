@@ -31,8 +31,8 @@ from typing import Any
 
 import httpx
 
-from producer import AsyncChatQueueClient, ProducerSettings
-from tests.support.servers import (
+from chatqueue_dev.models import TINY_MESSAGES, TINY_MODEL_ID
+from chatqueue_dev.servers import (
     REPO_ROOT,
     free_port,
     redis_server,
@@ -42,7 +42,7 @@ from tests.support.servers import (
     wait_until,
     worker_env,
 )
-from worker.devmodels import TINY_MESSAGES, TINY_MODEL_ID
+from producer import AsyncChatQueueClient, ProducerSettings
 
 QUEUE = "gateway-load"
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import redis
 
+from chatqueue_dev.servers import redis_server, spawn_worker, wait_ready, worker_env
 from producer import ChatQueueClient, ChatRequest, ChatResult, ProducerSettings
 from producer.settings import stream_key
-from tests.support.servers import redis_server, spawn_worker, wait_ready, worker_env
 
 WORKER_START_TIMEOUT_S = 300.0
 

@@ -133,7 +133,7 @@ def choose_mode(args: argparse.Namespace) -> Mode:
 
 def prepare_model_dir(args: argparse.Namespace) -> Path:
     """The folder to benchmark; the two models this project builds are built when missing."""
-    from worker import devmodels
+    from chatqueue_dev import models as devmodels
 
     if args.model_dir is not None:
         if not args.model_dir.is_dir():

@@ -46,10 +46,8 @@ from typing import Any
 
 import redis as redis_py
 
-from producer import ChatQueueClient, JobFailed, JobNotFound, ProducerSettings
-from producer.settings import TASK_NAME
-from tests.support.sentinel import SentinelCluster, sentinel_cluster, wait_for_new_primary
-from tests.support.servers import (
+from chatqueue_dev.sentinel import SentinelCluster, sentinel_cluster, wait_for_new_primary
+from chatqueue_dev.servers import (
     RedisServer,
     WorkerProcess,
     redis_server,
@@ -59,6 +57,8 @@ from tests.support.servers import (
     wait_until,
     worker_env,
 )
+from producer import ChatQueueClient, JobFailed, JobNotFound, ProducerSettings
+from producer.settings import TASK_NAME
 
 QUEUE = "soak"
 HA_QUEUE = "chatqueue.soak"  # --failover runs on the role ACL, whose users reach chatqueue.* only

@@ -15,8 +15,8 @@ from pathlib import Path
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
-from producer import ChatQueueClient, ChatRequest, JobFailed, ProducerSettings
-from tests.support.servers import (
+from chatqueue_dev.models import TINY_MESSAGES, TINY_MULTI_TURN, build_tiny_qwen
+from chatqueue_dev.servers import (
     REPO_ROOT,
     free_port,
     redis_server,
@@ -25,7 +25,7 @@ from tests.support.servers import (
     wait_until,
     worker_env,
 )
-from worker.devmodels import TINY_MESSAGES, TINY_MULTI_TURN, build_tiny_qwen
+from producer import ChatQueueClient, ChatRequest, JobFailed, ProducerSettings
 
 USER, PASSWORD = "operator", uuid.uuid4().hex
 OUT = REPO_ROOT / "docs" / "flower.png"

@@ -21,7 +21,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return download_main(rest)
     if args.command == "build-model":
-        from worker.devmodels import main as build_main
+        # Dev tooling (chatqueue_dev/), not part of a production worker: imported only when
+        # asked for, and absent from the worker image.
+        try:
+            from chatqueue_dev.models import main as build_main
+        except ModuleNotFoundError as exc:
+            if exc.name != "chatqueue_dev":
+                raise
+            print("build-model is dev tooling (the chatqueue_dev package): run it from a "
+                  "checkout installed with `make install`", file=sys.stderr)
+            return 2
 
         return build_main(rest)
     if args.command == "health":

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from openai.types.chat import ChatCompletion
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES, TINY_THINKING
 from producer import ChatQueueClient, JobFailed, ProducerSettings
 from producer.batches import BatchClient, batch_lines_key, line_job_id
 from producer.celery_app import PRIORITY_STEPS
@@ -28,7 +29,6 @@ from tests.support.servers import (
     wait_until,
     worker_env,
 )
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES, TINY_THINKING
 
 pytestmark = pytest.mark.integration
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES, TINY_MULTI_TURN, TINY_THINKING
 from producer import (
     AsyncChatQueueClient,
     ChatQueueClient,
@@ -24,7 +25,6 @@ from producer import (
 )
 from producer.celery_app import create_celery
 from tests.support.servers import redis_server, wait_until
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES, TINY_MULTI_TURN, TINY_THINKING
 
 pytestmark = pytest.mark.integration
 

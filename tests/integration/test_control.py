@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES, TINY_MULTI_TURN, TINY_THINKING
 from producer import ChatQueueClient, ChatRequest, ProducerSettings
 from tests.support.servers import wait_until
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES, TINY_MULTI_TURN, TINY_THINKING
 
 pytestmark = pytest.mark.integration
 

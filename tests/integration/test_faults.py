@@ -20,6 +20,7 @@ import pytest
 import redis
 from celery import Celery
 
+from chatqueue_dev.models import TINY_MESSAGES
 from producer import ChatQueueClient, ChatRequest, JobFailed, JobNotFound, ProducerSettings
 from producer.celery_app import celery_config
 from producer.schemas import StreamEvent
@@ -32,8 +33,7 @@ from tests.support.servers import (
     wait_until,
     worker_env,
 )
-from worker.delivery import WorkerLoader
-from worker.devmodels import TINY_MESSAGES
+from worker.result_store import WorkerLoader
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES, TINY_MODEL_ID, TINY_THINKING
 from producer import ChatQueueClient, ProducerSettings
 from tests.support.servers import REPO_ROOT, free_port, wait_until
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES, TINY_MODEL_ID, TINY_THINKING
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,10 @@ import pytest
 import redis as redis_py
 from kombu import Connection
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES
 from producer import ChatQueueClient, JobFailed, ProducerSettings
 from producer.settings import TASK_NAME
 from tests.support.servers import RedisServer, WorkerProcess, redis_server, wait_until
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES
 
 pytestmark = pytest.mark.integration
 

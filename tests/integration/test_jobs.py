@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer import ChatQueueClient, ChatRequest, JobFailed
-from worker.devmodels import (
+from chatqueue_dev.models import (
     TINY_CONTENT,
     TINY_MESSAGES,
     TINY_MODEL_ID,
@@ -16,6 +15,7 @@ from worker.devmodels import (
     TINY_NO_THINK_CONTENT,
     TINY_THINKING,
 )
+from producer import ChatQueueClient, ChatRequest, JobFailed
 from worker.manifest import read_manifest
 
 pytestmark = pytest.mark.integration

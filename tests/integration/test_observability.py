@@ -10,9 +10,9 @@ from urllib.request import urlopen
 
 import pytest
 
+from chatqueue_dev.models import TINY_MESSAGES
 from producer import ChatQueueClient, ChatRequest, JobFailed, ProducerSettings
 from tests.support.servers import free_port, wait_until
-from worker.devmodels import TINY_MESSAGES
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES, TINY_THINKING
 from producer import ChatQueueClient, ChatRequest, ProducerSettings
 from tests.support.mirror import publish_model, running_olah
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES, TINY_THINKING
 from worker.offline import OFFLINE_VARIABLES
 
 pytestmark = pytest.mark.integration

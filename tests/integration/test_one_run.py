@@ -21,6 +21,7 @@ from urllib.request import Request, urlopen
 import pytest
 from celery import Celery
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES
 from producer import ChatQueueClient, ChatRequest, JobIdConflict, JobNotFound, ProducerSettings
 from producer.celery_app import create_celery
 from producer.cli import EXIT_CONFLICT, EXIT_NOT_FOUND
@@ -39,7 +40,6 @@ from tests.support.servers import (
     worker_env,
 )
 from worker.control import JobControl
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES
 from worker.drain import JobInterrupted
 from worker.lease import LeaseKeeper
 

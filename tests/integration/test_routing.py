@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES
 from producer import ChatQueueClient, ChatRequest, JobFailed, ProducerSettings
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES
 from worker.manifest import MANIFEST_NAME, manifest_for_local_dir, write_manifest
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,9 @@ from urllib.parse import quote
 
 import pytest
 
+from chatqueue_dev.models import TINY_MESSAGES
 from producer import ChatQueueClient, JobFailed, ProducerSettings
 from tests.support.servers import redis_server, spawn_worker, wait_ready, worker_env
-from worker.devmodels import TINY_MESSAGES
 
 pytestmark = pytest.mark.integration
 

@@ -22,6 +22,7 @@ from urllib.request import Request, urlopen
 import pytest
 import redis as redis_py
 
+from chatqueue_dev.models import TINY_MESSAGES
 from producer import ChatQueueClient, JobFailed, ProducerSettings
 from producer.celery_app import create_celery
 from producer.settings import CANCEL_CHANNEL, TASK_NAME, lease_key
@@ -35,7 +36,6 @@ from tests.support.servers import (
     wait_until,
     worker_env,
 )
-from worker.devmodels import TINY_MESSAGES
 
 pytestmark = pytest.mark.integration
 

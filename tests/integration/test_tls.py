@@ -15,6 +15,7 @@ import redis as redis_py
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES
 from producer import AsyncChatQueueClient, ChatQueueClient, ProducerSettings
 from tests.support.servers import (
     RedisServer,
@@ -26,7 +27,6 @@ from tests.support.servers import (
     wait_until,
     worker_env,
 )
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES
 
 pytestmark = pytest.mark.integration
 

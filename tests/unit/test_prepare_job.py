@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
+from chatqueue_dev.models import TINY_MESSAGES, TINY_MODEL_ID
 from producer.errors import JobFailed
 from producer.schemas import ChatRequest
-from worker.devmodels import TINY_MESSAGES, TINY_MODEL_ID
 from worker.manifest import read_manifest
 from worker.model import load_model
 from worker.pipeline.sampling import SamplingParams

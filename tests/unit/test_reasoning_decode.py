@@ -10,7 +10,7 @@ from worker.pipeline.reasoning import ThinkTokens, decode_part, split_reasoning
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from worker.devmodels import build_qwen_tokenizer
+    from chatqueue_dev.models import build_qwen_tokenizer
 
     return build_qwen_tokenizer()
 

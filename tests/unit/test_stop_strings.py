@@ -60,7 +60,7 @@ def test_stream_filter_sends_what_the_result_keeps(pieces):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from worker.devmodels import build_qwen_tokenizer
+    from chatqueue_dev.models import build_qwen_tokenizer
 
     return build_qwen_tokenizer()
 

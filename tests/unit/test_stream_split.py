@@ -45,7 +45,7 @@ class CountingTokenizer(ByteTokenizer):
 
 @pytest.fixture(scope="module")
 def qwen():
-    from worker.devmodels import build_qwen_tokenizer
+    from chatqueue_dev.models import build_qwen_tokenizer
 
     return build_qwen_tokenizer()
 
