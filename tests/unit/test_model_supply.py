@@ -199,3 +199,11 @@ def test_a_mirror_resolving_a_pinned_commit_to_another_is_refused(
 
     assert f"resolves pinned commit {pinned} to {served}" in str(caught.value)
     assert not (tmp_path / "m" / "chatqueue-manifest.json").exists()
+
+
+def test_a_download_error_is_a_chatqueue_error_and_still_a_runtime_error() -> None:
+    from producer.errors import ChatQueueError
+
+    error = DownloadError("cannot download acme/m@main from https://hub: ...")
+    assert isinstance(error, ChatQueueError) and isinstance(error, RuntimeError)
+    assert isinstance(ModelNotReady("x"), ChatQueueError)

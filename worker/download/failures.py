@@ -22,6 +22,8 @@ from huggingface_hub.errors import (
 )
 from pydantic import SecretStr
 
+from producer.errors import ChatQueueError
+
 log = logging.getLogger(__name__)
 
 # Bounds that make a dead or silent mirror fail in seconds rather than hang: connection refused
@@ -34,7 +36,7 @@ _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 T = TypeVar("T")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(ChatQueueError, RuntimeError):
     """A download that cannot succeed as asked; the message names repo, revision and endpoint."""
 
 
