@@ -225,6 +225,15 @@ def test_a_submission_killed_halfway_and_run_again_queues_each_line_once(
     assert all(record is not None and record.startswith(b"queued ") for record in records)
     assert idle_client._redis.hlen(batch_lines_key(report.batch_id)) == total
     assert batches.status(report.batch_id)["request_counts"]["total"] == total
+    # Its progress as Prometheus reads it (nothing has run: the queue has no worker).
+    from producer.batches.metrics import BatchCollector
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in BatchCollector(idle_client._redis).collect()
+               for s in family.samples}
+    assert samples[("chatqueue_batch_requests", (("batch", report.batch_id),
+                                                 ("state", "total")))] == total
+    assert samples[("chatqueue_batches", (("status", "in_progress"),))] >= 1
     print(f"resubmitted {total} lines ({total - half} new) in {elapsed:.2f} s")
 
 
