@@ -74,7 +74,8 @@ def allowed(row: torch.Tensor, params: SamplingParams, token: int) -> bool:
     """Worked out on its own from the definitions (HF's): a sampled token is among the top-k
     (ties with the k-th best included), has weight, and the tokens strictly better than it,
     renormalised over what top-k kept, hold less than top_p."""
-    scaled = row.double() / params.temperature
+    # Scaled in float32 as the sampler scales: two logits that round to one value tie there.
+    scaled = (row.float() / torch.tensor(params.temperature, dtype=torch.float32)).double()
     vocab = row.shape[0]
     if 0 < params.top_k < vocab:
         kth_best = torch.sort(scaled, descending=True).values[params.top_k - 1]
