@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from producer.schemas import ChatMessage
-
-THINK_CLOSE = "</think>"
+from worker.pipeline.reasoning import strip_history_thinking
 
 
 def build_prompt(tokenizer: Any, messages: Sequence[ChatMessage], *, enable_thinking: bool) -> str:
@@ -29,7 +28,4 @@ def build_prompt(tokenizer: Any, messages: Sequence[ChatMessage], *, enable_thin
     )
 
 
-def strip_history_thinking(content: str) -> str:
-    """Earlier assistant turns go back without their reasoning (the Qwen3 model card's rule)."""
-    _, closed, tail = content.rpartition(THINK_CLOSE)
-    return tail.lstrip("\n") if closed else content
+__all__ = ["build_prompt", "strip_history_thinking"]

@@ -44,6 +44,17 @@ class ReasoningSplit:
     thinking_tokens: int  # by the module's rule: inside an open think block, tags left out
 
 
+def strip_history_thinking(content: str) -> str:
+    """Earlier assistant turns go back without their reasoning (the Qwen3 model card's rule)."""
+    _, closed, tail = content.rpartition(THINK_CLOSE)
+    return tail.lstrip("\n") if closed else content
+
+
+def starts_thinking(first_token: int, think: ThinkTokens, *, prompt_opened_thinking: bool) -> bool:
+    """Whether an output that begins with `first_token` begins inside a think block."""
+    return think.close_id is not None and (prompt_opened_thinking or first_token == think.open_id)
+
+
 def prompt_opens_thinking(prompt_ids: Sequence[int], think: ThinkTokens) -> bool:
     """True when the template itself opened a think block the model must close (Qwen3-2507).
     A model without `</think>` has no think block to close: its output is all content."""
@@ -180,7 +191,8 @@ class StreamSplitter:
         run: list[int] = []
         for token in ids:
             if self.part is None:
-                self.part = "thinking" if token == self.think.open_id else "content"
+                self.part = "thinking" if starts_thinking(
+                    token, self.think, prompt_opened_thinking=False) else "content"
             if token == self.think.close_id and self.part == "thinking":
                 pieces += self._emit(self._decoder.feed(run) + self._decoder.finish(), final=True)
                 run = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from worker.pipeline.reasoning import ThinkTokens, decode_part
+from worker.pipeline.reasoning import ThinkTokens, decode_part, starts_thinking
 
 # A character takes at most this many byte-level BPE tokens (one per UTF-8 byte).
 _TOKENS_PER_CHAR = 4
@@ -65,8 +65,8 @@ class StopStringCheck:
             tail = tail[len(tail) - tail[::-1].index(close):]
             self._answering = True
         elif not self._answering:
-            thinking = self.prompt_opened_thinking or generated[0] == self.think.open_id
-            if thinking:
+            if starts_thinking(generated[0], self.think,
+                               prompt_opened_thinking=self.prompt_opened_thinking):
                 return False  # still inside the think block: not searched
             self._answering = True
         text = decode_part(self.tokenizer, tail, self.think, strip=False)
