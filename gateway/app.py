@@ -1,5 +1,7 @@
 """The ASGI app: OpenAI's chat completions and models endpoints over AsyncChatQueueClient,
-with API keys, a body size limit, load shedding, health and Prometheus metrics."""
+with API keys, a body size limit, load shedding, health and Prometheus metrics. A stream's
+server-sent events are gateway/streaming.py's; the Files and Batch endpoints are
+gateway/batches.py's."""
 
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gateway.batches import Batches
 from gateway.openai_api import (
-    ChunkWriter,
     completion,
     error_body,
     job_error_body,
@@ -33,10 +34,11 @@ from gateway.openai_api import (
     to_job,
 )
 from gateway.settings import GatewaySettings, key_matches
+from gateway.streaming import JobStream, ResultWatch, cancel_quietly, disconnected
 from producer.aio import AsyncChatQueueClient
 from producer.batches import LineError
-from producer.errors import JobFailed, JobNotFound
-from producer.schemas import MAX_PRIORITY, ChatResult, StreamEvent
+from producer.errors import JobFailed
+from producer.schemas import MAX_PRIORITY
 from producer.settings import PRESENCE_KEY, ProducerSettings
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,6 @@ log = logging.getLogger(__name__)
 # kombu's Redis transport keeps a queue's messages in one list per priority step (0 plain, n
 # as "<queue>\x06\x16<n>"; producer/celery_app.py: a step per level of the contract).
 _PRIORITY_SUFFIXES = ("", *(f"\x06\x16{step}" for step in range(1, MAX_PRIORITY + 1)))
-# A stream silent this long gets its result watched (a refused job writes no event at all).
-_SILENCE_S = 0.25
 _ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/v1/files",
            "/v1/batches")
 
@@ -89,19 +89,30 @@ class Gateway:
         self.digests = key_digests
         self.metrics = Metrics()
         self._client: AsyncChatQueueClient | None = None
+        self._watch: ResultWatch | None = None
         self._models: tuple[float, dict[str, set[str]]] = (float("-inf"), {})
+        # Reads in flight that concurrent requests share (a burst of N requests: one read).
+        self._models_read: asyncio.Future[dict[str, set[str]]] | None = None
+        self._lengths_read: dict[str, asyncio.Future[int]] = {}
 
     @property
     def client(self) -> AsyncChatQueueClient:
         assert self._client is not None, "the gateway is not started"
         return self._client
 
+    @property
+    def result_watch(self) -> ResultWatch:
+        assert self._watch is not None, "the gateway is not started"
+        return self._watch
+
     @contextlib.asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
         self._client = AsyncChatQueueClient(self.producer_settings)
+        self._watch = ResultWatch(self._client)
         try:
             yield
         finally:
+            await self._watch.aclose()
             await self._client.aclose()
 
     # -- checks ------------------------------------------------------------------------------
@@ -134,19 +145,33 @@ class Gateway:
     async def live_models(self) -> dict[str, set[str]]:
         """Model id -> the queues its live workers consume (worker/presence.py)."""
         read_at, models = self._models
-        now = time.monotonic()
-        if now - read_at <= self.settings.models_cache_s:
+        if time.monotonic() - read_at <= self.settings.models_cache_s:
             return models
+        if self._models_read is None or self._models_read.done():
+            self._models_read = asyncio.ensure_future(self._read_models())
+        return await asyncio.shield(self._models_read)
+
+    async def _read_models(self) -> dict[str, set[str]]:
+        read_at = time.monotonic()
         members = await self.client.redis.zrangebyscore(PRESENCE_KEY, time.time(), "+inf")
-        models = {}
+        models: dict[str, set[str]] = {}
         for member in members:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 entry = json.loads(member)  # type: ignore[arg-type]  # members are bytes
                 models.setdefault(str(entry["model"]), set()).add(str(entry["queue"]))
-        self._models = (now, models)
+        self._models = (read_at, models)
         return models
 
     async def queue_length(self, queue: str) -> int:
+        """The jobs waiting in `queue`, all priorities; requests that ask while a read is in
+        flight share it."""
+        reading = self._lengths_read.get(queue)
+        if reading is None or reading.done():
+            reading = self._lengths_read[queue] = asyncio.ensure_future(
+                self._read_queue_length(queue))
+        return await asyncio.shield(reading)
+
+    async def _read_queue_length(self, queue: str) -> int:
         pipe = self.client.redis.pipeline(transaction=False)
         for suffix in _PRIORITY_SUFFIXES:
             pipe.llen(queue + suffix)
@@ -200,11 +225,11 @@ class Gateway:
     async def _complete(self, request: Request, job_id: str) -> Response:
         result_task = asyncio.ensure_future(
             self.client.result(job_id, timeout=self.settings.request_timeout_s))
-        gone = asyncio.ensure_future(_disconnected(request.receive))
+        gone = asyncio.ensure_future(disconnected(request.receive))
         try:
             await asyncio.wait({result_task, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not result_task.done():
-                await self._cancel_for_disconnect(job_id)
+                await self.cancel_for_disconnect(job_id)
                 return Response(status_code=499)  # nobody reads it
             try:
                 result = result_task.result()
@@ -212,7 +237,7 @@ class Gateway:
                 return JSONResponse(job_error_body(failed.error),
                                     status_code=job_error_status(failed.error))
             except TimeoutError:
-                await _cancel_quietly(self.client, job_id)
+                await cancel_quietly(self.client, job_id)
                 raise ApiError(504, f"job {job_id} did not finish within "
                                f"{self.settings.request_timeout_s} s; it was cancelled",
                                type_="timeout_error", code="timeout") from None
@@ -222,170 +247,9 @@ class Gateway:
             for task in (result_task, gone):
                 task.cancel()
 
-    async def _cancel_for_disconnect(self, job_id: str) -> None:
+    async def cancel_for_disconnect(self, job_id: str) -> None:
         self.metrics.cancelled.inc()
-        await _cancel_quietly(self.client, job_id)
-
-
-class JobStream:
-    """Server-sent events of one job in OpenAI's chunk format. The status is decided at the
-    job's first event, so a request the worker refuses still gets its 400; a client that goes
-    away cancels the job."""
-
-    def __init__(self, gateway: Gateway, job_id: str, model: str, include_usage: bool,
-                 started: float) -> None:
-        self.gateway, self.job_id, self.model, self.started = gateway, job_id, model, started
-        self.include_usage, self.finished = include_usage, False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.ensure_future(self._pump(send))
-        gone = asyncio.ensure_future(_disconnected(receive))
-        await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if pump.done():
-            gone.cancel()
-            pump.result()
-            return
-        pump.cancel()
-        await asyncio.gather(pump, return_exceptions=True)
-        if not self.finished:
-            await self.gateway._cancel_for_disconnect(self.job_id)
-
-    async def _pump(self, send: Send) -> None:
-        client, timeout = self.gateway.client, self.gateway.settings.request_timeout_s
-        batches = client.stream_batches(self.job_id, timeout=timeout)
-        next_batch: asyncio.Future[list[StreamEvent]] = asyncio.ensure_future(anext(batches))
-        writer, wrote_text = ChunkWriter(self.job_id, self.model), False
-        # The result is watched too (a job that fails writes no end event), but only once the
-        # first text went out or the stream stayed silent for a while: off the first token's path.
-        result_task: asyncio.Future[ChatResult] | None = None
-
-        def watch_result() -> asyncio.Future[ChatResult]:
-            nonlocal result_task
-            if result_task is None:
-                result_task = asyncio.ensure_future(client.result(self.job_id, timeout=timeout))
-            return result_task
-
-        try:
-            while not self.finished:
-                waiting = {next_batch} if result_task is None else \
-                    {next_batch} | ({result_task} - _done(result_task))
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED,
-                                   timeout=_SILENCE_S if result_task is None else None)
-                if not next_batch.done():
-                    if result_task is None or not result_task.done():
-                        watch_result()
-                        continue
-                    failure = result_task.exception()
-                    if failure is None:
-                        continue  # finished: its end event is on its way
-                    self.finished = True
-                    await self._fail(send, writer, failure)
-                    return
-                try:
-                    events = next_batch.result()
-                except StopAsyncIteration:
-                    break
-                except (TimeoutError, JobNotFound) as exc:
-                    self.finished = True
-                    await self._fail(send, writer, exc)
-                    return
-                out: list[bytes] = []
-                if not writer.started:
-                    await _start(send, 200, "text/event-stream",
-                                 {"x-chatqueue-job-id": self.job_id})
-                    out.append(_event(writer.first()))
-                for event in events:
-                    if event.type == "start" and wrote_text:
-                        # The job runs again from its start (its worker died): what was sent
-                        # is void.
-                        await _send_body(send, out)
-                        self.finished = True
-                        await self._fail(send, writer, RuntimeError(
-                            "the job restarted after a worker failure; its output so far is "
-                            "void"))
-                        return
-                    chunk = writer.event(event)
-                    if chunk is not None:
-                        if event.type in ("thinking", "content") and not wrote_text:
-                            wrote_text = True
-                            self.gateway.metrics.first_token.observe(
-                                time.perf_counter() - self.started)
-                        out.append(_event(chunk))
-                    if event.type == "end":
-                        self.finished = True
-                # What arrived in one read goes out in one write.
-                await _send_body(send, out)
-                if wrote_text:
-                    watch_result()
-                if not self.finished:
-                    next_batch = asyncio.ensure_future(anext(batches))
-            if self.include_usage:
-                result: ChatResult = await watch_result()
-                await _send_body(send, [_event(writer.usage(result))])
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
-                        "more_body": False})
-        finally:
-            next_batch.cancel()
-            if result_task is not None:
-                result_task.cancel()
-            with contextlib.suppress(Exception):
-                await batches.aclose()  # type: ignore[attr-defined]
-
-    async def _fail(self, send: Send, writer: ChunkWriter, failure: BaseException) -> None:
-        if isinstance(failure, JobFailed):
-            status, body = job_error_status(failure.error), job_error_body(failure.error)
-        elif isinstance(failure, TimeoutError):
-            await _cancel_quietly(self.gateway.client, self.job_id)
-            status, body = 504, error_body(str(failure), type_="timeout_error", code="timeout")
-        else:
-            status, body = 500, error_body(str(failure), type_="server_error",
-                                           code="internal_error")
-        if not writer.started:
-            payload = json.dumps(body).encode()
-            await _start(send, status, "application/json", {"x-chatqueue-job-id": self.job_id})
-            await send({"type": "http.response.body", "body": payload, "more_body": False})
-            return
-        await _send_event(send, body)  # OpenAI's clients raise on an error event
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
-                    "more_body": False})
-
-
-def _done(task: asyncio.Future[Any]) -> set[asyncio.Future[Any]]:
-    return {task} if task.done() else set()
-
-
-async def _start(send: Send, status: int, media_type: str, headers: dict[str, str]) -> None:
-    raw = [(b"content-type", media_type.encode()), (b"cache-control", b"no-cache")]
-    raw += [(name.encode(), value.encode()) for name, value in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-
-
-def _event(payload: dict[str, Any]) -> bytes:
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
-
-
-async def _send_event(send: Send, payload: dict[str, Any]) -> None:
-    await _send_body(send, [_event(payload)])
-
-
-async def _send_body(send: Send, parts: list[bytes]) -> None:
-    if parts:
-        await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
-
-
-async def _disconnected(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _cancel_quietly(client: AsyncChatQueueClient, job_id: str) -> None:
-    try:
-        await client.cancel(job_id)
-    except (JobNotFound, redis.RedisError) as exc:
-        log.warning("cancel of job %s failed: %s", job_id, exc)
+        await cancel_quietly(self.client, job_id)
 
 
 def _too_large(limit: int, size: int) -> ApiError:

@@ -33,6 +33,17 @@ from producer.settings import CANCEL_CHANNEL, ProducerSettings, accepted_key, ca
 _POLL_S = 1.0
 
 
+def _driver_info() -> dict[str, Any]:
+    """One DriverInfo for every connection of the client: without it redis-py makes one per
+    new connection, reading the package's metadata from disk on the event loop (about a
+    millisecond each: a burst of 200 streams opens 200 connections)."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py before 7: no such lookup
+        return {}
+    return {"driver_info": DriverInfo()}
+
+
 class _Wakeups:
     """One pub/sub connection for every result this client waits on: the result backend
     publishes each stored state on the job's meta key, which wakes that job's waiters."""
@@ -107,7 +118,7 @@ class AsyncChatQueueClient:
         # Under Sentinel, a client of the current primary that follows a failover.
         self._redis: aioredis.Redis = async_redis_client(
             self.settings, retry=Retry(ExponentialWithJitterBackoff(2, 0.1), 10),
-            max_connections=max_connections)
+            max_connections=max_connections, **_driver_info())
         self._wakeups = _Wakeups(self._redis)
         self._publisher = ChatQueueClient(self.settings)
         # Celery's result backend object decodes stored states (errors included); it does no
@@ -121,16 +132,25 @@ class AsyncChatQueueClient:
 
     @property
     def blocking(self) -> ChatQueueClient:
-        """The synchronous client this one publishes through, for calls with no asyncio form
-        yet (producer.batches.BatchClient): run them in a thread."""
+        """The synchronous client this one publishes through."""
         return self._publisher
 
     async def submit(self, request: ChatRequest | Mapping[str, Any]) -> str:
         """As ChatQueueClient.submit: a bad request raises JobFailed and queues nothing; once
         this returns, the job is in Redis; a job id names one request (JobIdConflict)."""
         job = core.plan_submission(request, self.settings)
-        await asyncio.to_thread(self._publisher.publish, job)
+        await self.publish(job)
         return job.job_id
+
+    async def publish(self, *jobs: core.Submission) -> None:
+        """As ChatQueueClient.publish, for planned jobs (a batch's lines): in one thread hop,
+        in order, through the synchronous client's publish path."""
+        if jobs:
+            await asyncio.to_thread(self._publish_all, jobs)
+
+    def _publish_all(self, jobs: tuple[core.Submission, ...]) -> None:
+        for job in jobs:
+            self._publisher.publish(job)
 
     def queue_for(self, request: ChatRequest) -> str:
         return self.settings.queue_for(request.model or self.settings.default_model)
@@ -226,9 +246,11 @@ class AsyncChatQueueClient:
 
     async def _state_and_payload(self, job_id: str) -> tuple[str, object]:
         raw = await self._redis.get(core.task_meta_key(job_id))
-        return (core.PENDING, None) if raw is None else self._decode(raw)
+        return (core.PENDING, None) if raw is None else self.decode_meta(raw)
 
-    def _decode(self, raw: bytes | str) -> tuple[str, object]:
+    def decode_meta(self, raw: bytes | str) -> tuple[str, object]:
+        """A stored state as (Celery state, payload): for callers that read many jobs' states
+        at once (the gateway's watch of its silent streams)."""
         meta = self._backend.decode_result(raw)
         return str(meta["status"]), meta.get("result")
 

@@ -1,15 +1,21 @@
-"""The gateway's pure parts: OpenAI requests to jobs, errors naming the OpenAI field, API keys."""
+"""The gateway's pure parts: OpenAI requests to jobs, errors naming the OpenAI field, API keys;
+the watch over silent streams' results, on a fake Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+from typing import Any
 
 import pytest
 
 from gateway.cli import main
 from gateway.openai_api import to_job
 from gateway.settings import GatewaySettings, key_matches
+from gateway.streaming import ResultWatch
 from producer.batches import LineError
+from producer.errors import JobFailed
 from producer.schemas import MODEL_ID_PATTERN
 
 MESSAGES = [{"role": "developer", "content": "Be brief."},
@@ -70,3 +76,54 @@ def test_without_a_key_only_loopback_is_served(monkeypatch, capsys):
     assert "no API key" in capsys.readouterr().err
     assert not GatewaySettings(host="::1").listens_beyond_loopback()
     assert GatewaySettings(host="10.0.0.5").listens_beyond_loopback()
+
+
+class _FakeClient:
+    """What ResultWatch uses of AsyncChatQueueClient: .redis.mget and decode_meta."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, str] = {}
+        self.reads: list[list[str]] = []
+        self.redis = self
+
+    async def mget(self, keys: list[str]) -> list[str | None]:
+        self.reads.append(keys)
+        return [self.stored.get(key) for key in keys]
+
+    @staticmethod
+    def decode_meta(raw: str) -> tuple[str, object]:
+        meta = json.loads(raw)
+        return meta["status"], meta["result"]
+
+
+def test_the_result_watch_reads_every_silent_job_in_one_round_trip():
+    from producer.schemas import JobError
+
+    failure = JobFailed(JobError(code="invalid_request", field="top_k", message="bad"))
+
+    async def scenario() -> tuple[Any, ...]:
+        client = _FakeClient()
+        client.stored["celery-task-meta-refused"] = json.dumps(
+            {"status": "FAILURE", "result": None})
+        client.stored["celery-task-meta-running"] = json.dumps(
+            {"status": "PROGRESS", "result": {"phase": "thinking", "tokens": 3}})
+        watch = ResultWatch(client, interval_s=0.01)  # type: ignore[arg-type]
+        refused, running, queued = (watch.watch(j) for j in ("refused", "running", "queued"))
+        await asyncio.wait({refused}, timeout=5)
+        pending = (running.done(), queued.done())
+        watch.forget("running")
+        await watch.aclose()
+        return refused, pending, running, client.reads
+
+    import producer.core as core
+
+    original = core.finished_result
+    core.finished_result = lambda job_id, state, payload: (_ for _ in ()).throw(failure)
+    try:
+        refused, pending, running, reads = asyncio.run(scenario())
+    finally:
+        core.finished_result = original
+    assert refused.exception() is failure
+    assert pending == (False, False) and running.cancelled()
+    assert sorted(reads[0]) == ["celery-task-meta-queued", "celery-task-meta-refused",
+                                "celery-task-meta-running"]
