@@ -3,7 +3,7 @@
 Uploaded files live in a directory (CHATQUEUE_GATEWAY_FILES_DIR, a volume in compose), one file
 per id. A batch's output and error files are not stored: `file-<batch id>-output` and
 `file-<batch id>-error` are its results, read from Redis when downloaded, in input order.
-BatchClient is synchronous (it runs beside the CLI); its calls run in worker threads here.
+Every call is AsyncBatchClient's (producer/aio_batches.py): no batch call runs in a thread.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from producer.batches import DEFAULT_WINDOW, ENDPOINT, BatchClient, new_batch_id, parse_window
+from producer.aio_batches import AsyncBatchClient
+from producer.batches import DEFAULT_WINDOW, ENDPOINT, new_batch_id, parse_window
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -37,8 +38,8 @@ class Batches:
         self._submitting: set[asyncio.Task[Any]] = set()
 
     @property
-    def client(self) -> BatchClient:
-        return BatchClient(self.gateway.client.blocking)
+    def client(self) -> AsyncBatchClient:
+        return AsyncBatchClient(self.gateway.client)
 
     def routes(self) -> list[Route]:
         return [
@@ -79,10 +80,14 @@ class Batches:
             file_id = f"file-{uuid.uuid4().hex}"
             self.files_dir.mkdir(parents=True, exist_ok=True)
             path, size = self.files_dir / file_id, 0
-            with path.open("wb") as sink:
+            # Written in threads: a large upload never blocks the event loop on the disk.
+            sink = await asyncio.to_thread(path.open, "wb")
+            try:
                 while block := await upload.read(1 << 20):
-                    sink.write(block)
+                    await asyncio.to_thread(sink.write, block)
                     size += len(block)
+            finally:
+                await asyncio.to_thread(sink.close)
             info = {"id": file_id, "object": "file", "bytes": size,
                     "created_at": int(time.time()), "filename": upload.filename or file_id,
                     "purpose": "batch", "status": "processed", "status_details": None}
@@ -107,8 +112,8 @@ class Batches:
             await self._batch(batch_id)
             return StreamingResponse(self._results(batch_id, kind),
                                      media_type="application/jsonl")
-        path = self._stored(file_id, "")
-        return Response(path.read_bytes(), media_type="application/jsonl")
+        # Sent in chunks read in threads: never whole in memory, never a read on the loop.
+        return FileResponse(self._stored(file_id, ""), media_type="application/jsonl")
 
     def _stored(self, file_id: str, suffix: str) -> Path:
         from gateway.app import ApiError
@@ -119,10 +124,10 @@ class Batches:
                            code="not_found", param="file_id")
         return path
 
-    def _results(self, batch_id: str, kind: str) -> Iterator[bytes]:
-        """The batch's lines of one kind, read as they are sent (Starlette runs a plain
-        iterator in its thread pool): a large batch is never whole in memory."""
-        for line_kind, line in self.client.results(batch_id):
+    async def _results(self, batch_id: str, kind: str) -> AsyncIterator[bytes]:
+        """The batch's lines of one kind, read as they are sent: a large batch is never whole
+        in memory."""
+        async for line_kind, line in self.client.results(batch_id):
             if line_kind == kind:
                 yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
 
@@ -154,16 +159,15 @@ class Batches:
             raise _bad("metadata: an object of strings", "metadata")
         path = self._stored(str(body.get("input_file_id")), "")
         batch_id = new_batch_id()
-        submitting = asyncio.ensure_future(asyncio.to_thread(
-            self.client.submit, path, window=str(window), batch_id=batch_id, metadata=metadata))
+        submitting = asyncio.ensure_future(self.client.submit(
+            path, window=str(window), batch_id=batch_id, metadata=metadata))
         self._submitting.add(submitting)
         submitting.add_done_callback(self._submitting.discard)
         # Answer once the batch exists (the lines go on being queued, as OpenAI's validating).
         deadline = time.monotonic() + 10
         while not submitting.done() and time.monotonic() < deadline:
             try:
-                return JSONResponse(self._with_files(
-                    await asyncio.to_thread(self.client.status, batch_id)))
+                return JSONResponse(self._with_files(await self.client.status(batch_id)))
             except LookupError:
                 await asyncio.sleep(0.02)
         submitting.result()  # raises what the submission raised
@@ -177,14 +181,13 @@ class Batches:
         self.gateway.authorize(request)
         batch_id = request.path_params["batch_id"]
         await self._batch(batch_id)
-        return JSONResponse(self._with_files(
-            await asyncio.to_thread(self.client.cancel, batch_id)))
+        return JSONResponse(self._with_files(await self.client.cancel(batch_id)))
 
     async def list(self, request: Request) -> Response:
         self.gateway.authorize(request)
         limit = request.query_params.get("limit", "20")
         count = int(limit) if limit.isdigit() and 0 < int(limit) <= 100 else 20
-        data = [self._with_files(b) for b in await asyncio.to_thread(self.client.list, count)]
+        data = [self._with_files(b) for b in await self.client.list(count)]
         return JSONResponse({"object": "list", "data": data,
                              "first_id": data[0]["id"] if data else None,
                              "last_id": data[-1]["id"] if data else None, "has_more": False})
@@ -193,7 +196,7 @@ class Batches:
         from gateway.app import ApiError
 
         try:
-            return self._with_files(await asyncio.to_thread(self.client.status, batch_id))
+            return self._with_files(await self.client.status(batch_id))
         except LookupError:
             raise ApiError(404, f"no such batch: {batch_id}", type_="invalid_request_error",
                            code="not_found", param="batch_id") from None

@@ -1,14 +1,22 @@
-"""One suite, both clients: ChatQueueClient and AsyncChatQueueClient keep the same contract,
-errors and guarantees against a real Redis and a real worker on the tiny model. The asyncio
-client runs on its own event loop, behind a blocking adapter, so every test is written once."""
+"""One suite, both clients: ChatQueueClient and AsyncChatQueueClient (and their batch clients,
+BatchClient and AsyncBatchClient) keep the same contract, errors and guarantees against a real
+Redis and a real worker on the tiny model. The asyncio clients run on their own event loop,
+behind a blocking adapter, so every test is written once.
+
+test_every_call_is_tested_for_both keeps the suite whole: a public call of the synchronous
+clients that no test here names fails it, as does one the asyncio twin lacks."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
+import re
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +31,10 @@ from producer import (
     JobNotFound,
     ProducerSettings,
 )
+from producer.aio_batches import AsyncBatchClient
+from producer.batches import BatchClient
 from producer.celery_app import create_celery
+from producer.schemas import BATCH_PRIORITY
 from tests.support.servers import redis_server, wait_until
 
 pytestmark = pytest.mark.integration
@@ -31,43 +42,68 @@ pytestmark = pytest.mark.integration
 LONG = 256  # the tiny_queue worker's cap: long enough to act on a running job
 
 
-class BlockingAsyncClient:
-    """AsyncChatQueueClient's coroutines and async iterators, driven to completion on one event
-    loop in a thread of its own (as an asyncio service would run them)."""
+class Blocking:
+    """An asyncio object's calls, driven to completion on `loop` (running in another thread):
+    a coroutine's result is returned, an async iterator is read as a plain iterator."""
+
+    def __init__(self, target: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._target, self._loop = target, loop
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _iterate(self, items: AsyncIterator[Any]) -> Iterator[Any]:
+        while True:
+            try:
+                yield self._run(items.__anext__())
+            except StopAsyncIteration:
+                return
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._target, name)
+        if not callable(attribute):
+            # An asyncio part (AsyncBatchClient.store) is driven the same way.
+            has_coroutines = any(inspect.iscoroutinefunction(value)
+                                 for value in vars(type(attribute)).values())
+            return Blocking(attribute, self._loop) if has_coroutines else attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = attribute(*args, **kwargs)
+            if inspect.isawaitable(out):
+                return self._run(out)
+            if isinstance(out, AsyncIterator):
+                return self._iterate(out)
+            return out
+        return call
+
+
+class BlockingAsyncClient(Blocking):
+    """AsyncChatQueueClient on an event loop in a thread of its own (as an asyncio service
+    would run it)."""
 
     def __init__(self, settings: ProducerSettings) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, daemon=True)
         self._thread.start()
-        self.client = self._run(self._make(settings))
-        self.settings = settings
+        super().__init__(None, loop)
+        self._target = self.client = self._run(self._make(settings))
 
     @staticmethod
     async def _make(settings: ProducerSettings) -> AsyncChatQueueClient:
         return AsyncChatQueueClient(settings)
 
-    def _run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.client, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self._run(method(*args, **kwargs))
-        return call
-
-    def stream(self, job_id: str, timeout: float | None = None) -> Iterator[Any]:
-        events: AsyncIterator[Any] = self.client.stream(job_id, timeout=timeout)
-        while True:
-            try:
-                yield self._run(events.__anext__())
-            except StopAsyncIteration:
-                return
+    def batches(self) -> Blocking:
+        return Blocking(AsyncBatchClient(self.client), self._loop)
 
     def close(self) -> None:
         self._run(self.client.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+
+
+def batches_of(client: Any) -> Any:
+    """The batch client over `client`: BatchClient, or AsyncBatchClient behind the adapter."""
+    return client.batches() if isinstance(client, BlockingAsyncClient) else BatchClient(client)
 
 
 @pytest.fixture(scope="module", params=["sync", "async"])
@@ -76,6 +112,22 @@ def client(request, redis, tiny_queue) -> Iterator[Any]:
     made = ChatQueueClient(settings) if request.param == "sync" else BlockingAsyncClient(settings)
     yield made
     made.close()
+
+
+def test_every_call_is_tested_for_both():
+    """Each public call of the synchronous clients has its asyncio twin, and a test here that
+    names it (the suite below runs every test on both)."""
+    source = Path(__file__).read_text()
+    for sync, twin in ((ChatQueueClient, AsyncChatQueueClient), (BatchClient, AsyncBatchClient)):
+        calls = {name for name, value in vars(sync).items()
+                 if callable(value) and not name.startswith("_")} - {"close"}
+        assert calls, sync
+        missing = sorted(name for name in calls if not hasattr(twin, name))
+        assert not missing, f"{twin.__name__} lacks {missing}"
+        untested = sorted(name for name in calls
+                          if not re.search(rf"\.{name}\(", source.replace(
+                              "def test_every_call_is_tested_for_both", "")))
+        assert not untested, f"no test calls {sync.__name__}.{untested}"
 
 
 def chat(messages=TINY_MESSAGES, job_id: str | None = None, **params: Any) -> dict[str, Any]:
@@ -94,6 +146,26 @@ def test_submit_then_result_and_fetch(client):
     assert result.finish_reason == "stop"
     assert client.fetch(job_id) == result
     assert client.state(job_id) == "SUCCESS"
+
+
+def test_submit_chat_takes_messages_and_parameters(client):
+    job_id = client.submit_chat(TINY_MESSAGES, do_sample=False)
+
+    assert client.result(job_id).content == TINY_CONTENT
+    with pytest.raises(JobFailed) as failed:
+        client.submit_chat(TINY_MESSAGES, max_new_tokens=0)
+    assert failed.value.error.field == "params.max_new_tokens"
+
+
+def test_publish_queues_a_planned_job_once(client):
+    from producer.core import plan_submission
+
+    job = plan_submission(chat(job_id=f"planned-{uuid.uuid4().hex[:8]}"), client.settings)
+    client.publish(job)
+    client.publish(job)  # the same request under its id: nothing queued again
+
+    assert client.result(job.job_id).content == TINY_CONTENT
+    assert client.queue_for(ChatRequest.model_validate(chat())) == job.queue
 
 
 def test_bad_request_is_refused_before_anything_is_queued(client):
@@ -255,3 +327,63 @@ def test_a_stream_rides_out_a_redis_restart(restartable):
 
     assert "error" not in read, read.get("error")
     assert [e.type for e in read["events"]] == ["start", "content", "end"]
+
+
+# --- batches: BatchClient and AsyncBatchClient
+
+
+def batch_line(custom_id: str, **body: Any) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"messages": TINY_MESSAGES, "temperature": 0, **body}}) + "\n"
+
+
+def test_a_batch_file_runs_to_its_output_and_error_lines(client, tmp_path):
+    batches = batches_of(client)
+    source = tmp_path / "requests.jsonl"
+    a, b, bad = (f"{name}-{uuid.uuid4().hex[:8]}" for name in ("a", "b", "bad"))  # a new file
+    source.write_text(batch_line(a) + batch_line(b) + batch_line(bad, max_tokens=0)
+                      + batch_line(a) + "\n")
+
+    report = batches.submit(source, window="1h", metadata={"by": "test_clients"})
+    assert (report.lines, report.refused, report.created) == (4, 2, True)
+    batch = batches.wait(report.batch_id, timeout=120, interval=0.1)
+
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
+    assert batch["metadata"] == {"by": "test_clients"}
+    lines = list(batches.results(report.batch_id))
+    outputs = [line for kind, line in lines if kind == "output"]
+    errors = [line for kind, line in lines if kind == "error"]
+    assert [o["custom_id"] for o in outputs] == [a, b]
+    assert {o["response"]["body"]["choices"][0]["message"]["content"]
+            for o in outputs} == {TINY_CONTENT}
+    assert [e["custom_id"] for e in errors] == [bad, a]  # a custom_id used twice
+    assert report.batch_id in [b["id"] for b in batches.list(limit=100)]
+
+    again = batches.submit(source, window="1h")  # the same file: the same batch, resumed
+    assert (again.batch_id, again.created) == (report.batch_id, False)
+    assert batches.status(report.batch_id)["request_counts"] == batch["request_counts"]
+    assert batches.cancel(report.batch_id)["status"] == "completed"  # over: stays so
+
+
+def test_submit_lines_of_a_batch_record_and_cancel(client):
+    batches = batches_of(client)
+    batch_id = f"batch_clients_{uuid.uuid4().hex[:12]}"
+    batches.store.create(batch_id, window="1h", window_s=3600, priority=BATCH_PRIORITY,
+                         input_file="lines", metadata=None, now=time.time())
+    record = batches.store.record(batch_id)
+    lines = [batch_line(f"long-{i}", max_tokens=LONG, ignore_eos=True) for i in range(6)]
+
+    assert batches.submit_lines(batch_id, lines, record) == (6, 0)
+    cancelling = batches.cancel(batch_id)
+    assert cancelling["status"] in ("cancelling", "cancelled")
+    assert batches.wait(batch_id, timeout=120, interval=0.1)["status"] == "cancelled"
+    assert len(list(batches.results(batch_id))) == 6  # every line ended, one way or another
+
+
+def test_an_unknown_batch_is_a_lookup_error(client):
+    batches = batches_of(client)
+    for call in (batches.status, batches.cancel, lambda b: list(batches.results(b)),
+                 lambda b: batches.wait(b, timeout=1)):
+        with pytest.raises(LookupError):
+            call("batch_never_submitted")
