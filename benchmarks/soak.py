@@ -17,7 +17,7 @@ job and prints what became of them:
   stored state), or a stored result replaced after it was first read;
 - redelivered: jobs a second worker received (after a kill or the Redis restart): expected.
 
-With --failover, Redis is a primary, a replica and three sentinels (tests/support/sentinel.py,
+With --failover, Redis is a primary, a replica and three sentinels (chatqueue_dev/sentinel.py,
 down-after 1 s), workers and producer know only the sentinels, and instead of the Redis restart
 the primary is SIGKILLed (then restarted: it rejoins as a replica); the producer submits with
 CHATQUEUE_SUBMIT_MIN_REPLICAS (--min-replicas, default 1), so no accepted job can be lost with
