@@ -7,6 +7,7 @@ receiver as Flower's user.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -157,6 +158,31 @@ def test_producer_credentials_cannot_flush_configure_control_or_read_worker_keys
     with pytest.raises(redis_py.exceptions.AuthenticationError):
         redis_py.Redis(host="127.0.0.1", port=acl_redis.port,
                        password=passwords["admin"]).ping()
+
+
+def test_producer_batch_rights_stop_at_what_batches_need(acl_redis, passwords):
+    """The gateway's batches (issue 16) run on the producer login (tested end to end below):
+    its batch rules reach chatqueue:batch:* and the chatqueue:batches index with the commands
+    producer/batches.py sends, and nothing else of them: no deleting a batch or its lines, no
+    hash or counter writes on other keys, no forged live worker, stream or shortened job record,
+    no script but the ones it loads."""
+    as_producer = login(acl_redis, passwords, "producer")
+    batch = f"chatqueue:batch:batch_{uuid.uuid4().hex}"
+    assert as_producer.hsetnx(batch, "id", "x") and as_producer.hincrby(batch, "failed", 1)
+    assert as_producer.zadd("chatqueue:batches", {"batch_x": 1.0}) == 1
+    assert as_producer.expire(batch, 60) and as_producer.hgetall(batch)
+    job = uuid.uuid4().hex
+    refused(as_producer.delete, batch)
+    refused(as_producer.zrem, "chatqueue:batches", "batch_x")
+    refused(as_producer.lpush, batch, "x")
+    refused(as_producer.hset, f"chatqueue:accepted:{job}", "state", "x")
+    refused(as_producer.hincrby, lease_key(job), "n", 1)
+    refused(as_producer.expire, f"chatqueue:accepted:{job}", 1)  # shorten a job record
+    refused(as_producer.zadd, "chatqueue:workers", {"forged worker": 4e9})
+    refused(as_producer.xadd, f"chatqueue:stream:{job}", {"type": "content", "text": "forged"})
+    refused(as_producer.hset, "unacked", job, "{}")
+    refused(as_producer.execute_command, "EVAL", "return 1", 0)
+    refused(as_producer.execute_command, "FUNCTION", "LIST")
 
 
 def test_worker_and_flower_credentials_are_refused_what_their_role_does_not_need(
@@ -447,3 +473,143 @@ def test_a_killed_workers_job_is_restored_and_runs_on_another_with_the_worker_lo
     denied = [(e.get("username"), e.get("object"), e.get("reason"))
               for e in admin.acl_log(count=100)]
     assert not denied, f"refused by the ACL: {denied}"
+
+
+# ----------------------------------------------------------------------------- one database
+
+
+def test_every_key_chatqueue_writes_lives_in_its_database_and_batches_run_on_the_producer_login(
+    tiny_model_dir, tmp_path
+):
+    """chatqueue's database is the one its URLs name (compose: CHATQUEUE_REDIS_DB): a worker, a
+    producer, the gateway's batch endpoints and the operator's `celery control` on acl.sh's
+    users for database 7 write nothing anywhere else, Celery's fanout channels carry the
+    database number, and Redis refuses none of it (ACL LOG stays empty): in particular the
+    gateway's Files and Batch endpoints work on the producer login."""
+    import asyncio
+
+    import httpx
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    db = 7
+    passwords = {role: f"{role}-{uuid.uuid4().hex}" for role in ROLES}
+    env = {"PATH": os.environ["PATH"], "CHATQUEUE_REDIS_DB": str(db),
+           **{f"REDIS_{role.upper()}_PASSWORD": pw for role, pw in passwords.items()}}
+    acl = subprocess.run(["sh", str(REPO_ROOT / "deploy" / "redis" / "acl.sh")], env=env,
+                         capture_output=True, text=True, check=True, timeout=30).stdout
+    assert f"&/{db}.celery.pidbox" in acl
+    queue = f"chatqueue.db-{uuid.uuid4().hex[:6]}"
+    with redis_server(acl=acl, username="admin", password=passwords["admin"]) as server:
+        url = server.url.removesuffix("/0") + f"/{db}"
+        admin = server.client()
+        seen_channels: set[bytes] = set()
+        monitor_stop = threading.Event()
+
+        def watch_channels() -> None:  # every channel published to, whatever its database
+            pubsub = redis_py.Redis(host="127.0.0.1", port=server.port, username="admin",
+                                    password=passwords["admin"]).pubsub()
+            pubsub.psubscribe("*")
+            while not monitor_stop.is_set():
+                message = pubsub.get_message(timeout=0.2)
+                if message and message["type"] == "pmessage":
+                    seen_channels.add(message["channel"])
+            pubsub.close()
+
+        watcher = threading.Thread(target=watch_channels, daemon=True)
+        watcher.start()
+        worker = spawn_worker(worker_env(url, tiny_model_dir, queue, redis_username="worker",
+                                         redis_password=passwords["worker"],
+                                         default_max_new_tokens="16",
+                                         max_new_tokens_cap=str(LONG)), tmp_path)
+        try:
+            wait_ready(worker)
+            settings = ProducerSettings(broker_url=url, redis_username="producer",
+                                        redis_password=passwords["producer"], queue=queue,
+                                        wait_timeout_s=120)
+            with ChatQueueClient(settings) as producer:
+                job = producer.submit({"messages": TINY_MESSAGES})
+                assert list(producer.stream(job, timeout=60))
+                assert producer.result(job).content
+                long = producer.submit({"messages": TINY_MESSAGES, "params": {
+                    "max_new_tokens": LONG, "ignore_eos": True}})
+                running(producer, long)
+                producer.cancel(long)
+                assert producer.result(long).finish_reason == "cancelled"
+
+            control = create_celery(ProducerSettings(
+                broker_url=url, redis_username="admin", redis_password=passwords["admin"],
+                queue=queue), name="chatqueue-admin")
+            assert control.control.inspect(timeout=5).ping()
+            control.close()
+
+            source = tmp_path / "requests.jsonl"
+            source.write_text("".join(
+                json_line(custom_id, {"messages": TINY_MESSAGES, "max_tokens": 8})
+                for custom_id in ("a", "b")) + json_line("bad", {"messages": TINY_MESSAGES,
+                                                                 "max_tokens": 0}))
+            app = create_app(GatewaySettings(files_dir=tmp_path / "files"), settings,
+                             key_digests=())
+
+            async def batch_through_the_gateway() -> tuple[dict[str, Any], str, str]:
+                async with app.app.state.gateway.lifespan(app.app), httpx.AsyncClient(
+                        transport=httpx.ASGITransport(app=app), base_url="http://gw",
+                        timeout=60) as http:
+                    uploaded = await http.post("/v1/files", data={"purpose": "batch"},
+                                               files={"file": source.open("rb")})
+                    assert uploaded.status_code == 200, uploaded.text
+                    created = await http.post("/v1/batches", json={
+                        "input_file_id": uploaded.json()["id"],
+                        "endpoint": "/v1/chat/completions", "completion_window": "1h"})
+                    assert created.status_code == 200, created.text
+                    batch_id = created.json()["id"]
+                    deadline = time.monotonic() + 120
+                    while True:
+                        batch = (await http.get(f"/v1/batches/{batch_id}")).json()
+                        if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+                            break
+                        assert time.monotonic() < deadline, batch
+                        await asyncio.sleep(0.25)
+                    listed = (await http.get("/v1/batches")).json()
+                    assert batch_id in [b["id"] for b in listed["data"]]
+                    output = await http.get(f"/v1/files/{batch['output_file_id']}/content")
+                    errors = await http.get(f"/v1/files/{batch['error_file_id']}/content")
+                    cancelled = await http.post(f"/v1/batches/{batch_id}/cancel")
+                    assert cancelled.status_code == 200, cancelled.text
+                    return batch, output.text, errors.text
+
+            batch, output, errors = asyncio.run(batch_through_the_gateway())
+        finally:
+            worker.stop()
+            monitor_stop.set()
+            watcher.join(timeout=5)
+        denied = [(e.get("username"), e.get("object"), e.get("reason"))
+                  for e in admin.acl_log(count=100)]
+        keyspace = admin.info("keyspace")
+        in_db = redis_py.Redis(host="127.0.0.1", port=server.port, db=db, username="admin",
+                               password=passwords["admin"])
+        ours = {key.decode() for key in in_db.scan_iter(count=1000)}
+
+    assert batch["status"] == "completed", batch
+    assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert sorted(json.loads(x)["custom_id"] for x in output.splitlines()) == ["a", "b"]
+    assert [json.loads(x)["custom_id"] for x in errors.splitlines()] == ["bad"]
+    assert not denied, f"refused by the ACL: {denied}"
+    assert set(keyspace) == {f"db{db}"}, keyspace  # nothing in any other database
+    kinds = {"celery-task-meta-", "chatqueue:accepted:", "chatqueue:stream:",
+             "chatqueue:cancelled:", "chatqueue:batch:", "chatqueue:batches", "chatqueue:workers",
+             "_kombu.binding."}
+    assert {kind for kind in kinds if any(key.startswith(kind) for key in ours)} == kinds, ours
+    # Celery's control and event channels are per database; the rest are named chatqueue's own
+    # or after a job id (pub/sub in Redis spans every database).
+    channels = {channel.decode() for channel in seen_channels}
+    assert any(c.startswith(f"/{db}.celeryev/") for c in channels), channels
+    assert f"/{db}.celery.pidbox" in channels, channels
+    assert all(c.startswith((f"/{db}.", "chatqueue:", "celery-task-meta-")) for c in channels), \
+        channels
+
+
+def json_line(custom_id: str, body: dict[str, Any]) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                       "body": body}) + "\n"

@@ -419,16 +419,126 @@ def test_redis_acl_refuses_to_be_written_without_a_password() -> None:
     assert "user" not in done.stdout
 
 
-def test_every_service_drops_capabilities_and_privilege_gain(config: dict[str, Any]) -> None:
+def test_every_service_is_hardened_and_bounded(config: dict[str, Any]) -> None:
+    """No capability, no privilege gain, a read-only root filesystem, memory and process
+    bounds: on every service, the GPU workers, the download and the sentinels included."""
     for name, svc in services(config).items():
         assert svc.get("cap_drop") == ["ALL"], name
         assert "no-new-privileges:true" in svc.get("security_opt", []), name
         assert 0 < int(svc.get("pids_limit", 0)) <= 4096, name
-    redis, flower = services(config)["redis"], services(config)["flower"]
-    assert set(redis.get("cap_add", [])) <= {"CHOWN", "SETUID", "SETGID"}
-    for name, svc in (("redis", redis), ("flower", flower)):
         assert svc.get("read_only") is True, name
-        assert not svc.get("cap_add") or name == "redis"
+        assert 64 << 20 <= int(svc.get("mem_limit", 0)) <= 64 << 30, name
+        assert not svc.get("cap_add") or name.startswith(("redis", "sentinel")), name
+        assert set(svc.get("cap_add", [])) <= {"CHOWN", "SETUID", "SETGID"}, name
+    # What a read-only worker still writes (torch/triton/CUDA caches) goes to a bounded tmpfs.
+    for name in ("worker-gpu0", "model-download"):
+        tmpfs = services(config)[name]["tmpfs"]
+        assert {entry.split(":")[0] for entry in tmpfs} == {"/tmp", "/home/chatqueue"}
+        assert all(":size=" in entry for entry in tmpfs), tmpfs
+    # Redis's own bound leaves room above maxmemory (overhead, buffers, an AOF rewrite's fork).
+    redis = services(config)["redis"]
+    maxmemory = redis_size(str(redis["command"][redis["command"].index("--maxmemory") + 1]))
+    assert int(redis["mem_limit"]) >= maxmemory * 1.25
+
+
+def test_images_from_a_registry_are_pinned_by_digest(config: dict[str, Any]) -> None:
+    digest = re.compile(r"^[a-z0-9./-]+:[\w.-]+@sha256:[0-9a-f]{64}$")
+    pulled = {name: svc["image"] for name, svc in services(config).items() if "build" not in svc}
+    assert pulled, "no service pulls an image"
+    for name, image in pulled.items():
+        assert digest.match(image), f"{name}: {image} is not pinned by digest"
+    (base,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert digest.match(base), f"the Dockerfile's base {base} is not pinned by digest"
+
+
+LOCKS = ROOT / "requirements"
+REQUIREMENT = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^]]*\])?==(\S+)")
+
+
+def lock_entries(lock: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (version, hashes) of a pip requirements file written with --generate-hashes."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    current = None
+    for line in lock.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = REQUIREMENT.match(line)
+        if match:
+            current = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+            entries[current] = (match.group(3), [])
+        else:
+            assert line.startswith("    --hash=sha256:") and current, f"{lock.name}: {line!r}"
+        entries[current][1].extend(re.findall(r"--hash=sha256:([0-9a-f]{64})", line))
+    return entries
+
+
+def requirement_names(specs: list[str]) -> set[str]:
+    """The distribution names of requirement specs (every marker holds on the images' Linux)."""
+    names = (re.match(r"[A-Za-z0-9._-]+", spec) for spec in specs)
+    return {re.sub(r"[-_.]+", "-", name.group(0)).lower() for name in names if name}
+
+
+@pytest.mark.parametrize("stage", ["worker", "gateway", "flower"])
+def test_images_install_python_packages_only_from_hashed_locks(stage: str) -> None:
+    """Each image's pip installs read its lock with --require-hashes (every package pinned with
+    its sha256), and chatqueue itself goes in with --no-deps --no-build-isolation: nothing
+    unpinned is downloaded at build time."""
+    import tomllib
+
+    lock = LOCKS / f"{stage}.lock"
+    installs = [line for line in dockerfile_stages()[stage] if "pip install" in line]
+    assert installs[0] == (f"RUN pip install --require-hashes -r /tmp/{stage}.lock "
+                           f"&& rm /tmp/{stage}.lock")
+    assert f"COPY requirements/{stage}.lock /tmp/{stage}.lock" in dockerfile_stages()[stage]
+    for line in installs[1:]:
+        assert re.match(r"RUN pip install --no-deps --no-build-isolation \.( |$)", line), line
+    entries = lock_entries(lock)
+    assert all(hashes for _, hashes in entries.values())
+    if stage == "flower":
+        assert entries["celery"][0] == "5.7.0" and entries["flower"][0] == "2.2.0"
+        return
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = requirement_names(project["dependencies"] + project["optional-dependencies"][stage])
+    wanted |= {"setuptools"}  # the build backend, for --no-build-isolation
+    assert wanted <= set(entries), f"{lock.name} misses {wanted - set(entries)}"
+    # The images run the versions the tests ran with.
+    tested = _constraints()
+    for name, (version, _) in entries.items():
+        assert tested.get(name, version) == version, (name, version, tested.get(name))
+
+
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (LOCKS / "constraints.txt").read_text().splitlines():
+        match = REQUIREMENT.match(line)
+        if match:
+            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(3)
+    return pins
+
+
+def test_chatqueue_redis_db_names_the_database_of_every_login(
+    compose: Path, tmp_path: Path
+) -> None:
+    """CHATQUEUE_REDIS_DB: every service's Redis URL ends in it, and acl.sh names Celery's
+    control channel after it (kombu prefixes fanout channels with the database number)."""
+    done = run_compose(compose, write_env(tmp_path / "db.env", {**SECRETS,
+                                                                 "CHATQUEUE_REDIS_DB": "5"}),
+                       "--profile", "multi-gpu", "config", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    resolved = services(json.loads(done.stdout))
+    urls = {name: svc["environment"].get("CHATQUEUE_BROKER_URL")
+            or svc["environment"].get("CELERY_BROKER_URL")
+            for name, svc in resolved.items() if name != "redis" and "environment" in svc
+            and ({"CHATQUEUE_BROKER_URL", "CELERY_BROKER_URL"} & set(svc["environment"]))}
+    assert set(urls) == {"worker-gpu0", "worker-gpu1", "gateway", "flower"}
+    assert all(url.endswith("@redis:6379/5") or url == "redis://redis:6379/5"
+               for url in urls.values()), urls
+    environment = resolved["redis"]["environment"]
+    assert environment["CHATQUEUE_REDIS_DB"] == "5"
+    acl = subprocess.run(["sh", str(ROOT / "deploy" / "redis" / "acl.sh")],
+                         env={"PATH": os.environ["PATH"], **environment},
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "&/5.celery.pidbox" in acl and "&/0." not in acl
 
 
 def test_every_published_port_is_on_loopback(config: dict[str, Any]) -> None:
