@@ -50,8 +50,10 @@ def _celery_config(settings: ConnectionSettings) -> dict[str, Any]:
     broker_tls = settings.tls_options(settings.broker_url)
     if broker_tls is not None:
         tls["broker_use_ssl"] = broker_tls
-    backend_tls = None if settings.uses_sentinel else \
-        settings.tls_options(settings.result_backend or settings.broker_url)
+    # With Sentinel, results go to the primary the sentinels name, over TLS when the broker URL
+    # says rediss:// (without this the result backend spoke plain text to a TLS primary).
+    backend_tls = settings.tls_options(settings.broker_url if settings.uses_sentinel
+                                       else settings.result_backend or settings.broker_url)
     if backend_tls is not None:
         tls["redis_backend_use_ssl"] = backend_tls
     return tls | {

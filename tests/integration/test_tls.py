@@ -6,9 +6,13 @@ needs CHATQUEUE_REDIS_TLS_ALLOW_UNVERIFIED."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_py
@@ -20,6 +24,7 @@ from producer import AsyncChatQueueClient, ChatQueueClient, ProducerSettings
 from tests.support.servers import (
     RedisServer,
     TlsFiles,
+    free_port,
     make_tls_files,
     redis_server,
     spawn_worker,
@@ -128,3 +133,139 @@ def test_no_verification_only_when_explicitly_allowed(tls_redis):
     with ChatQueueClient(allowed) as client:
         client.submit({"messages": TINY_MESSAGES})  # connects without a CA: nothing checked
     assert tls_redis.client().llen("chatqueue.tls-none") == 1
+
+
+# ----------------------------------------------------------------------------- Sentinel over TLS
+
+MASTER = "chatqueue"
+
+
+@contextmanager
+def tls_sentinel_setup(tls: TlsFiles, workdir: Path) -> Iterator[dict[str, Any]]:
+    """A TLS-only primary and replica (the replica replicates over TLS) and three sentinels
+    that reach them and each other over TLS, verified against the test's CA; the sentinels
+    answer clients on plain loopback ports too (chatqueue's clients ask them without TLS:
+    README "Security")."""
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is not on PATH"
+    tls_args = ["--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
+                "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "no",
+                "--tls-replication", "yes"]
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], name: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([binary, *args], stdout=(workdir / f"{name}.log").open("wb"),
+                                   stderr=subprocess.STDOUT)
+        processes.append(process)
+        return process
+
+    ports = [free_port(), free_port()]
+    nodes = []
+    for index, port in enumerate(ports):
+        folder = workdir / f"node{index}"
+        folder.mkdir()
+        replica = ["--replicaof", "127.0.0.1", str(ports[0])] if index else []
+        nodes.append(start(["--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                            "--save", "", "--appendonly", "no", "--dir", str(folder),
+                            *tls_args, *replica], f"node{index}"))
+    sentinel_ports = [free_port() for _ in range(3)]
+    for index, port in enumerate(sentinel_ports):
+        conf = workdir / f"sentinel{index}.conf"
+        conf.write_text("\n".join([
+            # Clients ask on the plain port; with tls-replication the sentinels announce their
+            # TLS port to each other and talk over it.
+            f"port {port}", f"tls-port {free_port()}", "bind 127.0.0.1", f"dir {workdir}",
+            f"sentinel monitor {MASTER} 127.0.0.1 {ports[0]} 2",
+            f"sentinel down-after-milliseconds {MASTER} 1000",
+            f"sentinel failover-timeout {MASTER} 10000",
+            "tls-replication yes", f"tls-cert-file {tls.cert}", f"tls-key-file {tls.key}",
+            f"tls-ca-cert-file {tls.ca}", "tls-auth-clients no", ""]))
+        start([str(conf), "--sentinel"], f"sentinel{index}")
+
+    def primary_port() -> int | None:
+        seen = []
+        for port in sentinel_ports:
+            try:
+                address = redis_py.Redis(host="127.0.0.1", port=port, socket_timeout=1) \
+                    .sentinel_get_master_addr_by_name(MASTER)
+            except redis_py.RedisError:
+                continue
+            if address:
+                seen.append(int(address[1]))
+        best = max(set(seen), key=seen.count, default=None)
+        return best if best is not None and seen.count(best) >= 2 else None
+
+    def replicated() -> bool:
+        try:
+            info = redis_py.Redis(host="127.0.0.1", port=ports[0], ssl=True,
+                                  ssl_ca_certs=str(tls.ca), socket_timeout=1).info("replication")
+            known = redis_py.Redis(host="127.0.0.1", port=sentinel_ports[0], socket_timeout=1) \
+                .sentinel_master(MASTER)
+        except redis_py.RedisError:
+            return False
+        return (info.get("connected_slaves") == 1 and known.get("num-slaves") == 1
+                and known.get("num-other-sentinels") == 2)
+
+    try:
+        wait_until(replicated, timeout=60, what="the TLS replica and the sentinels")
+        yield {"ports": ports, "nodes": nodes, "sentinels": sentinel_ports,
+               "addresses": ",".join(f"127.0.0.1:{port}" for port in sentinel_ports),
+               "primary_port": primary_port}
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=10)
+
+
+def test_sentinel_with_tls_nodes_flows_verifies_and_follows_a_failover(
+    tls_files, wrong_ca, tiny_model_dir, tmp_path
+):
+    """Redis Sentinel in front of TLS-only nodes: the worker and the producer, given only the
+    sentinels, the rediss:// scheme (for the nodes) and the CA, verify the primary's certificate
+    on every client (kombu, the result backend, redis-py), run a job end to end, refuse a
+    primary their CA did not sign, and follow a failover to the replica over TLS."""
+    with tls_sentinel_setup(tls_files, tmp_path) as setup:
+        # With Sentinel the URL names no host: the scheme (TLS) and the database.
+        url = "rediss://sentinel-named-primary/0"
+        queue = f"tls-sentinel-{uuid.uuid4().hex[:6]}"
+        fast = {"redelivery_check_s": "1", "concurrency": "2", "default_max_new_tokens": "64"}
+        worker = spawn_worker(worker_env(url, tiny_model_dir, queue,
+                                         redis_ca_file=str(tls_files.ca),
+                                         redis_sentinels=setup["addresses"], **fast), tmp_path)
+        try:
+            wait_ready(worker)
+            settings = ProducerSettings(broker_url=url, redis_sentinels=setup["addresses"],
+                                        redis_ca_file=tls_files.ca, queue=queue,
+                                        wait_timeout_s=120, _env_file=None)
+            request = {"messages": TINY_MESSAGES,
+                       "params": {"do_sample": False, "max_new_tokens": 64}}
+            with ChatQueueClient(settings) as client:
+                job_id = client.submit(request)
+                assert client.result(job_id).content == TINY_CONTENT
+                streamed = "".join(event.text for event in client.stream(job_id)
+                                   if event.type == "content")
+                assert streamed == TINY_CONTENT
+
+            wrong = ProducerSettings(broker_url=url, redis_sentinels=setup["addresses"],
+                                     redis_ca_file=wrong_ca, queue=queue, _env_file=None)
+            with ChatQueueClient(wrong) as client:
+                with pytest.raises(redis_py.ConnectionError, match=VERIFY_FAILED):
+                    client._redis.ping()
+                with client.app.connection_for_write() as connection, \
+                        pytest.raises(OperationalError, match=VERIFY_FAILED):
+                    connection.default_channel.client.ping()
+                with pytest.raises(redis_py.ConnectionError, match=VERIFY_FAILED):
+                    client.app.backend.client.ping()
+
+            # The primary dies; the sentinels promote the replica; jobs flow on over TLS.
+            old = setup["primary_port"]()
+            setup["nodes"][setup["ports"].index(old)].kill()
+            wait_until(lambda: setup["primary_port"]() not in (None, old), timeout=60,
+                       what="the sentinels to promote the replica")
+            with ChatQueueClient(settings) as client:
+                after = client.submit(request)
+                assert client.result(after, timeout=120).content == TINY_CONTENT
+            assert VERIFY_FAILED not in worker.log()
+        finally:
+            worker.stop()
