@@ -109,7 +109,7 @@ def test_every_row_keeps_to_its_own_rule_whatever_shares_the_batch(batch):
 @PROPERTIES
 @given(batches(tie_free_rows), st.data())
 def test_a_seeded_row_draws_the_same_alone_and_anywhere_in_any_batch(batch, data):
-    """Without ties; with ties see the xfail below."""
+    """Without ties; rows with tied top logits are tested below."""
     logits, params, seeds = batch
     target = data.draw(sampled_params, label="target")
     seed = data.draw(st.integers(0, 2**63 - 1), label="seed")
@@ -138,17 +138,6 @@ def test_the_same_seed_draws_the_same_sequence(row, params, seed):
             == [sample_token(logits, params, second) for _ in range(5)])
 
 
-TIE_BUG = (
-    "sample_batch (worker/pipeline/sampling.py, _top_k_candidates and _draw): a top-k row's "
-    "draw is a position in torch.topk's candidates, and torch.topk orders tied values "
-    "differently for different widths; the width is the largest k in the batch (+1), so a "
-    "seeded row with tied logits among its top-k draws a different token when a neighbour "
-    "with a larger top_k shares its batch -- against the documented promise that a seeded row "
-    "draws the same whatever shares the batch. bf16 logits tie often: about 1 draw in 10 "
-    "differed in a check with Qwen3's settings (top_k=20) beside a top_k=200 neighbour")
-
-
-@pytest.mark.xfail(strict=True, reason=TIE_BUG)
 def test_a_seeded_row_with_tied_top_logits_draws_the_same_beside_a_larger_top_k():
     row = torch.full((46,), float("-inf"))
     row[[42, 43]] = 4.0  # top_k=1 keeps both (ties with the k-th best stay, as in HF)
@@ -162,7 +151,6 @@ def test_a_seeded_row_with_tied_top_logits_draws_the_same_beside_a_larger_top_k(
         assert beside[0] == alone[0], seed
 
 
-@pytest.mark.xfail(strict=True, reason=TIE_BUG)
 def test_seeded_qwen3_rows_on_bf16_logits_draw_the_same_beside_a_larger_top_k():
     noise = torch.Generator().manual_seed(0)
     qwen3 = SamplingParams(do_sample=True, temperature=0.6, top_p=0.95, top_k=20)
@@ -211,12 +199,6 @@ def test_a_job_cannot_ask_for_temperature_zero():
         GenerationParams(temperature=0.0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "resolve_sampling (worker/pipeline/sampling.py, resolve_sampling) passes a model folder's "
-    "generation_config temperature of 0 with do_sample=true (HF loads and validates such a "
-    "file) straight to the engine as a sampled row; sample_batch then raises ValueError for the "
-    "whole call, and Engine._serve fails every job of that step, its neighbours included. "
-    "Elsewhere chatqueue reads temperature 0 as greedy (README, batches and gateway)"))
 def test_a_model_default_of_temperature_zero_is_greedy_not_a_failed_batch():
     model_defaults = SimpleNamespace(do_sample=True, temperature=0.0, top_p=0.95, top_k=20)
     resolved = resolve_sampling(GenerationParams(), model_defaults)

@@ -29,9 +29,12 @@ def resolve_sampling(params: GenerationParams, model_defaults: Any) -> SamplingP
             value = getattr(model_defaults, name, None)
         return fallback if value is None else value
 
+    temperature = float(pick("temperature", 1.0))
     return SamplingParams(
-        do_sample=bool(pick("do_sample", False)),
-        temperature=float(pick("temperature", 1.0)),
+        # A model folder may ship do_sample with temperature 0 (HF loads such a file): that is
+        # greedy, as temperature 0 is everywhere else in chatqueue, not a row that cannot sample.
+        do_sample=bool(pick("do_sample", False)) and temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
         top_p=float(pick("top_p", 1.0)),
         top_k=int(pick("top_k", 0)),
         seed=params.seed,
@@ -85,8 +88,9 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
         _scatter(tokens, top_k, candidates.gather(1, position))
     if sorted_full:
         group = _rows_of(logits, sorted_full)
-        values, candidates = torch.sort(
-            group.float() / _temperatures(params, sorted_full, group), dim=-1, descending=True)
+        values, candidates = torch.sort(  # stable: tied tokens by id, as with top-k
+            group.float() / _temperatures(params, sorted_full, group), dim=-1, descending=True,
+            stable=True)
         position = _draw(values, None, params, generators, sorted_full)
         _scatter(tokens, sorted_full, candidates.gather(1, position))
     if plain:
@@ -106,7 +110,7 @@ def _top_k_candidates(
     width = min(int(ks.max()) + 1, vocab)
     while True:
         # Dividing by a positive temperature keeps the order, so only candidates get scaled.
-        raw, candidates = torch.topk(logits, width, dim=-1)
+        raw, candidates = _canonical_order(*torch.topk(logits, width, dim=-1))
         values = raw.float() / temperatures
         kth_best = values.gather(1, (ks - 1).unsqueeze(1))
         if width == vocab or not bool((values[:, -1:] >= kth_best).any()):
@@ -114,6 +118,15 @@ def _top_k_candidates(
         # Rare: ties with a k-th best reach the spare column. Fetch every tied token.
         tied = (logits.float() / temperatures >= kth_best).sum(dim=-1)
         width = min(int(tied.max()) + 1, vocab)
+
+
+def _canonical_order(values: torch.Tensor,
+                     ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates best first, tied values by token id: topk orders ties differently with its k,
+    the batch's largest, and a seeded draw must not depend on what shares the batch."""
+    ids, by_id = ids.sort(dim=-1)
+    values, by_value = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    return values, ids.gather(1, by_value)
 
 
 def _draw(values: torch.Tensor, keep: torch.Tensor | None, params: Sequence[SamplingParams],
