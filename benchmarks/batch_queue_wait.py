@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -47,8 +48,10 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "batch_queue_wait.json"
 
 
 def percentile(values: list[float], share: float) -> float:
+    """Nearest rank: the smallest value with at least `share` of the values at or below it (of
+    20 waits, p95 is the 19th, not the largest)."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
 def main() -> None:
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--note", default="",
+                        help="kept in the results, e.g. what else ran on the machine")
     args = parser.parse_args()
     load_start = [round(x, 2) for x in os.getloadavg()]
     queue = f"bench-{uuid.uuid4().hex[:6]}"
@@ -108,7 +113,10 @@ def main() -> None:
         "interactive_queue_wait_s_p50": round(wait_p50, 3),
         "interactive_queue_wait_s_p95": round(wait_p95, 3),
         "wait_p95_over_line_p50": round(wait_p95 / line_p50, 3),
+        "interactive_queue_wait_s_max": round(max(waits), 3),
+        "interactive_queue_waits_s": [round(w, 3) for w in waits],
         "target_wait_p95_over_line_p50": 1.0,
+        "note": args.note,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

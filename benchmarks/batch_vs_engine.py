@@ -129,6 +129,8 @@ def main() -> None:
                         help="default: the demo model (SmolLM2-135M-Instruct, built if absent)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--note", default="",
+                        help="kept in the results, e.g. what else ran on the machine")
     args = parser.parse_args()
     model_dir = args.model_dir
     if model_dir is None:
@@ -161,28 +163,37 @@ def main() -> None:
                              "tokens_engine": engine_tokens, "tokens_queue": queue_tokens,
                              "load_average_before_engine": before,
                              "load_average_before_queue": middle})
+                write_report(args, manifest.repo_id, load_start, runs)
         finally:
             engine.stop()
+    report = write_report(args, manifest.repo_id, load_start, runs)
+    print(json.dumps(report, indent=2))
+    print(f"queue / engine = {report['queue_over_engine']} (target <= 1.10); "
+          f"load average {load_start} -> {report['load_average_end']}; written to {args.out}")
+
+
+def write_report(args: argparse.Namespace, model: str, load_start: list[float],
+                 runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results so far, written after every repeat: a long run cut short keeps its pairs."""
     engine_median = statistics.median(r["engine_alone_s"] for r in runs)
     queue_median = statistics.median(r["through_the_queue_s"] for r in runs)
     report = {
-        "benchmark": "batch_vs_engine", "model": manifest.repo_id, "lines": args.lines,
+        "benchmark": "batch_vs_engine", "model": model, "lines": args.lines,
         "max_tokens": args.max_tokens, "concurrency": args.concurrency, "device": "cpu",
         "cpu": cpu_model(), "cores": os.cpu_count(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_start": load_start, "load_average_end": load_average(),
+        "repeats_done": len(runs), "repeats_asked": args.repeats,
         "runs": runs,
         "engine_alone_s_median": round(engine_median, 2),
         "through_the_queue_s_median": round(queue_median, 2),
         "queue_over_engine": round(queue_median / engine_median, 3),
         "target_queue_over_engine": 1.10,
+        "note": args.note,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    print(f"queue / engine = {report['queue_over_engine']} (target <= 1.10); "
-          f"load average {load_start} -> {report['load_average_end']}; written to {args.out}")
-
+    return report
 
 if __name__ == "__main__":
     main()
