@@ -32,19 +32,7 @@ from worker.engine.kv_cache import KVCacheManager, pool_blocks
 from worker.engine.runner import ModelRunner
 from worker.engine.scheduler import ScheduledRow, Scheduler
 from worker.pipeline.reasoning import ThinkTokens, advance_thinking, close_for_budget
-from worker.pipeline.sampling import SamplingParams
-
-try:
-    from worker.pipeline.sampling import sample_batch
-except ImportError:  # until the batched sampler lands: one row at a time
-    from worker.pipeline.sampling import sample_token
-
-    def sample_batch(logits: torch.Tensor, params: Any, generators: Any) -> list[int]:
-        tokens = logits.argmax(dim=-1).tolist()
-        for i, (p, generator) in enumerate(zip(params, generators, strict=True)):
-            if p.do_sample:
-                tokens[i] = sample_token(logits[i], p, generator)
-        return tokens
+from worker.pipeline.sampling import SamplingParams, sample_batch
 
 log = logging.getLogger(__name__)
 
