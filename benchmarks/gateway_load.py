@@ -1,18 +1,35 @@
 """Time to first token through the gateway against the producer's own stream, on loopback.
 
 Starts a real redis-server, one worker on the tiny test model (or --model-dir) and a real
-`chatqueue-gateway` process, then runs the same N streaming jobs twice, each time all at once:
+`chatqueue-gateway` process. Each round starts 2 x N streaming jobs at once, side by side,
+their starts interleaved, on the same worker and the same machine load:
 
-- producer: AsyncChatQueueClient.submit + stream; time to first token = submit start -> the
-  first thinking or content event;
-- gateway: N concurrent POST /v1/chat/completions with stream: true over HTTP (SSE read by a
-  minimal asyncio client);
-  time to first token = request start -> the first chunk carrying text.
+- producer (N): AsyncChatQueueClient.submit + stream; time to first token = submit start ->
+  the first thinking or content event;
+- gateway (N): POST /v1/chat/completions with stream: true over HTTP (SSE read by a minimal
+  asyncio client); time to first token = request start -> the first chunk carrying text.
 
-Prints and writes (--out) p50 / p95 of both, the difference, and how many requests ended with
-their final chunk and [DONE] (none may be lost). Bounded: N requests, --max-new-tokens each.
+Each path's client runs in a process of its own, both started at the same instant.
+
+On a machine whose CPUs the worker and others share, a round's time to first token swings by
+seconds from one run to the next; run side by side, both paths see the same swings. But on a
+saturated worker a job's time to first token is mostly its place in the queue: a path whose
+N jobs land a few hundred milliseconds later waits behind the other's N jobs, seconds. So two
+parts of each job's time are measured apart from its queueing (all on the host's one clock):
+
+- lag: its first text event's write into Redis (the stream entry id: Redis's clock) -> the
+  client reading it;
+- path: its time to first token less the time from its submission (the producer's
+  submitted_at, kept in the result as timings.queued_at) to that write -- the request's way
+  in up to its submission plus the lag: what the path itself costs. The gateway's overhead is
+  the difference of the two paths' p50, per round.
+
+Prints and writes (--out) p50 / p95 of both, the differences and ratios, and how many
+requests ended with their final chunk and [DONE] (none may be lost). Bounded: 2 x N
+requests a round, --max-new-tokens each.
 
     .venv/bin/python -m benchmarks.gateway_load --n 32
+    .venv/bin/python -m benchmarks.gateway_load --n 200 --rounds 3   # issue 16's load
 """
 
 from __future__ import annotations
@@ -20,12 +37,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import re
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +63,7 @@ from chatqueue_dev.servers import (
     worker_env,
 )
 from producer import AsyncChatQueueClient, ProducerSettings
+from producer.settings import stream_key
 
 QUEUE = "gateway-load"
 
@@ -52,39 +73,82 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summary(ttfts: list[float]) -> dict[str, float]:
+def summary(ttfts: list[float], lags: list[float], paths: list[float]) -> dict[str, float]:
     if not ttfts:
         return {}
-    return {"p50_ms": 1000 * statistics.median(ttfts), "p95_ms": 1000 * percentile(ttfts, 0.95),
-            "max_ms": 1000 * max(ttfts)}
+    out = {"p50_ms": 1000 * statistics.median(ttfts), "p95_ms": 1000 * percentile(ttfts, 0.95),
+           "max_ms": 1000 * max(ttfts)}
+    for name, values in (("lag", lags), ("path", paths)):
+        if values:
+            out |= {f"{name}_p50_ms": 1000 * statistics.median(values),
+                    f"{name}_p95_ms": 1000 * percentile(values, 0.95)}
+    return out
 
 
-async def producer_run(client: AsyncChatQueueClient, n: int, max_new_tokens: int
-                       ) -> dict[str, Any]:
-    async def one() -> float | None:
+# One job's outcome: (time to first token, job id, wall-clock time its first text was read).
+Outcome = tuple[float, str, float]
+
+
+async def first_text_written(redis: Any, job_id: str) -> float | None:
+    """When the job's first thinking or content event was written into Redis (its entry id's
+    milliseconds, Redis's clock), in seconds since the epoch."""
+    for entry_id, fields in await redis.xrange(stream_key(job_id)):
+        kind = fields.get(b"type", b"")
+        if kind in (b"thinking", b"content") and fields.get(b"text"):
+            return int(entry_id.split(b"-")[0]) / 1000
+    return None
+
+
+async def tally(client: AsyncChatQueueClient, n: int, results: list[Any]) -> dict[str, Any]:
+    """A path's numbers. `path`: each job's time to first token less the time from its
+    submission (the producer's submitted_at, which the result keeps as timings.queued_at) to
+    its first text's write -- what is left is the path's own: the request's way in up to its
+    submission, and the first event's way out (its `lag`). Unlike the time to first token it
+    does not depend on where in the queue the job landed, which on a saturated worker decides
+    seconds."""
+    done = [r for r in results if isinstance(r, tuple)]
+    lags, paths = [], []
+    for ttft, job_id, read_at in done:
+        written = await first_text_written(client.redis, job_id)
+        if written is None:
+            continue
+        lags.append(max(0.0, read_at - written))
+        # Waited for: the end event goes out just before the result is stored.
+        result = await client.result(job_id, timeout=60)
+        queued_at = result.timings.queued_at
+        if queued_at is not None:
+            paths.append(ttft - (written - queued_at.timestamp()))
+    errors = [r for r in results if isinstance(r, str)][:3]
+    return {"n": n, "completed": len(done), **summary([r[0] for r in done], lags, paths),
+            "errors": errors}
+
+
+def producer_job(client: AsyncChatQueueClient, max_new_tokens: int
+                 ) -> Callable[[], Awaitable[Outcome | None]]:
+    async def one() -> Outcome | None:
         started = time.perf_counter()
         job_id = await client.submit({"model": TINY_MODEL_ID, "messages": TINY_MESSAGES,
                                       "params": {"max_new_tokens": max_new_tokens,
                                                  "do_sample": False}})
-        first = None
+        first: tuple[float, float] | None = None
         async for event in client.stream(job_id, timeout=300):
             if first is None and event.type in ("thinking", "content") and event.text:
-                first = time.perf_counter() - started
+                first = (time.perf_counter() - started, time.time())
             if event.type == "end":
-                return first
+                return None if first is None else (first[0], job_id, first[1])
         return None
-
-    results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
-    ttfts = [r for r in results if isinstance(r, float)]
-    return {"n": n, "completed": len(ttfts), **summary(ttfts)}
+    return one
 
 
 _TEXT = re.compile(rb'"(content|reasoning)":"[^"]')
 
 
-async def gateway_run(url: str, n: int, max_new_tokens: int) -> dict[str, Any]:
-    """N streams at once over plain asyncio sockets: a client this light adds little CPU of
-    its own to the measurement (httpx's pure-Python HTTP parsing would, on two cores)."""
+_JOB_ID = re.compile(rb"x-chatqueue-job-id: ([^\r]+)\r\n", re.IGNORECASE)
+
+
+def gateway_job(url: str, max_new_tokens: int) -> Callable[[], Awaitable[Outcome | None]]:
+    """One stream over a plain asyncio socket: a client this light adds little CPU of its own
+    to the measurement (httpx's pure-Python HTTP parsing would, on two cores)."""
     body = json.dumps({"model": TINY_MODEL_ID, "messages": TINY_MESSAGES, "stream": True,
                        "max_tokens": max_new_tokens, "temperature": 0}).encode()
     host, port = url.removeprefix("http://").split(":")
@@ -92,28 +156,74 @@ async def gateway_run(url: str, n: int, max_new_tokens: int) -> dict[str, Any]:
                "Content-Type: application/json\r\nConnection: close\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
-    async def one() -> float | None:
-        started, first, finished, seen = time.perf_counter(), None, False, b""
+    async def one() -> Outcome | None:
+        started, finished, seen = time.perf_counter(), False, b""
+        first: tuple[float, float] | None = None
+        job_id = None
         reader, writer = await asyncio.open_connection(host, int(port))
         try:
             writer.write(request)
             while data := await reader.read(65536):
                 seen = seen[-512:] + data  # a match may straddle two reads
-                if not seen.startswith(b"HTTP/1.1 200") and len(seen) == len(data):
-                    raise RuntimeError(seen[:200].decode(errors="replace"))
+                if job_id is None:
+                    if not seen.startswith(b"HTTP/1.1 200"):
+                        raise RuntimeError(seen[:200].decode(errors="replace"))
+                    if found := _JOB_ID.search(seen):
+                        job_id = found.group(1).decode()
                 if first is None and _TEXT.search(seen):
-                    first = time.perf_counter() - started
+                    first = (time.perf_counter() - started, time.time())
                 finished = finished or b'"finish_reason":"' in seen
                 if b"data: [DONE]" in seen:
-                    return first if finished else None
+                    if not finished or first is None or job_id is None:
+                        return None
+                    return first[0], job_id, first[1]
             return None
         finally:
             writer.close()
+    return one
 
-    results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
-    ttfts = [r for r in results if isinstance(r, float)]
-    errors = [repr(r) for r in results if isinstance(r, BaseException)][:3]
-    return {"n": n, "completed": len(ttfts), **summary(ttfts), "errors": errors}
+
+def run_path(path: str, n: int, max_new_tokens: int, settings: dict[str, Any], url: str,
+             start_at: float) -> list[Outcome | str | None]:
+    """One path's N jobs, all started at `start_at` (time.time()), in a process of its own:
+    the two paths' clients never share an event loop or a GIL (the producer's publish threads
+    held up the gateway client's sends by seconds when they did)."""
+    global _CLIENT
+    if _CLIENT is None:  # one warm client per process, as a backend keeps one
+        _CLIENT = _LOOP.run_until_complete(_new_client(settings))
+    client = _CLIENT
+
+    async def run() -> list[Any]:
+        one = producer_job(client, max_new_tokens) if path == "producer" else \
+            gateway_job(url, max_new_tokens)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        return await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+
+    return [r if r is None or isinstance(r, tuple) else repr(r)
+            for r in _LOOP.run_until_complete(run())]
+
+
+# A path process's loop and client, kept from round to round (a client made anew each round
+# paid its connections and Celery's publish setup inside the measured time).
+_LOOP = asyncio.new_event_loop()
+_CLIENT: AsyncChatQueueClient | None = None
+
+
+async def _new_client(settings: dict[str, Any]) -> AsyncChatQueueClient:
+    return AsyncChatQueueClient(ProducerSettings(**settings))
+
+
+async def side_by_side(pools: dict[str, ProcessPoolExecutor], client: AsyncChatQueueClient,
+                       url: str, n: int, max_new_tokens: int) -> dict[str, dict[str, Any]]:
+    """N jobs through each path, both paths started at the same instant from two processes."""
+    settings = {"broker_url": client.settings.broker_url, "queue": client.settings.queue,
+                "wait_timeout_s": client.settings.wait_timeout_s}
+    start_at = time.time() + 1.0
+    loop = asyncio.get_running_loop()
+    runs = {path: loop.run_in_executor(pool, run_path, path, n, max_new_tokens, settings, url,
+                                       start_at)
+            for path, pool in pools.items()}
+    return {path: await tally(client, n, await run) for path, run in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=32, help="concurrent streaming requests")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2,
-                        help="producer, gateway, producer, gateway, ...: same load for each")
+                        help="rounds of 2 x N jobs, each path's N side by side")
     parser.add_argument("--model-dir", type=Path, help="default: the tiny test model")
     parser.add_argument("--out", type=Path,
                         default=REPO_ROOT / "benchmarks" / "results" / "gateway_load.json")
@@ -153,38 +263,60 @@ def main(argv: list[str] | None = None) -> int:
             settings = ProducerSettings(broker_url=redis.url, queue=QUEUE, wait_timeout_s=300)
             rows: list[dict[str, Any]] = []
 
+            spawn = multiprocessing.get_context("spawn")
+            pools = {path: ProcessPoolExecutor(1, mp_context=spawn)
+                     for path in ("producer", "gateway")}
+
             async def measure() -> None:
                 async with AsyncChatQueueClient(settings) as client:
-                    await producer_run(client, 4, args.max_new_tokens)  # warm-up
-                    await gateway_run(url, 4, args.max_new_tokens)
+                    await side_by_side(pools, client, url, 4, args.max_new_tokens)  # warm-up
                     for round_ in range(args.rounds):
-                        for name, run in (
-                                ("producer", producer_run(client, args.n, args.max_new_tokens)),
-                                ("gateway", gateway_run(url, args.n, args.max_new_tokens))):
-                            row = {"round": round_, "path": name, **await run}
-                            rows.append(row)
-                            print(json.dumps(row), flush=True)
+                        measured = await side_by_side(pools, client, url, args.n,
+                                                      args.max_new_tokens)
+                        for name, row in measured.items():
+                            rows.append({"round": round_, "path": name, **row})
+                            print(json.dumps(rows[-1]), flush=True)
 
-            asyncio.run(measure())
+            try:
+                asyncio.run(measure())
+            finally:
+                for pool in pools.values():
+                    pool.shutdown()
         finally:
             gateway.terminate()
             gateway.wait(timeout=30)
             worker.stop()
 
     def pooled(path: str, key: str) -> float:
-        return statistics.median(r[key] for r in rows if r["path"] == path and key in r)
+        return float(statistics.median(r[key] for r in rows if r["path"] == path and key in r))
 
-    result = {
-        "n": args.n, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-        "cpu": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+    def paired(key: str) -> list[tuple[float, float]]:
+        """(producer, gateway) of each round."""
+        by_round: dict[int, dict[str, float]] = {}
+        for row in rows:
+            if key in row:
+                by_round.setdefault(row["round"], {})[row["path"]] = row[key]
+        return [(r["producer"], r["gateway"]) for r in by_round.values() if len(r) == 2]
+
+    from benchmarks.run import cpu_model  # here: it imports torch, which the clients need not
+
+    result: dict[str, Any] = {
+        "mode": "side_by_side",
+        "n_per_path": args.n, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+        "cpu": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m": os.getloadavg()[0],
         "lost": sum(r["n"] - r["completed"] for r in rows),
-        "producer_p50_ms": pooled("producer", "p50_ms"),
-        "gateway_p50_ms": pooled("gateway", "p50_ms"),
-        "producer_p95_ms": pooled("producer", "p95_ms"),
-        "gateway_p95_ms": pooled("gateway", "p95_ms"),
-        "rows": rows,
     }
-    result["gateway_overhead_p50_ms"] = result["gateway_p50_ms"] - result["producer_p50_ms"]
+    for key in ("p50_ms", "p95_ms", "lag_p50_ms", "lag_p95_ms", "path_p50_ms", "path_p95_ms"):
+        pairs = paired(key)
+        if not pairs:
+            continue
+        name = key.removesuffix("_ms")
+        result[f"producer_{name}_ms"] = pooled("producer", key)
+        result[f"gateway_{name}_ms"] = pooled("gateway", key)
+        # Per round, then the median of the rounds: each round's pair saw the same load.
+        result[f"gateway_overhead_{name}_ms"] = statistics.median(g - p for p, g in pairs)
+        result[f"gateway_over_producer_{name}"] = statistics.median(g / p for p, g in pairs)
+    result["rows"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
