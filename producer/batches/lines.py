@@ -14,22 +14,38 @@ from typing import Any
 from pydantic import ValidationError
 
 from producer.batches.ids import ENDPOINT, MAX_CUSTOM_ID_CHARS
-from producer.schemas import BATCH_PRIORITY, ChatRequest, error_from_validation, request_size
+from producer.errors import ChatQueueError
+from producer.schemas import (
+    BATCH_PRIORITY,
+    ChatRequest,
+    JobError,
+    error_from_validation,
+    request_size,
+)
 
 
-class LineError(Exception):
+class LineError(ChatQueueError):
     """A line that cannot run as given: OpenAI's 400 (or the error code, for a line that never
-    got a response). The rest of the file runs."""
+    got a response). The rest of the file runs. Never retried: the same line fails the same
+    way (outcome "failed", its `code` per line)."""
+
+    outcome = "failed"
 
     def __init__(self, message: str, *, param: str | None = None,
                  code: str = "invalid_request", status_code: int = 400,
                  custom_id: str | None = None, limit: int | float | str | None = None,
                  value: int | float | str | None = None) -> None:
         super().__init__(message)
-        self.message, self.param, self.code = message, param, code
+        self.message, self.param = message, param
+        self.code = code  # type: ignore[misc]  # the base's class-wide code, set per line here
         self.status_code, self.custom_id = status_code, custom_id
         # What the contract's JobError says of a refused value (the gateway's 400 carries them).
         self.limit, self.value = limit, value
+
+    def job_error(self) -> JobError:
+        return JobError.model_validate({"code": self.code, "field": self.param,
+                                        "message": self.message, "limit": self.limit,
+                                        "value": self.value})
 
 
 @dataclass(frozen=True)

@@ -382,3 +382,14 @@ def test_no_module_of_the_batches_package_is_large():
 
     for path in Path(package.__file__).parent.glob("*.py"):
         assert len(path.read_text().splitlines()) <= 350, path.name
+
+
+def test_a_line_error_is_a_chatqueue_error_with_its_job_error():
+    from producer.errors import ChatQueueError
+
+    refused = read_line(_raw("big", "x" * 3_000), 0, 2_000)
+    assert isinstance(refused, ChatQueueError) and refused.outcome == "failed"
+    error = refused.job_error()
+    assert (error.code, error.field, error.limit) == ("limit_exceeded", "body", 2_000)
+    assert error.value == refused.value and error.message == refused.message
+    assert LineError("n: not supported", param="n").job_error().code == "invalid_request"
