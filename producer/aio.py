@@ -179,8 +179,10 @@ class AsyncChatQueueClient:
         passed on together (the gateway writes each list to its client at once)."""
         cursor = core.StreamCursor(job_id, stream_key(job_id),
                                    timeout or self.settings.wait_timeout_s)
-        if not await self._redis.exists(cursor.key):
-            await self._check_known(job_id)
+        # Known if its stream or its record exists: one round trip (a stream opened right after
+        # its submit finds no stream yet, and paid a second one for the record).
+        if not await self._redis.exists(cursor.key, accepted_key(job_id)):
+            raise self._not_found(job_id)
         while not cursor.done:
             try:
                 reply = cast("list[Any] | None", await self._redis.xread(
