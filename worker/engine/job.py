@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -96,13 +97,16 @@ class EngineJob:
     def started(self) -> bool:
         return self.admitted_at is not None
 
+    # The engine thread ends jobs; a drain's timer may fail one at the same moment. The first
+    # outcome stands; the other is dropped (a check-then-set would race into InvalidStateError,
+    # which on the engine thread would fail every row of the step).
     def finish(self, reason: FinishReason) -> None:
-        if not self.future.done():
-            waited = (self.admitted_at or time.monotonic()) - self.submitted_at
+        waited = (self.admitted_at or time.monotonic()) - self.submitted_at
+        with suppress(InvalidStateError):
             self.future.set_result(EngineOutput(
                 list(self.generated), reason, self.peak_batch, max(0.0, waited),
                 self.first_token_at, self.cached_prompt_tokens))
 
     def fail(self, error: BaseException) -> None:
-        if not self.future.done():
+        with suppress(InvalidStateError):
             self.future.set_exception(error)
