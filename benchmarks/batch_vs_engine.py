@@ -65,31 +65,35 @@ def load_average() -> list[float]:
 
 
 class EngineAlone:
-    """The model loaded once in this process (as run-batch holds it), reused for each repeat."""
+    """The model loaded once in this process (as run-batch holds it); each run starts a fresh
+    engine on it, warmed up, as each queue run starts a fresh worker: no run finds the prompts
+    of an earlier one in its prefix cache."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)  # as the worker does
         manifest = read_manifest(settings.resolved_model_dir)
-        loaded = load_model(settings.resolved_model_dir, manifest,
-                            device=resolve_device(settings.device), dtype=settings.dtype)
-        self.runtime = WorkerRuntime.start(settings, loaded, WorkerMetrics(settings.model_id))
-        self.runtime.warm_up()
+        self.settings = settings
+        self.loaded = load_model(settings.resolved_model_dir, manifest,
+                                 device=resolve_device(settings.device), dtype=settings.dtype)
 
     def run(self, path: Path) -> tuple[float, int]:
         """Seconds from reading the file to the last line's output, and tokens generated."""
-        started = time.monotonic()
-        jobs = []
-        with path.open("rb") as file:
-            for index, text in enumerate(file):
-                request = map_body(parse_line(text, index).body)
-                jobs.append(self.runtime.engine.submit(
-                    prepare_job(self.runtime, request).engine_request))
-        tokens = sum(len(job.future.result().token_ids) for job in jobs)
-        return time.monotonic() - started, tokens
-
-    def stop(self) -> None:
-        self.runtime.stop()
+        runtime = WorkerRuntime.start(self.settings, self.loaded,
+                                      WorkerMetrics(self.settings.model_id))
+        try:
+            runtime.warm_up()
+            started = time.monotonic()
+            jobs = []
+            with path.open("rb") as file:
+                for index, text in enumerate(file):
+                    request = map_body(parse_line(text, index).body)
+                    jobs.append(runtime.engine.submit(
+                        prepare_job(runtime, request).engine_request))
+            tokens = sum(len(job.future.result().token_ids) for job in jobs)
+            return time.monotonic() - started, tokens
+        finally:
+            runtime.stop()
 
 
 def through_the_queue(path: Path, model_dir: Path, worker_settings: dict[str, str],
@@ -147,25 +151,22 @@ def main() -> None:
         path = Path(tmp) / "batch.jsonl"
         write_file(path, args.lines, args.max_tokens)
         engine = EngineAlone(settings)
-        try:
-            for repeat in range(args.repeats):
-                before = load_average()
-                engine_s, engine_tokens = engine.run(path)
-                print(f"[{repeat}] engine alone {engine_s:.1f} s, load {before}",
-                      file=sys.stderr, flush=True)
-                middle = load_average()
-                queue_s, queue_tokens = through_the_queue(path, model_dir, common, args.lines)
-                print(f"[{repeat}] through the queue {queue_s:.1f} s, load {middle}",
-                      file=sys.stderr, flush=True)
-                runs.append({"engine_alone_s": round(engine_s, 2),
-                             "through_the_queue_s": round(queue_s, 2),
-                             "queue_over_engine": round(queue_s / engine_s, 3),
-                             "tokens_engine": engine_tokens, "tokens_queue": queue_tokens,
-                             "load_average_before_engine": before,
-                             "load_average_before_queue": middle})
-                write_report(args, manifest.repo_id, load_start, runs)
-        finally:
-            engine.stop()
+        for repeat in range(args.repeats):
+            before = load_average()
+            engine_s, engine_tokens = engine.run(path)
+            print(f"[{repeat}] engine alone {engine_s:.1f} s, load {before}",
+                  file=sys.stderr, flush=True)
+            middle = load_average()
+            queue_s, queue_tokens = through_the_queue(path, model_dir, common, args.lines)
+            print(f"[{repeat}] through the queue {queue_s:.1f} s, load {middle}",
+                  file=sys.stderr, flush=True)
+            runs.append({"engine_alone_s": round(engine_s, 2),
+                         "through_the_queue_s": round(queue_s, 2),
+                         "queue_over_engine": round(queue_s / engine_s, 3),
+                         "tokens_engine": engine_tokens, "tokens_queue": queue_tokens,
+                         "load_average_before_engine": before,
+                         "load_average_before_queue": middle})
+            write_report(args, manifest.repo_id, load_start, runs)
     report = write_report(args, manifest.repo_id, load_start, runs)
     print(json.dumps(report, indent=2))
     print(f"queue / engine = {report['queue_over_engine']} (target <= 1.10); "
