@@ -147,6 +147,7 @@ class KVStorage:
     slot-major pool)."""
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
         self.num_slots = num_blocks * block_size
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
@@ -162,14 +163,18 @@ class KVStorage:
         return keys, self.values[index]
 
 
+def kv_heads_of(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+
+
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     """Bytes of keys and values one token position needs across the model's layers."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * itemsize
+    return 2 * text.num_hidden_layers * kv_heads_of(config) * head_dim * itemsize
 
 
 def pool_blocks(config: Any, dtype: torch.dtype, device: torch.device, *, block_size: int,
