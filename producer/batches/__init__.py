@@ -19,7 +19,7 @@ gateway share one logic:
 A line's job id is derived from the batch id and its custom_id (`line_job_id`), and a job id
 names one request (ChatQueueClient.publish): a submission killed halfway and run again queues
 each line exactly once. The worker counts a line's end in the transaction that stores its
-result (worker/delivery.py), so the counts are exact through crashes and redeliveries.
+result (worker/result_store.py), so the counts are exact through crashes and redeliveries.
 
 Every name below is importable from `producer.batches` as before the split.
 """

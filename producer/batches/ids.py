@@ -8,7 +8,7 @@ Keys (all under `chatqueue:batch:<id>`, living for the window plus result_ttl_s)
   <id>:errors   hash: line index -> error line of a line refused before it was queued
   <id>:cancel   set once the batch is cancelled: its lines not yet started never start
 
-The worker imports these (worker/delivery.py, worker/control.py, worker/service.py): one
+The worker imports these (worker/result_store.py, worker/control.py, worker/service.py): one
 spelling of every key on both sides.
 """
 

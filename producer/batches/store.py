@@ -1,6 +1,6 @@
 """Redis: everything a batch keeps, in one place (the record, its lines, its counts).
 
-The worker counts a line's end in the transaction that stores its result (worker/delivery.py,
+The worker counts a line's end in the transaction that stores its result (worker/result_store.py,
 with `mark_finished_if_done` from here), so the counts are exact through crashes and
 redeliveries.
 """
