@@ -37,6 +37,7 @@ from gateway.settings import GatewaySettings, key_matches
 from gateway.streaming import JobStream, ResultWatch, cancel_quietly, disconnected
 from producer.aio import AsyncChatQueueClient
 from producer.batches import LineError
+from producer.batches.metrics import BatchCollector
 from producer.errors import JobFailed
 from producer.schemas import MAX_PRIORITY
 from producer.settings import PRESENCE_KEY, ProducerSettings
@@ -109,9 +110,13 @@ class Gateway:
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
         self._client = AsyncChatQueueClient(self.producer_settings)
         self._watch = ResultWatch(self._client)
+        # Batch progress, read from Redis at each scrape (a scrape runs in a thread).
+        collector = BatchCollector(self._client.blocking.redis)
+        self.metrics.registry.register(collector)
         try:
             yield
         finally:
+            self.metrics.registry.unregister(collector)
             await self._watch.aclose()
             await self._client.aclose()
 
@@ -188,7 +193,8 @@ class Gateway:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         self.authorize(request)
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = await asyncio.to_thread(generate_latest, self.metrics.registry)  # reads Redis
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:
         self.authorize(request)

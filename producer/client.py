@@ -240,6 +240,11 @@ class ChatQueueClient:
     def _not_found(self, job_id: str) -> JobNotFound:
         return core.not_found(job_id, self.settings)
 
+    @property
+    def redis(self) -> redis.Redis:
+        """The client's Redis connection (job records, streams, cancels; a batch collector)."""
+        return self._redis
+
     def close(self) -> None:
         self._redis.close()
         self.app.close()

@@ -188,6 +188,8 @@ def test_metrics_count_requests(gateway, sync_openai):
                      headers={"authorization": f"Bearer {KEY}"}).text
     assert 'chatqueue_gateway_requests_total{route="/v1/models",status="200"}' in text
     assert "chatqueue_gateway_in_flight" in text
+    # Batch progress, read from Redis by the scrape on the gateway's (producer) login.
+    assert 'chatqueue_batches{status="completed"}' in text
 
 
 def test_a_queue_over_its_bound_is_shed_with_429(redis):
