@@ -38,7 +38,7 @@ from gateway.streaming import JobStream, ResultWatch, cancel_quietly, disconnect
 from producer.aio import AsyncChatQueueClient
 from producer.batches import LineError
 from producer.batches.metrics import BatchCollector
-from producer.errors import JobFailed
+from producer.errors import ChatQueueError, JobFailed
 from producer.schemas import MAX_PRIORITY
 from producer.settings import PRESENCE_KEY, ProducerSettings
 
@@ -51,7 +51,9 @@ _ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/v1/fi
            "/v1/batches")
 
 
-class ApiError(Exception):
+class ApiError(ChatQueueError):
+    """An HTTP error answered as OpenAI's error object (no job's end: outcome None)."""
+
     def __init__(self, status: int, message: str, *, type_: str, code: str | None = None,
                  param: str | None = None, **extra: Any) -> None:
         super().__init__(message)

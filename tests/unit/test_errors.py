@@ -107,3 +107,24 @@ def test_a_failure_is_counted_and_logged_once(error, counted, raised, caplog):
     assert isinstance(result, raised)
     assert metrics.failed == counted
     assert len([r for r in caplog.records if "job-1" in r.getMessage()]) == 1
+
+
+def _chatqueue_modules():
+    import importlib
+    import pkgutil
+
+    import gateway
+    import producer
+    import worker
+    for package in (producer, worker, gateway):
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            # worker.app configures a live worker (offline mode) on import; __main__ runs.
+            if info.name == "worker.app" or info.name.endswith("__main__"):
+                continue
+            yield importlib.import_module(info.name)
+
+
+def test_no_module_defines_an_error_outside_the_one_base():
+    strays = [f"{cls.__module__}.{cls.__qualname__}" for module in _chatqueue_modules()
+              for cls in error_classes(module) if not issubclass(cls, ChatQueueError)]
+    assert strays == []
