@@ -287,13 +287,21 @@ def test_a_worker_killed_mid_batch_loses_no_line_and_counts_each_once(
                 lines = [line(f"k{i}", max_completion_tokens=96, temperature=1.0, seed=i)
                          for i in range(16)]
                 report = batches.submit(write_file(tmp_path, lines))
-                wait_until(lambda: batches.status(report.batch_id)["request_counts"]
-                           ["completed"] >= 2, timeout=60, what="two lines to finish")
+                job_ids = [line_job_id(report.batch_id, f"k{i}") for i in range(16)]
                 victim = workers[0]
+
+                def victim_holds_an_unfinished_line() -> bool:
+                    # Killed only while it holds work: the tiny model runs a line in about a
+                    # second, so a victim killed at a fixed point may hold none.
+                    log = "".join(victim.lines)
+                    return any(client.fetch(j) is None for j in job_ids
+                               if f"[{j}] received" in log)
+
+                wait_until(victim_holds_an_unfinished_line, timeout=60,
+                           what="the victim to hold a line it has not finished")
                 victim.process.send_signal(signal.SIGKILL)
                 batch = batches.wait(report.batch_id, timeout=120)
                 results = list(batches.results(report.batch_id))
-                job_ids = [line_job_id(report.batch_id, f"k{i}") for i in range(16)]
                 # Lines the victim had taken but the survivor ran: redelivered after the kill.
                 survivor = workers[1].name.split("@")[0]
                 moved = [j for j in job_ids

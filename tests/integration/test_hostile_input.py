@@ -275,7 +275,9 @@ def test_a_50_mb_request_costs_the_worker_no_lasting_memory(hostile, redis):
     assert peak - before < 4 * error.value
     assert "refused without decoding it" in worker.log()
     still_serving(client, worker)
-    assert pending(redis, client.settings.queue) == 0
+    # A job's result is stored before its message is acknowledged: wait for the ack.
+    wait_until(lambda: pending(redis, client.settings.queue) == 0, timeout=30,
+               what="every message of the queue to be acknowledged")
 
 
 def test_an_oversized_entry_that_is_not_a_job_is_dropped_and_logged(hostile, redis):
