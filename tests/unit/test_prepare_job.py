@@ -15,6 +15,7 @@ import torch
 from chatqueue_dev.models import TINY_MESSAGES, TINY_MODEL_ID
 from producer.errors import JobFailed
 from producer.schemas import ChatRequest
+from tests.support.templates import OpeningTemplate
 from worker.manifest import read_manifest
 from worker.model import load_model
 from worker.pipeline.sampling import SamplingParams
@@ -167,23 +168,6 @@ def test_stop_strings_give_the_engine_a_check_on_the_answer_only(loaded):
 def test_priority_goes_to_the_engine(loaded):
     assert prepare_job(runtime(loaded), request(priority=9)).engine_request.priority == 9
     assert prepare_job(runtime(loaded), request()).engine_request.priority == 5
-
-
-class OpeningTemplate:
-    """The tiny model's tokenizer behind a template that opens the think block itself, as
-    Qwen3-2507's thinking models do."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def apply_chat_template(self, *args: Any, **kwargs: Any) -> str:
-        return self.tokenizer.apply_chat_template(*args, **kwargs) + "<think>\n"
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.tokenizer, name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.tokenizer(*args, **kwargs)
 
 
 def test_a_template_that_opens_thinking_is_noticed_and_passed_on(loaded):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from producer.schemas import ChatRequest
+from tests.support.templates import OpeningTemplate
 from worker.engine import Engine, EngineLimits
 from worker.manifest import read_manifest
 from worker.model import load_model
@@ -43,23 +44,6 @@ def free_runs(engine, loaded):
     """Each opener's output without a budget, computed once."""
     return {opener: run(engine, model_for(loaded, opener), None)
             for opener in ("model", "template")}
-
-
-class OpeningTemplate:
-    """The tiny model's tokenizer behind a template that opens the think block itself
-    (Qwen3-2507's thinking models): the output has no `<think>` of its own."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def apply_chat_template(self, *args: Any, **kwargs: Any) -> str:
-        return self.tokenizer.apply_chat_template(*args, **kwargs) + "<think>\n"
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.tokenizer, name)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.tokenizer(*args, **kwargs)
 
 
 def model_for(loaded: Any, opener: str) -> Any:
