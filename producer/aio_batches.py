@@ -5,21 +5,22 @@ AsyncChatQueueClient.submit does).
 
 What a batch means -- ids and keys, how a line reads, how a chunk is planned, how a record
 reads as OpenAI's Batch object, how a result reads as an output line -- is producer.batches'
-pure functions, shared with the blocking client. Only the Redis round trips are spelled here,
-command for command those of `producer.batches.store.BatchStore`.
+pure functions, shared with the blocking client; so is what a store holds (`StoreBase`) and
+every pure step of its reads and writes. Only the Redis round trips are spelled here, command
+for command those of `producer.batches.store.BatchStore`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 
 from producer.aio import AsyncChatQueueClient
 from producer.batches import (
@@ -36,8 +37,6 @@ from producer.batches import (
     batch_lines_key,
     batch_object,
     batch_status,
-    line_from_meta,
-    line_job_id,
     named_lines,
     parse_window,
     plan_chunk,
@@ -45,25 +44,29 @@ from producer.batches import (
     task_meta,
     valid_batch_id,
 )
+from producer.batches.client import file_digest
+from producer.batches.lifecycle import lines_known
+from producer.batches.outputs import Line, result_line
 from producer.batches.plan import Read
-from producer.batches.store import _RECORD_LINE_ERROR  # one script for both stores
+from producer.batches.store import (
+    Row,
+    StoreBase,
+    as_text,
+    chunk_rows,
+    new_record,
+    queue_progress,
+    queued_job_ids,
+)
 from producer.schemas import BATCH_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
 from producer.settings import CANCEL_CHANNEL
 
 _OVER = ("completed", "expired", "cancelled", "failed")
-Line = tuple[Literal["output", "error"], dict[str, Any]]
 
 
-class AsyncBatchStore:
+class AsyncBatchStore(StoreBase[aioredis.Redis]):
     """BatchStore's reads and writes on redis' asyncio client."""
 
-    def __init__(self, client: aioredis.Redis, *, result_ttl_s: int) -> None:
-        self.redis = client
-        self.result_ttl_s = result_ttl_s
-        self._record_line_error = client.register_script(_RECORD_LINE_ERROR)
-
-    def _ttl(self, window_s: float) -> int:
-        return int(window_s) + self.result_ttl_s
+    _record_line_error: AsyncScript  # what the asyncio client registers
 
     async def create(self, batch_id: str, *, window: str, window_s: float, priority: int,
                      input_file: str, metadata: Mapping[str, str] | None, now: float,
@@ -71,19 +74,16 @@ class AsyncBatchStore:
         key = batch_key(batch_id)
         if not await self.redis.hsetnx(key, "id", batch_id):
             return False
-        await self.redis.hset(key, mapping={
-            "completion_window": window, "window_s": window_s, "created_at": now,
-            "expires_at": now + window_s, "priority": priority, "input_file": input_file,
-            "metadata": json.dumps(dict(metadata or {})), "completed": 0, "failed": 0,
-            "stream": int(stream),
-        })
+        await self.redis.hset(key, mapping=new_record(
+            window=window, window_s=window_s, priority=priority,
+            input_file=input_file, metadata=metadata, now=now, stream=stream))
         await self.redis.expire(key, self._ttl(window_s))
         await self.redis.zadd(BATCHES_KEY, {batch_id: now})
         return True
 
     async def record(self, batch_id: str) -> dict[str, str]:
         raw = await self.redis.hgetall(batch_key(batch_id))
-        return {_str(key): _str(value) for key, value in raw.items()}
+        return {as_text(key): as_text(value) for key, value in raw.items()}
 
     async def claim_lines(self, batch_id: str, lines: list[tuple[int, str]]) -> list[bool]:
         ids = batch_ids_key(batch_id)
@@ -109,11 +109,7 @@ class AsyncBatchStore:
                 await self._record_line_error(
                     keys=[batch_errors_key(batch_id), batch_key(batch_id)],
                     args=[index, json.dumps(line)], client=pipe)
-            for key in (batch_lines_key(batch_id), batch_ids_key(batch_id),
-                        batch_errors_key(batch_id)):
-                pipe.expire(key, ttl)
-            pipe.hsetnx(batch_key(batch_id), "in_progress_at", time.time())
-            pipe.hset(batch_key(batch_id), "seen", max(i for i, _ in lines) + 1)
+            queue_progress(pipe, batch_id, lines, ttl)
             await pipe.execute()
 
     async def finish_submission(self, batch_id: str, total: int) -> None:
@@ -137,25 +133,19 @@ class AsyncBatchStore:
         if total and int(completed or 0) + int(failed or 0) >= int(total):
             await self.redis.hsetnx(batch_key(batch_id), "finished_at", time.time())
 
-    async def lines(self, batch_id: str, total: int, chunk: int = 500
-                    ) -> AsyncIterator[tuple[int, str | None, str | None, Any]]:
+    async def lines(self, batch_id: str, total: int, chunk: int = 500) -> AsyncIterator[Row]:
         for start in range(0, total, chunk):
             indexes = list(range(start, min(total, start + chunk)))
             custom_ids = await self.redis.hmget(batch_lines_key(batch_id), indexes)
             errors = await self.redis.hmget(batch_errors_key(batch_id), indexes)
-            job_ids = [line_job_id(batch_id, _str(c)) if c and e is None else None
-                       for c, e in zip(custom_ids, errors, strict=True)]
+            job_ids = queued_job_ids(batch_id, custom_ids, errors)
             wanted = [task_meta(job_id) for job_id in job_ids if job_id is not None]
-            metas = iter(await self.redis.mget(wanted) if wanted else [])
-            for index, custom_id, error, job_id in zip(indexes, custom_ids, errors, job_ids,
-                                                       strict=True):
-                meta = next(metas) if job_id is not None else None
-                yield (index, _str(custom_id) if custom_id else None,
-                       _str(error) if error else None,
-                       json.loads(meta) if meta else None)
+            metas = await self.redis.mget(wanted) if wanted else []
+            for row in chunk_rows(indexes, custom_ids, errors, job_ids, metas):
+                yield row
 
     async def list(self, limit: int = 100) -> list[str]:
-        return [_str(i) for i in await self.redis.zrevrange(BATCHES_KEY, 0, limit - 1)]
+        return [as_text(i) for i in await self.redis.zrevrange(BATCHES_KEY, 0, limit - 1)]
 
 
 class AsyncBatchClient:
@@ -176,7 +166,7 @@ class AsyncBatchClient:
             raise ValueError(f"priority {priority}: expected {MIN_PRIORITY}..{MAX_PRIORITY}")
         window_s = parse_window(window)
         if batch_id is None:
-            batch_id = batch_id_for_digest(await asyncio.to_thread(_file_digest, path))
+            batch_id = batch_id_for_digest(await asyncio.to_thread(file_digest, path))
         elif not valid_batch_id(batch_id):
             raise ValueError(f"batch id {batch_id!r}: expected batch_ then 1-64 of "
                              "[A-Za-z0-9_-]")
@@ -252,15 +242,8 @@ class AsyncBatchClient:
         if not record:
             raise LookupError(f"batch {batch_id}: no such batch, or it expired")
         status = batch_status(record, time.time())
-        total = int(record.get("total") or record.get("seen") or 0)
-        async for _, custom_id, error, meta in self.store.lines(batch_id, total):
-            if error is not None:
-                yield "error", json.loads(error)
-                continue
-            if custom_id is None:
-                continue  # an index the submission had not reached
-            line = line_from_meta(custom_id, line_job_id(batch_id, custom_id), meta,
-                                  status=status)
+        async for _, custom_id, error, meta in self.store.lines(batch_id, lines_known(record)):
+            line = result_line(batch_id, custom_id, error, meta, status=status)
             if line is not None:
                 yield line
 
@@ -283,14 +266,6 @@ class AsyncBatchClient:
         return out
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 async def _read_lines(file: IO[bytes], per_read: int = SUBMIT_CHUNK) -> AsyncIterator[bytes]:
     """The file's lines, `per_read` at a time read in a thread."""
     def some() -> list[bytes]:
@@ -309,10 +284,6 @@ async def _aiter(lines: Iterable[bytes | str] | AsyncIterable[bytes | str]
     else:
         for line in lines:
             yield line
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 __all__ = ["AsyncBatchClient", "AsyncBatchStore"]

@@ -4,23 +4,21 @@ ChatQueueClient (publishing is the client's) and a BatchStore."""
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from producer.batches.ids import (
     DEFAULT_WINDOW,
     batch_id_for_digest,
-    line_job_id,
     parse_window,
     valid_batch_id,
 )
-from producer.batches.lifecycle import batch_object, batch_status
+from producer.batches.lifecycle import batch_object, batch_status, lines_known
 from producer.batches.lines import read_line
-from producer.batches.outputs import line_from_meta
+from producer.batches.outputs import Line, result_line
 from producer.batches.plan import LinePolicy, Read, named_lines, plan_chunk
 from producer.batches.store import BatchStore
 from producer.schemas import BATCH_PRIORITY, MAX_PRIORITY, MIN_PRIORITY
@@ -60,11 +58,7 @@ class BatchClient:
             raise ValueError(f"priority {priority}: expected {MIN_PRIORITY}..{MAX_PRIORITY}")
         window_s = parse_window(window)
         if batch_id is None:
-            digest = hashlib.sha256()
-            with path.open("rb") as file:
-                for block in iter(lambda: file.read(1 << 20), b""):
-                    digest.update(block)
-            batch_id = batch_id_for_digest(digest.hexdigest())
+            batch_id = batch_id_for_digest(file_digest(path))
         elif not valid_batch_id(batch_id):
             raise ValueError(f"batch id {batch_id!r}: expected batch_ then 1-64 of "
                              "[A-Za-z0-9_-]")
@@ -130,8 +124,7 @@ class BatchClient:
                 raise TimeoutError(f"batch {batch_id} still {batch['status']} after {timeout}s")
             time.sleep(interval)
 
-    def results(self, batch_id: str) -> Iterator[tuple[Literal["output", "error"],
-                                                      dict[str, Any]]]:
+    def results(self, batch_id: str) -> Iterator[Line]:
         """("output" | "error", line) for each line that has ended, in the input's order; a
         batch expired or cancelled gives its unstarted lines as batch_expired /
         batch_cancelled errors. Lines still running are left out."""
@@ -139,15 +132,8 @@ class BatchClient:
         if not record:
             raise LookupError(f"batch {batch_id}: no such batch, or it expired")
         status = batch_status(record, time.time())
-        total = int(record.get("total") or record.get("seen") or 0)
-        for _, custom_id, error, meta in self.store.lines(batch_id, total):
-            if error is not None:
-                yield "error", json.loads(error)
-                continue
-            if custom_id is None:
-                continue  # an index the submission had not reached
-            line = line_from_meta(custom_id, line_job_id(batch_id, custom_id), meta,
-                                  status=status)
+        for _, custom_id, error, meta in self.store.lines(batch_id, lines_known(record)):
+            line = result_line(batch_id, custom_id, error, meta, status=status)
             if line is not None:
                 yield line
 
@@ -170,3 +156,12 @@ class BatchClient:
             if record:
                 out.append(batch_object(record, time.time()))
         return out
+
+
+def file_digest(path: Path) -> str:
+    """The file's SHA-256, read a MiB at a time: a batch's default id."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

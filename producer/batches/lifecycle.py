@@ -29,6 +29,12 @@ def batch_status(record: Mapping[str, str], now: float) -> Status:
     return "in_progress" if record.get("in_progress_at") else "validating"
 
 
+def lines_known(record: Mapping[str, str]) -> int:
+    """How many lines a batch's results may cover: its total once submitted, else the lines
+    its submission has reached so far."""
+    return int(record.get("total") or record.get("seen") or 0)
+
+
 def batch_object(record: Mapping[str, str], now: float) -> dict[str, Any]:
     """OpenAI's Batch object (its fields, with chatqueue's `priority` and `pending` added)."""
     status = batch_status(record, now)

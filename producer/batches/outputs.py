@@ -1,23 +1,27 @@
 """Output and error file lines from results (pure: no I/O).
 
 `completion_body` is also the gateway's /v1/chat/completions answer; `line_from_meta` turns
-Celery's stored task meta of a line into its output or error line; `line_outcome` is how the
-worker counts a line's end.
+Celery's stored task meta of a line into its output or error line; `result_line` is what a
+results file holds for one stored line (the blocking and the asyncio client both read
+results through it); `line_outcome` is how the worker counts a line's end.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from producer.batches.ids import line_job_id
 from producer.batches.lifecycle import Status
 from producer.batches.lines import LineError, body_field, short
 from producer.schemas import ChatResult, JobError
 
 Outcome = Literal["completed", "failed"]
+Line = tuple[Literal["output", "error"], dict[str, Any]]  # a results file's line, by file
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "timeout": "length"}
 
@@ -97,8 +101,20 @@ def line_outcome(state: str, result: Any) -> Outcome:
     return "failed"
 
 
+def result_line(batch_id: str, custom_id: str | None, error: str | None,
+                meta: Mapping[str, Any] | None, *, status: Status) -> Line | None:
+    """What the results hold for one stored line (a row of `BatchStore.lines`): its error line
+    if it was refused at submission, else its output or error line from the task meta; None
+    for an index the submission had not reached, or a line that has not ended."""
+    if error is not None:
+        return "error", json.loads(error)
+    if custom_id is None:
+        return None  # an index the submission had not reached
+    return line_from_meta(custom_id, line_job_id(batch_id, custom_id), meta, status=status)
+
+
 def line_from_meta(custom_id: str, job_id: str, meta: Mapping[str, Any] | None, *,
-                   status: Status) -> tuple[Literal["output", "error"], dict[str, Any]] | None:
+                   status: Status) -> Line | None:
     """A line's output or error line from Celery's stored task meta; None while it has not
     ended (and its batch still runs)."""
     state = meta.get("status") if meta is not None else None

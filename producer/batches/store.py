@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 import redis
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript, Script
+from redis.typing import EncodableT, FieldT
 
 from producer.batches.ids import (
     BATCHES_KEY,
@@ -36,14 +39,69 @@ return 0
 """
 
 
-class BatchStore:
-    def __init__(self, client: redis.Redis, *, result_ttl_s: int) -> None:
-        self.redis = client
+R = TypeVar("R", redis.Redis, aioredis.Redis)
+Row = tuple[int, str | None, str | None, Any]  # (index, custom_id, error line JSON, task meta)
+
+
+class StoreBase(Generic[R]):
+    """What a batch store is, on redis' blocking client (BatchStore) or its asyncio one
+    (producer.aio_batches.AsyncBatchStore): the two spell the same round trips, and hold the
+    same client, script and key lifetime from here."""
+
+    def __init__(self, client: R, *, result_ttl_s: int) -> None:
+        self.redis: R = client
         self.result_ttl_s = result_ttl_s
-        self._record_line_error = client.register_script(_RECORD_LINE_ERROR)
+        self._record_line_error: Script | AsyncScript = client.register_script(
+            _RECORD_LINE_ERROR)
 
     def _ttl(self, window_s: float) -> int:
+        """A batch's keys outlive its window by the results' TTL."""
         return int(window_s) + self.result_ttl_s
+
+
+def queue_progress(pipe: Any, batch_id: str, lines: list[tuple[int, str | None]],
+                   ttl: int) -> None:
+    """Queue on a pipeline (blocking or asyncio: queuing does no I/O) what a saved chunk of
+    lines moves on: its keys' lifetime (after the chunk's writes created them), the batch's
+    start, and how far the submission has read."""
+    for key in (batch_lines_key(batch_id), batch_ids_key(batch_id), batch_errors_key(batch_id)):
+        pipe.expire(key, ttl)
+    pipe.hsetnx(batch_key(batch_id), "in_progress_at", time.time())
+    pipe.hset(batch_key(batch_id), "seen", max(i for i, _ in lines) + 1)
+
+
+def new_record(*, window: str, window_s: float, priority: int, input_file: str,
+               metadata: Mapping[str, str] | None, now: float,
+               stream: bool) -> dict[FieldT, EncodableT]:
+    """A new batch's record fields (beside its `id`, which claims the record)."""
+    return {
+        "completion_window": window, "window_s": window_s, "created_at": now,
+        "expires_at": now + window_s, "priority": priority, "input_file": input_file,
+        "metadata": json.dumps(dict(metadata or {})), "completed": 0, "failed": 0,
+        "stream": int(stream),
+    }
+
+
+def queued_job_ids(batch_id: str, custom_ids: Sequence[Any],
+                   errors: Sequence[Any]) -> list[str | None]:
+    """The job id of each line of a chunk that was queued (a custom_id and no error line)."""
+    return [line_job_id(batch_id, as_text(c)) if c and e is None else None
+            for c, e in zip(custom_ids, errors, strict=True)]
+
+
+def chunk_rows(indexes: Sequence[int], custom_ids: Sequence[Any], errors: Sequence[Any],
+               job_ids: Sequence[str | None], metas: Sequence[Any]) -> Iterator[Row]:
+    """A chunk's rows from its reads; `metas`: the task metas of its queued lines, in order."""
+    queued = iter(metas)
+    for index, custom_id, error, job_id in zip(indexes, custom_ids, errors, job_ids,
+                                               strict=True):
+        meta = next(queued) if job_id is not None else None
+        yield (index, as_text(custom_id) if custom_id else None, as_text(error) if error else None,
+               json.loads(meta) if meta else None)
+
+
+class BatchStore(StoreBase[redis.Redis]):
+    _record_line_error: Script  # what the blocking client registers
 
     def create(self, batch_id: str, *, window: str, window_s: float, priority: int,
                input_file: str, metadata: Mapping[str, str] | None, now: float,
@@ -53,12 +111,9 @@ class BatchStore:
         key = batch_key(batch_id)
         if not self.redis.hsetnx(key, "id", batch_id):
             return False
-        self.redis.hset(key, mapping={
-            "completion_window": window, "window_s": window_s, "created_at": now,
-            "expires_at": now + window_s, "priority": priority, "input_file": input_file,
-            "metadata": json.dumps(dict(metadata or {})), "completed": 0, "failed": 0,
-            "stream": int(stream),
-        })
+        self.redis.hset(key, mapping=new_record(
+            window=window, window_s=window_s, priority=priority,
+            input_file=input_file, metadata=metadata, now=now, stream=stream))
         self.redis.expire(key, self._ttl(window_s))
         self.redis.zadd(BATCHES_KEY, {batch_id: now})
         return True
@@ -94,11 +149,7 @@ class BatchStore:
             for index, line in errors:
                 self._record_line_error(keys=[batch_errors_key(batch_id), batch_key(batch_id)],
                                         args=[index, json.dumps(line)], client=pipe)
-            for key in (batch_lines_key(batch_id), batch_ids_key(batch_id),
-                        batch_errors_key(batch_id)):
-                pipe.expire(key, ttl)
-            pipe.hsetnx(batch_key(batch_id), "in_progress_at", time.time())
-            pipe.hset(batch_key(batch_id), "seen", max(i for i, _ in lines) + 1)
+            queue_progress(pipe, batch_id, lines, ttl)
             pipe.execute()
 
     def finish_submission(self, batch_id: str, total: int) -> None:
@@ -115,31 +166,24 @@ class BatchStore:
         self.redis.publish(CANCEL_CHANNEL, batch_id)
         mark_finished_if_done(self.redis, batch_id)
 
-    def lines(self, batch_id: str, total: int,
-              chunk: int = 500) -> Iterator[tuple[int, str | None, str | None, Any]]:
+    def lines(self, batch_id: str, total: int, chunk: int = 500) -> Iterator[Row]:
         """(index, custom_id, error line JSON or None, task meta or None) for each line, in the
         input's order."""
         for start in range(0, total, chunk):
             indexes = list(range(start, min(total, start + chunk)))
             custom_ids = self.redis.hmget(batch_lines_key(batch_id), indexes)
             errors = self.redis.hmget(batch_errors_key(batch_id), indexes)
-            job_ids = [line_job_id(batch_id, _str(c)) if c and e is None else None
-                       for c, e in zip(custom_ids, errors, strict=True)]
+            job_ids = queued_job_ids(batch_id, custom_ids, errors)
             wanted = [task_meta(job_id) for job_id in job_ids if job_id is not None]
-            metas = iter(self.redis.mget(wanted) if wanted else [])
-            for index, custom_id, error, job_id in zip(indexes, custom_ids, errors, job_ids,
-                                                       strict=True):
-                meta = next(metas) if job_id is not None else None
-                yield (index, _str(custom_id) if custom_id else None,
-                       _str(error) if error else None,
-                       json.loads(meta) if meta else None)
+            metas = self.redis.mget(wanted) if wanted else []
+            yield from chunk_rows(indexes, custom_ids, errors, job_ids, metas)
 
     def list(self, limit: int = 100) -> list[str]:
         ids = self.redis.zrevrange(BATCHES_KEY, 0, limit - 1)
-        return [_str(i) for i in ids]
+        return [as_text(i) for i in ids]
 
 
-def _str(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
