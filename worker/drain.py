@@ -1,10 +1,10 @@
 """Stopping a worker without losing a job: finish what can finish, put the rest back.
 
 On SIGTERM Celery stops taking jobs and waits for the running ones (warm shutdown), however
-long they take. `Drain` bounds that wait: after the grace period it stops the jobs still
-running -- each one's future fails with `JobInterrupted` (the job did not end: no finish
-reason says so), which the task turns into a requeue of the message -- and the job runs
-again, from its start, on another worker.
+long they take. `Drain` bounds that wait: after the grace period it interrupts the jobs still
+running -- the engine thread fails each one's future with `JobInterrupted` before its next
+step (the job did not end: no finish reason says so), which the task turns into a requeue of
+the message -- and the job runs again, from its start, on another worker.
 """
 
 from __future__ import annotations
@@ -41,16 +41,16 @@ class Drain:
         self._timer.start()
 
     def abandon(self) -> None:
-        """Stop every running job; each one's task slot then hands it back to the queue. A job
-        that finished first keeps its result."""
+        """Interrupt every running job (the engine ends it between steps and frees its row);
+        each one's task slot then hands it back to the queue. A job that finished first keeps
+        its result. Runs on the timer's thread: it only asks, never sets an outcome."""
         with self._lock:
             self.abandoning = True
             running = list(self._running)
         if running:
             log.warning("grace period over: %d job(s) go back to the queue", len(running))
         for job in running:
-            job.fail(JobInterrupted("this worker is stopping and its grace period is over"))
-            job.cancel()  # frees its row in the engine
+            job.interrupt(JobInterrupted("this worker is stopping and its grace period is over"))
 
     @property
     def draining(self) -> bool:

@@ -86,16 +86,19 @@ def engine_job() -> EngineJob:
                                            stop_ids=frozenset()))
 
 
-def test_drain_stops_the_running_jobs_after_the_grace():
+def test_drain_interrupts_the_running_jobs_after_the_grace():
     drain, running, done = Drain(), engine_job(), engine_job()
     with drain.hold(done):
         pass
     with drain.hold(running):
         drain.abandon()
-        assert running.cancelled and not done.cancelled
-    # The job did not end: its slot gets JobInterrupted, not a "cancelled" output to reread.
-    with pytest.raises(JobInterrupted, match="grace period"):
-        running.future.result(timeout=0)
+    # The job did not end: its slot is to get JobInterrupted, not a "cancelled" output to
+    # reread. The timer only asks; the engine thread fails the future between steps
+    # (tests/unit/test_engine.py runs that part).
+    assert isinstance(running.interruption, JobInterrupted)
+    assert "grace period" in str(running.interruption)
+    assert not running.future.done() and not running.cancelled
+    assert done.interruption is None
     late = engine_job()
     with pytest.raises(JobInterrupted), drain.hold(late):
         pass

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import pytest
 import torch
 
 from producer.schemas import ChatRequest
+from worker.drain import Drain
 from worker.engine import DeviceOutOfMemory, Engine, EngineLimits, EngineRequest, EngineStopped
 from worker.engine.kv_cache import kv_bytes_per_token
 from worker.engine.runner import current_step
+from worker.errors import JobInterrupted
 from worker.manifest import read_manifest
 from worker.model import load_model
 from worker.pipeline.sampling import SamplingParams
@@ -148,6 +151,39 @@ def test_stopping_the_engine_fails_unfinished_jobs_with_engine_stopped(loaded):
     assert 0 < len(job.generated) < request.max_new_tokens
     with pytest.raises(EngineStopped):
         engine.submit(request)
+
+
+def test_a_drain_past_its_grace_ends_the_job_on_the_engine_thread_between_steps(loaded):
+    """The drain's timer fires while a step is under way: the job's outcome is set by the
+    engine thread after that step's token, and no token lands on it once its future is done."""
+    engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=EngineLimits()).start()
+    drain, held = Drain(), threading.Event()
+    execute = engine.runner.execute
+
+    def execute_then_abandon(rows):
+        out = execute(rows)
+        if held.wait(timeout=30) and not drain.abandoning:
+            # The timer fires mid-step (after the forward, before the step's tokens), on a
+            # thread of its own as threading.Timer runs it; the step goes on once it is done.
+            timer = threading.Thread(target=drain.abandon, name="drain-timer")
+            timer.start()
+            timer.join()
+        return out
+
+    engine.runner.execute = execute_then_abandon
+    ended_with: list[tuple[str, int]] = []  # (thread, tokens) when the future was resolved
+    try:
+        job = engine.submit(requests_for(loaded, max_new=(4000, 20, 7, 16, 24))[0])
+        job.future.add_done_callback(lambda _: ended_with.append(
+            (threading.current_thread().name, len(job.generated))))
+        with drain.hold(job):
+            held.set()
+            with pytest.raises(JobInterrupted, match="grace period"):
+                job.future.result(timeout=60)
+    finally:
+        engine.stop()
+    assert ended_with == [("chatqueue-engine", len(job.generated))]
+    assert len(job.generated) == 1  # the step under way finished its token; none came after
 
 
 def test_rows_joining_a_running_batch_decode_as_if_alone(loaded, engine):

@@ -1,4 +1,4 @@
-"""A job's outcome is set once: whichever of the engine thread and a drain's timer ends it first."""
+"""A job's outcome is set once: a second end of one job is dropped, quietly."""
 
 from __future__ import annotations
 

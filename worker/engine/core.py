@@ -165,10 +165,14 @@ class Engine:
         now = time.monotonic()
         ended = False
         for job in self.scheduler.running + self.scheduler.waiting:
-            if (reason := stopping.first_reason(stopping.INTERRUPTIONS, job, now)) is not None:
+            if job.interruption is not None:  # e.g. a drain past its grace: no finish reason
+                job.fail(job.interruption)
+            elif (reason := stopping.first_reason(stopping.INTERRUPTIONS, job, now)) is not None:
                 job.finish(reason)
-                self.scheduler.finish(job)
-                ended = True
+            else:
+                continue
+            self.scheduler.finish(job)
+            ended = True
         return ended
 
     def _step(self, rows: list[ScheduledRow]) -> bool:

@@ -64,7 +64,8 @@ class EngineLimits:
 @dataclass(eq=False)  # compared and hashed by identity: a job is one thing in flight
 class EngineJob:
     """One job in the engine. Other threads may read `generated` and `picked_at` (append-only)
-    and call `cancel()`; the engine thread does everything else."""
+    and call `cancel()` or `interrupt()`; the engine thread does everything else, its outcome
+    included."""
 
     request: EngineRequest
     future: Future[EngineOutput] = field(default_factory=Future)
@@ -76,6 +77,7 @@ class EngineJob:
     generator: torch.Generator | None = None
     peak_batch: int = 0
     cancelled: bool = False
+    interruption: BaseException | None = None  # what the job's future is to fail with
     thinking: bool = False
     thinking_tokens: int = 0
     forced: list[int] = field(default_factory=list)
@@ -93,13 +95,20 @@ class EngineJob:
         """Ask the engine to end this job; it does so before its next decode step."""
         self.cancelled = True
 
+    def interrupt(self, error: BaseException) -> None:
+        """Ask the engine to end this job with `error` (its future fails with it, which no
+        finish reason says) before its next step; the first request stands. Only the engine
+        thread resolves it, so no token lands on a job whose outcome is set."""
+        if self.interruption is None:
+            self.interruption = error
+
     @property
     def started(self) -> bool:
         return self.admitted_at is not None
 
-    # The engine thread ends jobs; a drain's timer may fail one at the same moment. The first
-    # outcome stands; the other is dropped (a check-then-set would race into InvalidStateError,
-    # which on the engine thread would fail every row of the step).
+    # The first outcome stands and a second is dropped: a check-then-set would race into
+    # InvalidStateError (on the engine thread it would fail every row of the step) should two
+    # threads ever end one job (the engine ends its jobs; `submit` fails orphans of a dead one).
     def finish(self, reason: FinishReason) -> None:
         waited = (self.admitted_at or time.monotonic()) - self.submitted_at
         with suppress(InvalidStateError):
