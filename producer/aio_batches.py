@@ -70,13 +70,14 @@ class AsyncBatchStore(StoreBase[aioredis.Redis]):
 
     async def create(self, batch_id: str, *, window: str, window_s: float, priority: int,
                      input_file: str, metadata: Mapping[str, str] | None, now: float,
-                     stream: bool = False) -> bool:
+                     stream: bool = False, max_request_bytes: int | None = None) -> bool:
         key = batch_key(batch_id)
         if not await self.redis.hsetnx(key, "id", batch_id):
             return False
         await self.redis.hset(key, mapping=new_record(
             window=window, window_s=window_s, priority=priority,
-            input_file=input_file, metadata=metadata, now=now, stream=stream))
+            input_file=input_file, metadata=metadata, now=now, stream=stream,
+            max_request_bytes=max_request_bytes))
         await self.redis.expire(key, self._ttl(window_s))
         await self.redis.zadd(BATCHES_KEY, {batch_id: now})
         return True
@@ -172,7 +173,8 @@ class AsyncBatchClient:
                              "[A-Za-z0-9_-]")
         created = await self.store.create(batch_id, window=window, window_s=window_s,
                                           priority=priority, input_file=path.name,
-                                          metadata=metadata, now=time.time(), stream=stream)
+                                          metadata=metadata, now=time.time(), stream=stream,
+                                          max_request_bytes=self.client.settings.max_request_bytes)
         record = await self.store.record(batch_id)
         file = await asyncio.to_thread(path.open, "rb")
         try:

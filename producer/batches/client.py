@@ -51,7 +51,7 @@ class BatchClient:
 
         Without `batch_id` the batch's id is the file's content digest: submitting the same
         file again resumes it (each line queued exactly once, with the first submission's
-        window, priority and `stream`). Refused lines become error lines
+        window, priority, `stream` and byte limit). Refused lines become error lines
         at once; the rest of the file runs."""
         path = Path(path)
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
@@ -64,7 +64,8 @@ class BatchClient:
                              "[A-Za-z0-9_-]")
         created = self.store.create(batch_id, window=window, window_s=window_s,
                                     priority=priority, input_file=path.name, metadata=metadata,
-                                    now=time.time(), stream=stream)
+                                    now=time.time(), stream=stream,
+                                    max_request_bytes=self.client.settings.max_request_bytes)
         record = self.store.record(batch_id)
         with path.open("rb") as file:
             lines, refused = self.submit_lines(batch_id, file, record)

@@ -24,21 +24,25 @@ Read = tuple[int, InputLine | LineError]  # (line index, what read_line made of 
 @dataclass(frozen=True)
 class LinePolicy:
     """What holds for every line of a batch. Taken from the batch's stored record, so a resumed
-    submission publishes the very requests the first one did."""
+    submission publishes the very requests the first one did, and refuses the very lines it
+    refused: never a line both queued and refused, whatever the producer's settings are now."""
 
     batch_id: str
     window_s: float
     expires_at: float
     priority: int
     stream: bool
-    max_bytes: int  # the producer's max_request_bytes: a line is held to a request's limit
+    max_bytes: int  # max_request_bytes at the batch's creation: a line is held to a request's
 
     @classmethod
     def from_record(cls, batch_id: str, record: Mapping[str, str],
                     max_bytes: int) -> LinePolicy:
+        """`max_bytes`: the producer's limit now, for a record that names none (written before
+        records kept theirs, or by a caller of `create` that gave none)."""
         return cls(batch_id=batch_id, window_s=float(record["window_s"]),
                    expires_at=float(record["expires_at"]), priority=int(record["priority"]),
-                   stream=record.get("stream") == "1", max_bytes=max_bytes)
+                   stream=record.get("stream") == "1",
+                   max_bytes=int(record.get("max_request_bytes") or max_bytes))
 
 
 @dataclass

@@ -71,15 +71,20 @@ def queue_progress(pipe: Any, batch_id: str, lines: list[tuple[int, str | None]]
 
 
 def new_record(*, window: str, window_s: float, priority: int, input_file: str,
-               metadata: Mapping[str, str] | None, now: float,
-               stream: bool) -> dict[FieldT, EncodableT]:
-    """A new batch's record fields (beside its `id`, which claims the record)."""
-    return {
+               metadata: Mapping[str, str] | None, now: float, stream: bool,
+               max_request_bytes: int | None) -> dict[FieldT, EncodableT]:
+    """A new batch's record fields (beside its `id`, which claims the record).
+    `max_request_bytes`: the byte limit its lines are held to, by this submission and every
+    resumed one (plan.LinePolicy), whatever the producer's setting is by then."""
+    fields: dict[FieldT, EncodableT] = {
         "completion_window": window, "window_s": window_s, "created_at": now,
         "expires_at": now + window_s, "priority": priority, "input_file": input_file,
         "metadata": json.dumps(dict(metadata or {})), "completed": 0, "failed": 0,
         "stream": int(stream),
     }
+    if max_request_bytes is not None:
+        fields["max_request_bytes"] = max_request_bytes
+    return fields
 
 
 def queued_job_ids(batch_id: str, custom_ids: Sequence[Any],
@@ -105,15 +110,16 @@ class BatchStore(StoreBase[redis.Redis]):
 
     def create(self, batch_id: str, *, window: str, window_s: float, priority: int,
                input_file: str, metadata: Mapping[str, str] | None, now: float,
-               stream: bool = False) -> bool:
+               stream: bool = False, max_request_bytes: int | None = None) -> bool:
         """Write a new batch's record; False (nothing written) if the batch exists: a
-        resumed submission keeps the first one's window and priority."""
+        resumed submission keeps the first one's window, priority and byte limit."""
         key = batch_key(batch_id)
         if not self.redis.hsetnx(key, "id", batch_id):
             return False
         self.redis.hset(key, mapping=new_record(
             window=window, window_s=window_s, priority=priority,
-            input_file=input_file, metadata=metadata, now=now, stream=stream))
+            input_file=input_file, metadata=metadata, now=now, stream=stream,
+            max_request_bytes=max_request_bytes))
         self.redis.expire(key, self._ttl(window_s))
         self.redis.zadd(BATCHES_KEY, {batch_id: now})
         return True

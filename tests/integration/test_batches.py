@@ -194,6 +194,45 @@ def test_a_line_over_the_byte_limit_is_an_error_line_and_never_published(
         assert client._redis.get(accepted_key(line_job_id(report.batch_id, "big"))) is None
 
 
+@pytest.mark.parametrize(("first_limit", "resumed_limit"), [
+    pytest.param(1_048_576, 2_048, id="lowered: a published line is not refused"),
+    pytest.param(2_048, 1_048_576, id="raised: a refused line is not published"),
+])
+def test_a_resumed_submission_keeps_the_byte_limit_of_the_first(
+        idle_client, redis, tmp_path, first_limit, resumed_limit):
+    """max_request_bytes changed between a batch's submission and its resume: each line keeps
+    the one outcome it got at submission, never both queued and refused."""
+    path = write_file(tmp_path, [line("small", max_tokens=4),
+                                 line("mid", max_tokens=4, user="x" * 3_000)])
+
+    def batches_with(limit: int) -> tuple[ChatQueueClient, BatchClient]:
+        client = ChatQueueClient(ProducerSettings(
+            broker_url=redis.url, queue=idle_client.settings.queue, max_request_bytes=limit))
+        return client, BatchClient(client)
+
+    batch_id = f"batch_limit_{uuid.uuid4().hex[:8]}"
+    first_client, first = batches_with(first_limit)
+    with first_client:
+        report = first.submit(path, batch_id=batch_id)
+    mid_refused = first_limit < resumed_limit
+    assert (report.lines, report.refused) == (2, int(mid_refused))
+    before = first.status(report.batch_id)["request_counts"]
+    queued_before = queued(idle_client)
+    assert queued_before == 2 - int(mid_refused)
+
+    resumed_client, resumed = batches_with(resumed_limit)
+    with resumed_client:
+        again = resumed.submit(path, batch_id=batch_id)
+        assert not again.created and (again.lines, again.refused) == (2, report.refused)
+        assert resumed.status(report.batch_id)["request_counts"] == before
+        errors = [r["custom_id"] for kind, r in resumed.results(report.batch_id)
+                  if kind == "error"]
+    assert errors == (["mid"] if mid_refused else [])
+    assert queued(idle_client) == queued_before
+    accepted = idle_client._redis.get(accepted_key(line_job_id(report.batch_id, "mid")))
+    assert (accepted is None) == mid_refused
+
+
 def test_a_submission_killed_halfway_and_run_again_queues_each_line_once(
         idle_client, redis, tmp_path):
     total = 1500
