@@ -131,6 +131,11 @@ class WorkerSettings(ConnectionSettings):
     kv_cache_memory_fraction: float = Field(
         default=0.8, gt=0, lt=1, description="CUDA: share of free device memory for the KV pool."
     )
+    native_kernels: bool = Field(
+        default=True,
+        description="CPU: decode attention by a C kernel compiled on this machine at start "
+        "(reads the paged KV pool in place); off, or no C compiler: the pure-torch path.",
+    )
 
     # --- delivery (README "Guarantees")
     max_job_seconds: float = Field(default=1800.0, gt=0)

@@ -53,6 +53,7 @@ class WorkerRuntime:
             prefix_caching=settings.prefix_caching,
             kv_cache_bytes=settings.kv_cache_bytes,
             kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
+            native_kernels=settings.native_kernels,
         )
         engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits,
                         think=loaded.think).start()

@@ -37,11 +37,18 @@ def loaded(tiny_model_dir):
                       device=torch.device("cpu"), dtype="float32")
 
 
-@pytest.fixture()
-def engine(loaded):
+@pytest.fixture(params=["native", "torch"])
+def engine(loaded, request):
+    """Each test runs on both decode attention paths: the native CPU kernel (what a CPU worker
+    uses) and the pure-torch one (CUDA's shape of the code, and the fallback)."""
     # A generous wait lets every submitted request land in one batch.
     engine = Engine(loaded.model, pad_id=loaded.pad_id,
-                    limits=EngineLimits(max_batch_size=8, batch_wait_s=0.5)).start()
+                    limits=EngineLimits(max_batch_size=8, batch_wait_s=0.5))
+    if request.param == "torch":
+        engine.runner.native_decode = False
+    else:
+        assert engine.runner.native_decode, "the native CPU attention kernel did not build"
+    engine.start()
     yield engine
     engine.stop()
 

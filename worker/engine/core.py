@@ -54,7 +54,7 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, limits.block_size,
                                  prefix_caching=limits.prefix_caching)
         self.scheduler = Scheduler(self.kv, limits)
-        self.runner = ModelRunner(model, self.kv)
+        self.runner = ModelRunner(model, self.kv, native_kernels=limits.native_kernels)
         self._inbox: queue.Queue[EngineJob] = queue.Queue()
         self._stop = threading.Event()
         self._stop_requested = False

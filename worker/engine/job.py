@@ -59,6 +59,7 @@ class EngineLimits:
     prefix_caching: bool = True  # reuse the KV of prompt prefixes computed before
     kv_cache_bytes: int | None = None  # CPU: the KV pool's size (None: min(2 GiB, what's needed))
     kv_cache_memory_fraction: float = 0.8  # CUDA: share of free device memory after load
+    native_kernels: bool = True  # CPU: the C decode attention kernel, when it builds
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a job is one thing in flight

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from worker.engine import native
 from worker.engine.kv_cache import KVCacheManager, KVStorage, kv_heads_of
 from worker.engine.scheduler import ScheduledRow
 
@@ -63,12 +64,22 @@ class _DecodeGroup:
 
 
 @dataclass
+class _NativeDecode:
+    """All single-token rows 0..rows of the step, attended by the native kernel in place."""
+
+    rows: int
+    tables: torch.Tensor  # [rows, blocks], int32: each row's block table (padded with 0)
+    lengths: torch.Tensor  # [rows], int32: positions each row attends
+
+
+@dataclass
 class StepContext:
     """Everything the attention layers need for one step, computed once."""
 
     storage: KVStorage
     slots: torch.Tensor  # [T]: where each new token's key and value are written
     decode_groups: list[_DecodeGroup] = field(default_factory=list)
+    native_decode: _NativeDecode | None = None
     chunks: list[_Chunk] = field(default_factory=list)
     context_cells: int = 0  # sum over rows of the positions attended (what memory scales with)
 
@@ -98,6 +109,10 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     group_size = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
     out = query.new_empty(tokens, heads, dim)
+    if (decode := step.native_decode) is not None:
+        native.decode_attention(query[0, :, :decode.rows].transpose(0, 1), key_pool, value_pool,
+                                decode.tables, decode.lengths, out[:decode.rows],
+                                step.storage.block_size, scale)
     for group in step.decode_groups:
         rows = group.end - group.start
         # [kv_heads, rows, group_size, dim]: a KV head's query heads take the query-length axis,
@@ -152,13 +167,16 @@ AttentionInterface.register(ATTENTION_NAME, paged_attention)
 
 
 class ModelRunner:
-    def __init__(self, model: Any, kv: KVCacheManager) -> None:
+    def __init__(self, model: Any, kv: KVCacheManager, *, native_kernels: bool = True) -> None:
         self.model = model
         self.device = model.device
         self.kv = kv
         self.storage = KVStorage(kv.num_blocks, kv.block_size)
         self.kv_heads = kv_heads_of(model.config)
         _check_attention_layers(model.config)
+        dtype = getattr(model, "dtype", None) or torch.get_default_dtype()
+        # The native kernel for single-token rows on CPU (worker/engine/native), when it builds.
+        self.native_decode = native_kernels and native.supports(dtype, self.device)
 
     @torch.inference_mode()
     def execute(self, rows: Sequence[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
@@ -192,14 +210,17 @@ class ModelRunner:
         device = self.device
         step = StepContext(self.storage, _tensor(slots, device),
                            context_cells=sum(row.start + row.count for row in rows))
-        start = 0
-        for end in _similar_lengths([row.start + 1 for row in rows[:decode_rows]]):
-            step.decode_groups.append(_decode_group(
-                rows[start:end], tables[start:end], start, block, self.kv.num_blocks,
-                self.kv_heads, device))
-            start = end
+        if self.native_decode and decode_rows:
+            step.native_decode = _native_decode(rows[:decode_rows], tables[:decode_rows], block)
+        else:
+            start = 0
+            for end in _similar_lengths([row.start + 1 for row in rows[:decode_rows]]):
+                step.decode_groups.append(_decode_group(
+                    rows[start:end], tables[start:end], start, block, self.kv.num_blocks,
+                    self.kv_heads, device))
+                start = end
         start = decode_rows
-        for row, table in zip(rows[decode_rows:], tables[decode_rows:], strict=True):
+        for row, table in zip(rows[start:], tables[start:], strict=True):
             step.chunks.append(_chunk(row, table, start, block, device))
             start += row.count
         return (step, _tensor(ids, device).unsqueeze(0), _tensor(positions, device).unsqueeze(0),
@@ -238,6 +259,15 @@ def _decode_group(rows: list[ScheduledRow], tables: list[list[int]], start: int,
         outside = torch.arange(width * block) >= torch.tensor(lengths).unsqueeze(1)
         mask = torch.zeros(outside.shape).masked_fill(outside, float("-inf")).to(device)
     return _DecodeGroup(start, start + len(rows), index.to(device), mask)
+
+
+def _native_decode(rows: list[ScheduledRow], tables: list[list[int]],
+                   block: int) -> _NativeDecode:
+    lengths = [row.start + 1 for row in rows]
+    width = -(-max(lengths) // block)
+    padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
+    return _NativeDecode(len(rows), torch.tensor(padded, dtype=torch.int32),
+                         torch.tensor(lengths, dtype=torch.int32))
 
 
 def _chunk(row: ScheduledRow, table: list[int], start: int, block: int,

@@ -1,0 +1,179 @@
+"""The native CPU decode attention kernel: exact attention over each row's own blocks, read in
+place from the paged pool; built once per source, compiler and CPU; a failed build falls back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from worker.engine import native
+from worker.engine.runner import _blocks_of, _decode_attention
+
+
+def _case(dtype, *, rows, heads, kv_heads, dim, block, lengths=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    lengths = lengths or torch.randint(1, 90, (rows,), generator=generator).tolist()
+    width = -(-max(lengths) // block)
+    num_blocks = rows * width + 3
+    tables = torch.randperm(num_blocks, generator=generator)[: rows * width].view(rows, width)
+    pool = (kv_heads, num_blocks * block, dim)
+    keys = torch.randn(pool, generator=generator).to(dtype)
+    values = torch.randn(pool, generator=generator).to(dtype)
+    # As transformers hands it over: [tokens, heads, dim] seen through a transpose.
+    query = torch.randn(1, rows, heads, dim, generator=generator).to(dtype).transpose(1, 2)
+    return query, keys, values, tables, lengths
+
+
+def _reference(query, keys, values, tables, lengths, block, scale):
+    """Float64, one row and head at a time, straight from the definition."""
+    _, heads, rows, dim = query.shape
+    group = heads // keys.shape[0]
+    out = torch.empty(rows, heads, dim, dtype=torch.float64)
+    for r, length in enumerate(lengths):
+        positions = torch.arange(length)
+        slots = tables[r][positions // block] * block + positions % block
+        for h in range(heads):
+            k, v = keys[h // group, slots].double(), values[h // group, slots].double()
+            weights = torch.softmax(k @ query[0, h, r].double() * scale, dim=0)
+            out[r, h] = weights @ v
+    return out
+
+
+def _native(query, keys, values, tables, lengths, block, scale, out=None):
+    rows = query.shape[2]
+    out = query.new_full((rows, query.shape[1], query.shape[3]), 7.0) if out is None else out
+    native.decode_attention(query[0].transpose(0, 1), keys, values,
+                            tables.to(torch.int32).contiguous(),
+                            torch.tensor(lengths, dtype=torch.int32), out, block, scale)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    assert native.supports(torch.float32, torch.device("cpu")), "the native kernel did not build"
+
+
+@pytest.mark.parametrize(("rows", "heads", "kv_heads", "dim", "block"), [
+    (5, 9, 3, 64, 16),  # the demo model's attention: 3 query heads per KV head
+    (7, 16, 8, 128, 16),  # Qwen3-0.6B's
+    (3, 4, 4, 32, 4),  # no grouping
+    (4, 8, 1, 64, 1),  # one KV head for all; a block per position
+    (1, 32, 4, 80, 32),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_equals_attention_computed_from_its_definition(rows, heads, kv_heads, dim,
+                                                                  block, dtype):
+    query, keys, values, tables, lengths = _case(dtype, rows=rows, heads=heads,
+                                                 kv_heads=kv_heads, dim=dim, block=block)
+    scale = dim ** -0.5
+    got = _native(query, keys, values, tables, lengths, block, scale)
+    expected = _reference(query, keys, values, tables, lengths, block, scale)
+    # float32: summation order only; bfloat16: the output's own rounding (8 bits of mantissa).
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_lengths_on_and_around_block_edges_and_a_single_position():
+    block = 4
+    lengths = [1, 3, 4, 5, 8, 9]
+    query, keys, values, tables, _ = _case(torch.float32, rows=len(lengths), heads=6, kv_heads=2,
+                                           dim=16, block=block, lengths=lengths)
+    got = _native(query, keys, values, tables, lengths, block, 0.25)
+    torch.testing.assert_close(
+        got.double(), _reference(query, keys, values, tables, lengths, block, 0.25),
+        atol=1e-5, rtol=1e-5)
+    # A single position attends to itself only: the output is its value.
+    first_slot = int(tables[0, 0]) * block
+    torch.testing.assert_close(got[0, :3], values[0, first_slot].expand(3, -1))
+
+
+def test_the_kernel_equals_the_torch_path_the_engine_falls_back_to():
+    rows, heads, kv_heads, dim, block = 6, 9, 3, 64, 16
+    query, keys, values, tables, lengths = _case(torch.float32, rows=rows, heads=heads,
+                                                 kv_heads=kv_heads, dim=dim, block=block)
+    width = tables.shape[1]
+    num_blocks = keys.shape[1] // block
+    index = (torch.arange(kv_heads).view(-1, 1, 1) * num_blocks + tables).reshape(-1)
+    k = _blocks_of(keys, block).index_select(0, index).view(kv_heads, rows, -1, dim)
+    v = _blocks_of(values, block).index_select(0, index).view(kv_heads, rows, -1, dim)
+    outside = torch.arange(width * block) >= torch.tensor(lengths).unsqueeze(1)
+    mask = torch.zeros(outside.shape).masked_fill(outside, float("-inf"))
+    q = query[0].view(kv_heads, heads // kv_heads, rows, dim).transpose(1, 2)
+    torch_path = _decode_attention(q, k, v, mask, dim ** -0.5).permute(1, 0, 2, 3)
+    torch.testing.assert_close(_native(query, keys, values, tables, lengths, block, dim ** -0.5),
+                               torch_path.reshape(rows, heads, dim))
+
+
+def test_it_writes_its_rows_of_out_and_nothing_else():
+    query, keys, values, tables, lengths = _case(torch.float32, rows=3, heads=4, kv_heads=2,
+                                                 dim=8, block=2)
+    out = torch.full((5, 4, 8), 7.0)
+    _native(query, keys, values, tables, lengths, 2, 1.0, out=out[:3])
+    assert torch.equal(out[3:], torch.full((2, 4, 8), 7.0))
+    assert not torch.equal(out[:3], torch.full((3, 4, 8), 7.0))
+
+
+def test_shapes_it_cannot_take_are_refused_not_guessed():
+    query, keys, values, tables, lengths = _case(torch.float32, rows=2, heads=4, kv_heads=2,
+                                                 dim=8, block=2)
+    with pytest.raises(ValueError, match="refused"):
+        _native(query, keys, values, tables, [0, 3], 2, 1.0)  # a row with no position
+    with pytest.raises(ValueError, match="layouts or dtypes"):
+        _native(query, keys.half(), values.half(), tables, lengths, 2, 1.0)
+    assert not native.supports(torch.float16, torch.device("cpu"))
+
+
+def test_a_build_is_reused_for_the_same_source_compiler_and_cpu(tmp_path):
+    first = native.build(out_dir=tmp_path)
+    built_at = first.stat().st_mtime_ns
+    assert native.build(out_dir=tmp_path) == first
+    assert first.stat().st_mtime_ns == built_at  # not compiled again
+    other = tmp_path / "other.c"
+    other.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    assert native.build(other, out_dir=tmp_path) != first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial files
+
+
+def test_a_failed_build_says_why(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    with pytest.raises(native.NativeBuildError, match="failed"):
+        native.build(broken, out_dir=tmp_path)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.NativeBuildError, match="no-such-compiler"):
+        native.build(out_dir=tmp_path)
+
+
+def test_an_engine_without_a_compiler_falls_back_to_the_torch_path_and_says_so(tmp_path,
+                                                                               tiny_model_dir):
+    # A fresh process: the library is loaded once per process.
+    script = textwrap.dedent(f"""
+        import logging, torch
+        from pathlib import Path
+        logging.basicConfig(level=logging.WARNING)
+        from worker.engine import Engine, EngineLimits, EngineRequest
+        from worker.manifest import read_manifest
+        from worker.model import load_model
+        from worker.pipeline.sampling import SamplingParams
+        model_dir = Path({str(tiny_model_dir)!r})
+        loaded = load_model(model_dir, read_manifest(model_dir), device=torch.device("cpu"),
+                            dtype="float32")
+        engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=EngineLimits()).start()
+        out = engine.generate(EngineRequest([1, 2, 3], 4, SamplingParams(do_sample=False),
+                                            frozenset()))
+        engine.stop()
+        print("native", engine.runner.native_decode, "tokens", len(out.token_ids))
+    """)
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"),
+           "CHATQUEUE_KERNEL_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "native False tokens 4" in done.stdout
+    assert "native CPU attention kernel unavailable" in done.stderr
+    assert "no-such-compiler" in done.stderr

@@ -1,0 +1,166 @@
+"""Native CPU kernels, compiled on the machine that runs them, at first use.
+
+`paged_decode.c`: decode attention read in place from the paged KV pool (see its header). On
+CPU the pure-torch path gathers every decoding row's keys and values out of the pool into a
+padded tensor before two batched matmuls attend over it; that copy, the padding and the
+matmuls' tiny shapes (a few query heads per KV head) cost about as much as the model's linear
+layers at 32 rows. The kernel reads each row's own blocks once.
+
+Why plain C through ctypes and not a torch C++ extension: it compiles in about a second with
+the C compiler alone (a torch extension includes torch's headers and takes a minute or more,
+and needs ninja), and the call releases the GIL. It is compiled with -fopenmp after torch is
+loaded, so its `libgomp.so.1` resolves to the one torch already loaded: its parallel loop runs
+on torch's own OpenMP threads instead of a second team fighting them for the cores. And with
+-march=native, for the CPU it runs on: the build is cached per source, compiler and CPU.
+
+No compiler, a failed build or a dtype it does not take (it takes bfloat16 and float32):
+`supports()` is False and the engine keeps the pure-torch path (a failed build is logged once).
+The setting CHATQUEUE_NATIVE_KERNELS=false turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_decode.c")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+
+DecodeAttention = Callable[..., None]
+
+
+def cache_dirs() -> list[Path]:
+    """Where builds are kept, in order of preference: $CHATQUEUE_KERNEL_CACHE, else
+    $XDG_CACHE_HOME (or ~/.cache)/chatqueue/kernels; then a folder of this user's in the temp
+    directory (a read-only home, as in the compose services)."""
+    if configured := os.environ.get("CHATQUEUE_KERNEL_CACHE"):
+        return [Path(configured)]
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return [Path(base) / "chatqueue" / "kernels",
+            Path(tempfile.gettempdir()) / f"chatqueue-kernels-{os.getuid()}"]
+
+
+class NativeBuildError(RuntimeError):
+    pass
+
+
+def build(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
+    """The shared library of `source`, compiled unless a build for this source, compiler and
+    CPU is cached (in `out_dir`, else the first of `cache_dirs()` that can be written). Raises
+    NativeBuildError."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise NativeBuildError("no C compiler (cc or gcc) on PATH")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeBuildError(f"{compiler} --version failed: {exc}") from exc
+    key = hashlib.sha256()
+    for part in (source.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_flags()):
+        key.update(part)
+    name = f"{source.stem}-{key.hexdigest()[:16]}.so"
+    errors = []
+    for folder in [out_dir] if out_dir is not None else cache_dirs():
+        try:
+            return _compile(compiler, source, folder, name)
+        except OSError as exc:
+            errors.append(f"{folder}: {exc}")
+    raise NativeBuildError(f"no folder to build in: {'; '.join(errors)}")
+
+
+def _compile(compiler: str, source: Path, out_dir: Path, name: str) -> Path:
+    target = out_dir / name
+    if target.is_file():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: workers starting together never load half a file.
+    fd, partial = tempfile.mkstemp(dir=out_dir, prefix=f".{source.stem}-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(source), "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise NativeBuildError(f"{compiler} failed ({done.returncode}): {done.stderr[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def _cpu_flags() -> bytes:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.encode()
+    except OSError:
+        pass
+    return b""
+
+
+_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # q, its row and head strides
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # key pool, value pool, slots
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # block tables, their row stride, lengths
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # out, its row and head strides
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # rows, heads, kv heads
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,  # dim, block, scale, threads
+]
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    try:
+        library = ctypes.CDLL(str(build()))
+    except (NativeBuildError, OSError) as exc:
+        log.warning("native CPU attention kernel unavailable, using the torch path: %s", exc)
+        return None
+    for suffix in _SUFFIX.values():
+        function = getattr(library, f"chatqueue_decode_attention_{suffix}")
+        function.argtypes = _ARGTYPES
+        function.restype = ctypes.c_int
+    return library
+
+
+def supports(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype in _SUFFIX and _library() is not None
+
+
+def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor,
+                     tables: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor,
+                     block_size: int, scale: float) -> None:
+    """out[r] = attention of q[r] ([rows, heads, dim]) over row r's first lengths[r] positions,
+    read from the pools ([kv_heads, slots, dim]) through tables[r] ([rows, blocks], int32).
+
+    Callers check `supports()` first. Raises ValueError on shapes the kernel refuses."""
+    rows, heads, dim = q.shape
+    kv_heads, slots, _ = key_pool.shape
+    if (q.stride(2) != 1 or out.stride(2) != 1 or not key_pool.is_contiguous()
+            or not value_pool.is_contiguous() or tables.dtype != torch.int32
+            or lengths.dtype != torch.int32 or not tables.is_contiguous()
+            or not lengths.is_contiguous() or key_pool.dtype != q.dtype
+            or out.dtype != q.dtype):
+        raise ValueError("decode_attention: layouts or dtypes the kernel does not take")
+    library = _library()
+    assert library is not None
+    function = getattr(library, f"chatqueue_decode_attention_{_SUFFIX[q.dtype]}")
+    status = function(
+        q.data_ptr(), q.stride(0), q.stride(1), key_pool.data_ptr(), value_pool.data_ptr(), slots,
+        tables.data_ptr(), tables.stride(0), lengths.data_ptr(), out.data_ptr(), out.stride(0),
+        out.stride(1), rows, heads, kv_heads, dim, block_size, scale, torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"decode_attention refused rows={rows} heads={heads} "
+                         f"kv_heads={kv_heads} dim={dim} block_size={block_size}")
