@@ -1,11 +1,15 @@
 """The asyncio twin of `ChatQueueClient`: same calls, contract, errors and guarantees.
 
-Reads (results, streams, progress, cancel) use redis' asyncio client. `submit` validates and
-plans the job on the event loop, then publishes it in a worker thread through the synchronous
-client's one publish path -- the job record written with SET NX and the request's digest,
-then Celery's own message, with the same publish retries. That keeps one implementation of
-the "a job id names one request" guarantee and leaves Celery's wire format to kombu, for the
-price of a thread hop (about a millisecond) per submit.
+Reads (results, streams, progress, cancel) use redis' asyncio client, and so does `submit`:
+it validates and plans the job, then publishes it on the event loop in two pipelined round
+trips -- the job record written with SET NX and the request's digest (what it found decides, by
+core.record_verdict as for the synchronous client: publish, nothing, or JobIdConflict), then
+Celery's message LPUSHed and the record marked queued. The message is the one send_task would
+push, built by the synchronous client's Celery app (`task_message`: Celery's task protocol,
+kombu's JSON and envelope; a test compares the two). Celery's send_task on a worker thread cost
+the gateway about a millisecond of CPU per job, three blocking round trips and a GIL contended
+with its event loop. With `submit_min_replicas` set, jobs still go through the synchronous
+client's replicated publish (a WAIT on kombu's connection), in a thread.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from producer import core
 from producer.client import ChatQueueClient
 from producer.connections import async_redis_client
 from producer.core import CANCEL_IF_KNOWN
-from producer.errors import JobNotFound
+from producer.errors import JobIdConflict, JobNotFound
 from producer.schemas import ChatRequest, ChatResult, Progress, StreamEvent
 from producer.settings import CANCEL_CHANNEL, ProducerSettings, accepted_key, cancel_key, stream_key
+
+# Messages of up to this many jobs at once are built on the event loop (tens of microseconds
+# each); more (a batch's chunk of lines) in a thread.
+_BUILD_ON_LOOP = 128
 
 # A result waiter reads the job's state at least this often: pub/sub only wakes it early, so a
 # message lost (Redis restarting) delays a result by at most this much.
@@ -125,6 +133,9 @@ class AsyncChatQueueClient:
         # I/O here.
         self._backend = self._publisher.app.backend
         self._cancel_script = self._redis.register_script(CANCEL_IF_KNOWN)
+        # Publishes called in this turn of the event loop, and the flushes under way.
+        self._publishes: list[tuple[tuple[core.Submission, ...], asyncio.Future[None]]] = []
+        self._flushes: set[asyncio.Future[None]] = set()
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -143,12 +154,101 @@ class AsyncChatQueueClient:
         return job.job_id
 
     async def publish(self, *jobs: core.Submission) -> None:
-        """As ChatQueueClient.publish, for planned jobs (a batch's lines): in one thread hop,
-        in order, through the synchronous client's publish path."""
-        if jobs:
-            await asyncio.to_thread(self._publish_all, jobs)
+        """As ChatQueueClient.publish, for planned jobs (a batch's lines), in order: each job's
+        record claimed (SET NX, read back), then the messages of those it decides to publish
+        pushed and their records marked queued. A job id that names another request raises
+        JobIdConflict once the jobs before it are queued.
 
-    def _publish_all(self, jobs: tuple[core.Submission, ...]) -> None:
+        The jobs of every publish called in one turn of the event loop go out together, two
+        pipelined round trips for all of them: a burst of submits (the gateway's) costs a few
+        round trips and connections, not two each."""
+        if not jobs:
+            return
+        if self.settings.submit_min_replicas > 0:
+            await asyncio.to_thread(self._publish_replicated, jobs)
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._publishes.append((jobs, done))
+        if len(self._publishes) == 1:
+            loop.call_soon(self._flush_publishes)
+        await asyncio.shield(done)  # a caller that goes away leaves its jobs to the others
+
+    def _flush_publishes(self) -> None:
+        calls, self._publishes = self._publishes, []
+        flush = asyncio.ensure_future(self._publish_calls(calls))
+        self._flushes.add(flush)
+        flush.add_done_callback(self._flushes.discard)
+
+    async def _publish_calls(self, calls: list[tuple[tuple[core.Submission, ...],
+                                                     asyncio.Future[None]]]) -> None:
+        try:
+            failures = await self._publish_together([jobs for jobs, _ in calls])
+        except BaseException as exc:  # Redis away past the retries: every caller hears it
+            for _, done in calls:
+                if not done.done():
+                    done.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, done), failure in zip(calls, failures, strict=True):
+            if done.done():
+                continue
+            if failure is None:
+                done.set_result(None)
+            else:
+                done.set_exception(failure)
+
+    async def _publish_together(self, calls: list[tuple[core.Submission, ...]]
+                                ) -> list[JobIdConflict | None]:
+        """Each call's jobs, in order, up to a conflict (returned for that call)."""
+        jobs = [job for call in calls for job in call]
+        digests = [core.request_digest((), job.kwargs) for job in jobs]
+        pipe = self._redis.pipeline(transaction=False)
+        for job, digest in zip(jobs, digests, strict=True):
+            key = accepted_key(job.job_id)
+            pipe.set(key, core.job_record("pending", digest), nx=True,
+                     ex=self.settings.result_ttl_s)
+            pipe.get(key)
+        replies = await pipe.execute()
+        publish: list[tuple[core.Submission, str]] = []
+        again: list[list[core.Submission]] = [[] for _ in calls]
+        failures: list[JobIdConflict | None] = [None] * len(calls)
+        index = 0
+        for number, call in enumerate(calls):
+            for job in call:
+                claimed, current = replies[2 * index], replies[2 * index + 1]
+                digest = digests[index]
+                index += 1
+                if failures[number] is not None:
+                    continue  # after its call's conflict: not published, as one by one
+                try:
+                    verdict = "publish" if claimed else core.record_verdict(current, digest,
+                                                                            job.job_id)
+                except JobIdConflict as exc:
+                    failures[number] = exc
+                    continue
+                if verdict == "claim":  # its record expired between the two commands
+                    again[number].append(job)
+                elif verdict == "publish":
+                    publish.append((job, digest))
+        if publish:
+            build = self._publisher.app.task_message
+            messages = [build(job) for job, _ in publish] if len(publish) <= _BUILD_ON_LOOP \
+                else await asyncio.to_thread(lambda: [build(job) for job, _ in publish])
+            pipe = self._redis.pipeline(transaction=False)
+            for (job, digest), (queue, message) in zip(publish, messages, strict=True):
+                pipe.lpush(queue, message)
+                pipe.set(accepted_key(job.job_id), core.job_record("queued", digest), xx=True,
+                         keepttl=True)
+            await pipe.execute()
+        if any(again):
+            retried = await self._publish_together([tuple(jobs) for jobs in again])
+            failures = [failure or later for failure, later in zip(failures, retried,
+                                                                   strict=True)]
+        return failures
+
+    def _publish_replicated(self, jobs: tuple[core.Submission, ...]) -> None:
         for job in jobs:
             self._publisher.publish(job)
 
@@ -173,15 +273,16 @@ class AsyncChatQueueClient:
             for event in events:
                 yield event
 
-    async def stream_batches(self, job_id: str, timeout: float | None = None
-                             ) -> AsyncIterator[list[StreamEvent]]:
+    async def stream_batches(self, job_id: str, timeout: float | None = None, *,
+                             submitted: bool = False) -> AsyncIterator[list[StreamEvent]]:
         """stream(), one list of events per read from Redis: what arrived together can be
-        passed on together (the gateway writes each list to its client at once)."""
+        passed on together (the gateway writes each list to its client at once).
+        `submitted`: the caller has just submitted the job, so it is known without a look."""
         cursor = core.StreamCursor(job_id, stream_key(job_id),
                                    timeout or self.settings.wait_timeout_s)
         # Known if its stream or its record exists: one round trip (a stream opened right after
         # its submit finds no stream yet, and paid a second one for the record).
-        if not await self._redis.exists(cursor.key, accepted_key(job_id)):
+        if not submitted and not await self._redis.exists(cursor.key, accepted_key(job_id)):
             raise self._not_found(job_id)
         while not cursor.done:
             try:
@@ -264,6 +365,7 @@ class AsyncChatQueueClient:
         return core.not_found(job_id, self.settings)
 
     async def aclose(self) -> None:
+        await asyncio.gather(*self._flushes, return_exceptions=True)
         await self._wakeups.aclose()
         await self._redis.aclose()
         await asyncio.to_thread(self._publisher.close)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -11,7 +12,11 @@ import redis
 from celery import Celery, states
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
+from kombu import serialization
+from kombu.entity import DELIVERY_MODES
 from kombu.exceptions import BatchPublishError, OperationalError
+from kombu.transport.redis import Channel as RedisChannel
+from kombu.utils import json as kombu_json
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
@@ -29,6 +34,12 @@ from producer.settings import (
     cancel_key,
     stream_key,
 )
+
+
+def queue_key(queue: str, step: int) -> str:
+    """The Redis list kombu's Redis transport keeps a queue's messages of a priority step in
+    (producer/celery_app.py: step 0 is the queue's own name)."""
+    return f"{queue}{RedisChannel.sep}{step}" if step else queue
 
 
 class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
@@ -57,12 +68,10 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
         if name != TASK_NAME or self.accepted is None:
             return super().send_task(name, args, kwargs, **options)
         job_id = options["task_id"] = options.get("task_id") or uuid.uuid4().hex
-        if not self.log_content:
-            # What task events (Flower) and worker logs show of the job instead of the prompt.
-            options.setdefault("argsrepr", "()")
-            options.setdefault("kwargsrepr", "{'request': '<redacted>'}")
+        self._redact(options)
         key, digest = accepted_key(job_id), request_digest(args, kwargs)
-        while not self.accepted.set(key, f"pending {digest}", nx=True, ex=self.accepted_ttl_s):
+        while not self.accepted.set(key, core.job_record("pending", digest), nx=True,
+                                    ex=self.accepted_ttl_s):
             verdict = core.record_verdict(self.accepted.get(key), digest, job_id)
             if verdict == "claim":
                 continue  # it expired just now: claim it
@@ -73,8 +82,42 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
         if self.min_replicas > 0:
             return self._publish_replicated(name, args, kwargs, options, key, digest)
         published = super().send_task(name, args, kwargs, **options)
-        self.accepted.set(key, f"queued {digest}", xx=True, keepttl=True)
+        self.accepted.set(key, core.job_record("queued", digest), xx=True, keepttl=True)
         return published
+
+    def _redact(self, options: dict[str, Any]) -> None:
+        if not self.log_content:
+            # What task events (Flower) and worker logs show of the job instead of the prompt.
+            options.setdefault("argsrepr", "()")
+            options.setdefault("kwargsrepr", "{'request': '<redacted>'}")
+
+    def task_message(self, job: core.Submission) -> tuple[str, str]:
+        """The Redis list a job's message goes into and the message, as send_task() would
+        push it, built without I/O: Celery's task protocol 2 (`create_task_message`, the
+        headers and body send_task makes), serialized as JSON by kombu, in the envelope kombu's
+        Redis transport pushes (body base64, delivery info, priority, a delivery tag). For a
+        publisher that pushes it itself (AsyncChatQueueClient, on its event loop).
+        tests/integration/test_clients.py compares it with what send_task pushes."""
+        priority = broker_priority(job.kwargs["request"].get("priority", DEFAULT_PRIORITY))
+        options: dict[str, Any] = {}
+        self._redact(options)
+        headers, properties, body, _ = self.amqp.create_task_message(
+            job.job_id, TASK_NAME, None, job.kwargs, reply_to=self.thread_oid,
+            create_sent_event=False, ignore_result=None, **options)
+        content_type, content_encoding, data = serialization.dumps(  # type: ignore[no-untyped-call]
+            body, serializer=self.conf.task_serializer)
+        properties.update(options)  # as send_task_message: options left over are properties
+        properties.update(
+            delivery_mode=DELIVERY_MODES.get(self.conf.task_default_delivery_mode,
+                                             self.conf.task_default_delivery_mode),
+            delivery_info={"exchange": "", "routing_key": job.queue},
+            priority=priority, body_encoding="base64", delivery_tag=str(uuid.uuid4()))
+        payload = data.encode(content_encoding) if isinstance(data, str) else data
+        message = {"body": base64.b64encode(payload).decode("ascii"),
+                   "content-encoding": content_encoding, "content-type": content_type,
+                   "headers": headers, "properties": properties}
+        return queue_key(job.queue, priority), str(
+            kombu_json.dumps(message))  # type: ignore[no-untyped-call]
 
     def _publish_replicated(self, name: str, args: Any, kwargs: Any, options: dict[str, Any],
                             key: str, digest: str) -> AsyncResult:
@@ -102,13 +145,14 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
                     if session is None:
                         raise RuntimeError("kombu did not batch the publish: cannot WAIT on "
                                            "its connection (submit_min_replicas)")
-                    session.pipeline.set(key, f"pending {digest}", xx=True, keepttl=True)
+                    session.pipeline.set(key, core.job_record("pending", digest), xx=True,
+                                         keepttl=True)
                     session.pipeline.execute_command(
                         "WAIT", self.min_replicas, int(self.replica_timeout_s * 1000))
                     replicas = int(session.pipeline.execute()[-1])
                 if replicas >= self.min_replicas:
                     assert self.accepted is not None
-                    self.accepted.set(key, f"queued {digest}", xx=True, keepttl=True)
+                    self.accepted.set(key, core.job_record("queued", digest), xx=True, keepttl=True)
                     return published
                 reason = f"on {replicas} of {self.min_replicas} replicas"
             except (redis.ConnectionError, redis.TimeoutError, BatchPublishError,

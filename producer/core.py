@@ -117,6 +117,12 @@ def check_request_size(raw: Any, limit: int, whose: str = "the producer's") -> N
         raise JobFailed(request_too_large(size, limit, whose))
 
 
+def job_record(state: Literal["pending", "queued"], digest: str) -> str:
+    """A job record's value (`accepted_key`): "pending" from its claim until its message is
+    in the queue, then "queued" (the worker moves it on); the request's digest."""
+    return f"{state} {digest}"
+
+
 def record_verdict(current: bytes | str | None, digest: str,
                    job_id: str) -> Literal["claim", "publish", "exists"]:
     """What a publish does, given the job record that SET NX found ("<state> <digest>"):

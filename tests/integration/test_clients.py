@@ -168,6 +168,48 @@ def test_publish_queues_a_planned_job_once(client):
     assert client.queue_for(ChatRequest.model_validate(chat())) == job.queue
 
 
+@pytest.mark.parametrize("priority", [None, 2], ids=["interactive", "low"])
+def test_the_asyncio_clients_message_is_the_one_send_task_pushes(redis, priority):
+    """AsyncChatQueueClient builds Celery's message itself and LPUSHes it on its event loop: the
+    list and the message are what send_task (the synchronous client) pushes for the same job,
+    but for what differs between any two publishes (kombu's delivery tag, the publishing
+    thread's reply-to id)."""
+    import redis as redis_py
+
+    from producer.core import plan_submission
+    from producer.settings import accepted_key
+
+    queue = f"wire-{uuid.uuid4().hex[:8]}"  # no worker consumes it
+    settings = ProducerSettings(broker_url=redis.url, queue=queue)
+    raw = redis_py.Redis.from_url(redis.url)
+    job = plan_submission({**chat(), **({} if priority is None else {"priority": priority})},
+                          settings)
+
+    def pushed() -> tuple[bytes, dict[str, Any], bytes]:
+        (key,) = raw.keys(f"{queue}*")
+        (message,) = raw.lrange(key, 0, -1)
+        record = raw.get(accepted_key(job.job_id))
+        raw.delete(key, accepted_key(job.job_id))
+        decoded = json.loads(message)
+        for volatile in ("delivery_tag", "reply_to"):
+            assert decoded["properties"].pop(volatile)
+        return key, decoded, record
+
+    with ChatQueueClient(settings) as sync:
+        sync.publish(job)
+        by_send_task = pushed()
+    asynchronous = BlockingAsyncClient(settings)
+    try:
+        asynchronous.publish(job)
+        by_the_loop = pushed()
+    finally:
+        asynchronous.close()
+    assert by_the_loop == by_send_task
+    assert by_send_task[0] == (queue.encode() if priority is None else
+                               f"{queue}\x06\x166".encode())
+    assert by_send_task[2].startswith(b"queued ")
+
+
 def test_bad_request_is_refused_before_anything_is_queued(client):
     job_id = f"bad-{uuid.uuid4().hex[:8]}"
     with pytest.raises(JobFailed) as failed:
