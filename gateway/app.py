@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.admission import Admission
 from gateway.batches import Batches
 from gateway.openai_api import (
     completion,
@@ -34,19 +35,21 @@ from gateway.openai_api import (
     to_job,
 )
 from gateway.settings import GatewaySettings, key_matches
-from gateway.streaming import JobStream, ResultWatch, cancel_quietly, disconnected
+from gateway.streaming import (
+    JobStream,
+    ResultWatch,
+    StreamHub,
+    cancel_quietly,
+    disconnected,
+)
 from producer.aio import AsyncChatQueueClient
 from producer.batches import LineError
 from producer.batches.metrics import BatchCollector
 from producer.errors import ChatQueueError, JobFailed
-from producer.schemas import MAX_PRIORITY
-from producer.settings import PRESENCE_KEY, ProducerSettings
+from producer.settings import ProducerSettings
 
 log = logging.getLogger(__name__)
 
-# kombu's Redis transport keeps a queue's messages in one list per priority step (0 plain, n
-# as "<queue>\x06\x16<n>"; producer/celery_app.py: a step per level of the contract).
-_PRIORITY_SUFFIXES = ("", *(f"\x06\x16{step}" for step in range(1, MAX_PRIORITY + 1)))
 _ROUTES = ("/v1/chat/completions", "/v1/models", "/healthz", "/metrics", "/v1/files",
            "/v1/batches")
 
@@ -93,15 +96,23 @@ class Gateway:
         self.metrics = Metrics()
         self._client: AsyncChatQueueClient | None = None
         self._watch: ResultWatch | None = None
-        self._models: tuple[float, dict[str, set[str]]] = (float("-inf"), {})
-        # Reads in flight that concurrent requests share (a burst of N requests: one read).
-        self._models_read: asyncio.Future[dict[str, set[str]]] | None = None
-        self._lengths_read: dict[str, asyncio.Future[int]] = {}
+        self._hub: StreamHub | None = None
+        self._admission: Admission | None = None
 
     @property
     def client(self) -> AsyncChatQueueClient:
         assert self._client is not None, "the gateway is not started"
         return self._client
+
+    @property
+    def admission(self) -> Admission:
+        assert self._admission is not None, "the gateway is not started"
+        return self._admission
+
+    @property
+    def stream_hub(self) -> StreamHub:
+        assert self._hub is not None, "the gateway is not started"
+        return self._hub
 
     @property
     def result_watch(self) -> ResultWatch:
@@ -112,6 +123,9 @@ class Gateway:
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
         self._client = AsyncChatQueueClient(self.producer_settings)
         self._watch = ResultWatch(self._client)
+        self._hub = StreamHub(self._client)
+        self._admission = Admission(self._client.redis, self.settings.models_cache_s,
+                                    self.settings.queue_length_cache_s)
         # Batch progress, read from Redis at each scrape (a scrape runs in a thread).
         collector = BatchCollector(self._client.blocking.redis)
         self.metrics.registry.register(collector)
@@ -120,6 +134,7 @@ class Gateway:
         finally:
             self.metrics.registry.unregister(collector)
             await self._watch.aclose()
+            await self._hub.aclose()
             await self._client.aclose()
 
     # -- checks ------------------------------------------------------------------------------
@@ -149,41 +164,6 @@ class Gateway:
             raise ApiError(400, f"the body is not valid JSON: {exc}",
                            type_="invalid_request_error", code="invalid_json") from None
 
-    async def live_models(self) -> dict[str, set[str]]:
-        """Model id -> the queues its live workers consume (worker/presence.py)."""
-        read_at, models = self._models
-        if time.monotonic() - read_at <= self.settings.models_cache_s:
-            return models
-        if self._models_read is None or self._models_read.done():
-            self._models_read = asyncio.ensure_future(self._read_models())
-        return await asyncio.shield(self._models_read)
-
-    async def _read_models(self) -> dict[str, set[str]]:
-        read_at = time.monotonic()
-        members = await self.client.redis.zrangebyscore(PRESENCE_KEY, time.time(), "+inf")
-        models: dict[str, set[str]] = {}
-        for member in members:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                entry = json.loads(member)  # type: ignore[arg-type]  # members are bytes
-                models.setdefault(str(entry["model"]), set()).add(str(entry["queue"]))
-        self._models = (read_at, models)
-        return models
-
-    async def queue_length(self, queue: str) -> int:
-        """The jobs waiting in `queue`, all priorities; requests that ask while a read is in
-        flight share it."""
-        reading = self._lengths_read.get(queue)
-        if reading is None or reading.done():
-            reading = self._lengths_read[queue] = asyncio.ensure_future(
-                self._read_queue_length(queue))
-        return await asyncio.shield(reading)
-
-    async def _read_queue_length(self, queue: str) -> int:
-        pipe = self.client.redis.pipeline(transaction=False)
-        for suffix in _PRIORITY_SUFFIXES:
-            pipe.llen(queue + suffix)
-        return sum(int(n) for n in await pipe.execute())
-
     # -- endpoints ---------------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
@@ -200,7 +180,7 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         self.authorize(request)
-        live = await self.live_models()
+        live = await self.admission.live_models()
         return JSONResponse({"object": "list", "data": [
             {"id": model, "object": "model", "created": 0, "owned_by": "chatqueue"}
             for model in sorted(live)]})
@@ -215,16 +195,19 @@ class Gateway:
             return JSONResponse(line_error_body(refused), status_code=refused.status_code)
         model = job.model or self.producer_settings.default_model
         queue = self.client.queue_for(job)
-        if queue not in (await self.live_models()).get(model, set()):
+        # Both read for all requests at once (gateway/admission.py): a request in a burst
+        # reaches its submit without waiting on Redis.
+        if queue not in (await self.admission.live_models()).get(model, set()):
             raise ApiError(503, f"no live worker serves model {model!r}",
                            type_="service_unavailable", code="model_not_available",
                            param="model")
-        waiting = await self.queue_length(queue)
+        waiting = await self.admission.queue_length(queue)
         if waiting > self.settings.max_queue_length:
             raise ApiError(429, f"model {model!r} has {waiting} jobs waiting, over this "
                            f"gateway's bound of {self.settings.max_queue_length}: retry later",
                            type_="rate_limit_error", code="queue_full",
                            limit=self.settings.max_queue_length, value=waiting)
+        self.admission.queued(queue)  # counted now: the requests of a burst see each other
         job_id = await self.client.submit(job)
         if options.stream:
             return JobStream(self, job_id, model, options.include_usage, started)

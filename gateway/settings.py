@@ -38,6 +38,10 @@ class GatewaySettings(BaseSettings):
                                 description="Largest batch input file accepted (413 above).")
     models_cache_s: float = Field(
         default=1.0, ge=0, description="How long a read of the live workers is reused.")
+    queue_length_cache_s: float = Field(
+        default=0.25, ge=0,
+        description="How long a read of a queue's length is reused (with the jobs this gateway "
+                    "queued since counted on top) for the 429 bound.")
 
     def key_digests(self) -> tuple[bytes, ...]:
         """The API keys as sha256 digests: the keys themselves are not kept."""

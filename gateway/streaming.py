@@ -1,12 +1,17 @@
-"""Server-sent events of one job in OpenAI's chunk format, and the one watch over the results
-of every stream that has gone silent.
+"""Server-sent events of one job in OpenAI's chunk format; the hub that reads every relayed
+job's stream; the one watch over the results of every stream that has gone silent.
 
-What a stream costs the gateway is on the path of its first token: per stream it holds one
-Redis connection (a blocking XREAD that wakes as the worker writes) and nothing else while
-events flow. A job that fails, or that the worker refuses, writes no end event, so a stream
-that stays silent for a while has its job's state looked at -- by `ResultWatch`, which reads
-the states of all silent streams' jobs in one MGET a round, instead of a result waiter (a
-subscription and a read a second) for each.
+What a stream costs the gateway is on the path of its first token, and of every request that
+arrives while streams flow: so the streams are read together -- `StreamHub` reads all streams
+that wait for events with one blocking XREAD over their keys, and when it returns (a worker
+wrote to any of them), hands each stream its events and reads all of them again with one
+XREAD. A stream opened meanwhile gets an XREAD of its own at once (nothing waits for a read in
+flight), which merges into the next one. Per engine step that is a round trip or a few for all
+streams, where a blocking XREAD per stream made one per stream, each on its own connection
+(a burst of 200 streams opened 200). A job that fails, or that the worker refuses, writes no
+end event, so a stream that stays silent for a while has its job's state looked at -- by
+`ResultWatch`, which reads the states of all silent streams' jobs in one MGET a round,
+instead of a result waiter (a subscription and a read a second) for each.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from starlette.types import Receive, Scope, Send
@@ -26,6 +32,7 @@ from producer import core
 from producer.aio import AsyncChatQueueClient
 from producer.errors import JobFailed, JobNotFound
 from producer.schemas import ChatResult, StreamEvent
+from producer.settings import stream_key
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -93,6 +100,108 @@ class ResultWatch:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+class _Subscription:
+    def __init__(self, cursor: core.StreamCursor) -> None:
+        self.cursor = cursor
+        self.inbox: asyncio.Queue[list[StreamEvent] | BaseException] = asyncio.Queue()
+
+
+class StreamHub:
+    """The streams of the jobs being relayed, read together (see the module's docstring):
+    `batches` is AsyncChatQueueClient.stream_batches for a job just submitted."""
+
+    def __init__(self, client: AsyncChatQueueClient) -> None:
+        self.client = client
+        self._subscriptions: dict[str, _Subscription] = {}
+        # Streams that wait for a read (in order of arrival), read at the next flush.
+        self._idle: dict[str, None] = {}
+        self._flush_due = False
+        self._reads: set[asyncio.Task[None]] = set()
+
+    async def batches(self, job_id: str, timeout: float) -> AsyncIterator[list[StreamEvent]]:
+        key = stream_key(job_id)
+        if key in self._subscriptions:  # streamed twice at once: the second reads on its own
+            async for events in self.client.stream_batches(job_id, timeout, submitted=True):
+                yield events
+            return
+        subscription = self._subscriptions[key] = _Subscription(
+            core.StreamCursor(job_id, key, timeout))
+        self._wait_for_read(key)
+        try:
+            while True:
+                item = await subscription.inbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if subscription.cursor.done and subscription.inbox.empty():
+                    return
+        finally:
+            if self._subscriptions.get(key) is subscription:
+                del self._subscriptions[key]
+            self._idle.pop(key, None)
+
+    @property
+    def reads_in_flight(self) -> int:
+        return len(self._reads)
+
+    def _wait_for_read(self, key: str) -> None:
+        self._idle[key] = None
+        if not self._flush_due:
+            self._flush_due = True
+            # Once this loop iteration is done: what came back or opened in it shares a read.
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        keys = [key for key in self._idle if key in self._subscriptions]
+        self._idle.clear()
+        if keys:
+            read = asyncio.create_task(self._read(keys))
+            self._reads.add(read)
+            read.add_done_callback(self._reads.discard)
+
+    async def _read(self, keys: list[str]) -> None:
+        streams: dict[Any, Any] = {key: self._subscriptions[key].cursor.last_id
+                                   for key in keys}
+        try:
+            reply = cast("list[Any] | None", await self.client.redis.xread(
+                streams, block=core.STREAM_BLOCK_MS, count=core.STREAM_COUNT))
+        except (redis.ConnectionError, redis.TimeoutError):
+            await asyncio.sleep(core.RECONNECT_WAIT_S)  # Redis restarting: read again
+            reply = None
+        except Exception as exc:  # the streams end with it; the hub goes on
+            for key in keys:
+                if (subscription := self._subscriptions.get(key)) is not None:
+                    subscription.inbox.put_nowait(exc)
+            return
+        entries = {_text(key): items for key, items in (reply or [])}
+        for key in keys:
+            subscription = self._subscriptions.get(key)
+            if subscription is None:
+                continue  # its client went away while it was read
+            items = entries.get(key)
+            try:
+                # A stream without entries is fed nothing: its cursor keeps its silence's
+                # timeout, as a read of its own that came back empty would.
+                events = subscription.cursor.feed([(key, items)] if items else None)
+            except TimeoutError as exc:
+                subscription.inbox.put_nowait(exc)
+                continue
+            if events:
+                subscription.inbox.put_nowait(events)
+            if not subscription.cursor.done:
+                self._wait_for_read(key)
+
+    async def aclose(self) -> None:
+        for read in list(self._reads):
+            read.cancel()
+        await asyncio.gather(*self._reads, return_exceptions=True)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class JobStream:
     """Server-sent events of one job in OpenAI's chunk format. The status is decided at the
     job's first event, so a request the worker refuses still gets its 400; a client that goes
@@ -119,7 +228,7 @@ class JobStream:
     async def _pump(self, send: Send) -> None:
         client, timeout = self.gateway.client, self.gateway.settings.request_timeout_s
         watch = self.gateway.result_watch
-        batches = client.stream_batches(self.job_id, timeout=timeout)
+        batches = self.gateway.stream_hub.batches(self.job_id, timeout)
         next_batch: asyncio.Future[list[StreamEvent]] = asyncio.ensure_future(anext(batches))
         writer, wrote_text = ChunkWriter(self.job_id, self.model), False
         # The job's result, watched once the stream stayed silent a while: off the path of a

@@ -226,6 +226,100 @@ def test_a_queue_over_its_bound_is_shed_with_429(redis):
     assert (error["code"], error["limit"], error["value"]) == ("queue_full", 2, 3)
 
 
+def test_a_queue_length_read_is_reused_with_this_gateways_own_jobs_counted_on_top(redis):
+    """Over a real Redis: within its TTL a read of a queue's length is not repeated (jobs that
+    others queue show at the next read), and the jobs this gateway queued since the read began
+    are counted on top -- so a burst of requests sees each other before any read does."""
+    import redis as redis_py
+
+    from gateway.admission import Admission
+    from producer.aio import AsyncChatQueueClient
+
+    queue = f"admission-{os.getpid()}"
+    raw = redis_py.Redis.from_url(redis.url)
+    raw.lpush(queue, "x", "x")
+    raw.lpush(f"{queue}\x06\x163", "x")
+    now = [0.0]
+
+    async def run() -> list[int]:
+        async with AsyncChatQueueClient(ProducerSettings(broker_url=redis.url)) as client:
+            admission = Admission(client.redis, models_ttl_s=1.0, queue_length_ttl_s=1.0,
+                                  clock=lambda: now[0])
+            seen = [await admission.queue_length(queue)]  # 3 waiting, all priorities
+            raw.lpush(queue, *["y"] * 10)  # another producer's: not seen until read again
+            for _ in range(4):
+                admission.queued(queue)
+            seen.append(await admission.queue_length(queue))
+            now[0] = 5.0  # past the TTL: read again, with what this gateway queued in it
+            seen.append(await admission.queue_length(queue))
+            admission.queued(queue)
+            seen.append(await admission.queue_length(queue))
+            return seen
+
+    try:
+        seen = asyncio.run(run())
+    finally:
+        raw.delete(queue, f"{queue}\x06\x163")
+    assert seen == [3, 7, 13, 14]
+
+
+def test_the_stream_hub_reads_many_streams_with_few_xreads(redis):
+    """Over a real Redis, as a worker writes them: 40 jobs' streams relayed through the hub
+    each get their events in order up to their end, with a handful of XREADs in all (a read of
+    its own per stream and event made 40 x 4); a stream opened while a read blocks is read at
+    once, and a stream that stays silent times out."""
+    import redis as redis_py
+
+    from gateway.streaming import StreamHub
+    from producer.aio import AsyncChatQueueClient
+    from producer.settings import stream_key
+
+    raw = redis_py.Redis.from_url(redis.url)
+    jobs = [f"hub-{os.getpid()}-{n}" for n in range(40)]
+    script = [{"type": "start"}, {"type": "thinking", "text": "a"},
+              {"type": "content", "text": "b"}, {"type": "end", "finish_reason": "stop"}]
+
+    def xreads() -> int:
+        return int(raw.info("commandstats").get("cmdstat_xread", {}).get("calls", 0))
+
+    async def relay(hub: StreamHub, job_id: str, timeout: float = 30) -> list[str]:
+        return [event.type async for events in hub.batches(job_id, timeout)
+                for event in events]
+
+    async def run() -> tuple[list[list[str]], int, list[str], int]:
+        async with AsyncChatQueueClient(ProducerSettings(broker_url=redis.url)) as client:
+            hub = StreamHub(client)
+            streams = [asyncio.ensure_future(relay(hub, job)) for job in jobs]
+            before = xreads()
+            for fields in script:  # one pipeline per step, as the worker's relay writes
+                pipe = raw.pipeline(transaction=False)
+                for job in jobs:
+                    pipe.xadd(stream_key(job), fields)
+                pipe.execute()
+                await asyncio.sleep(0.02)  # the worker's next step comes a while later
+            relayed = await asyncio.gather(*streams)
+            reads = xreads() - before
+            # A silent stream blocks a read; one opened then is read without waiting for it.
+            silent = asyncio.ensure_future(relay(hub, f"silent-{os.getpid()}", timeout=0.2))
+            while hub.reads_in_flight == 0:
+                await asyncio.sleep(0)  # its read is under way
+            late = f"late-{os.getpid()}"
+            for fields in script:
+                raw.xadd(stream_key(late), fields)
+            late_events = await asyncio.wait_for(relay(hub, late), timeout=0.9)
+            still_silent = int(not silent.done())
+            with pytest.raises(TimeoutError):
+                await silent
+            await hub.aclose()
+            return relayed, reads, late_events, still_silent
+
+    relayed, reads, late_events, still_silent = asyncio.run(run())
+    order = [fields["type"] for fields in script]
+    assert relayed == [order] * len(jobs)
+    assert reads <= 4 * 4, f"{reads} XREADs for 40 streams of 4 steps"
+    assert late_events == order and still_silent == 1
+
+
 def test_the_gateway_works_on_the_producer_acl_user():
     """deploy/redis/acl.sh's users: a worker may announce itself, the producer user the gateway
     logs in as may read the live workers and the queue lengths (and nothing of this needs more)."""

@@ -127,3 +127,90 @@ def test_the_result_watch_reads_every_silent_job_in_one_round_trip():
     assert pending == (False, False) and running.cancelled()
     assert sorted(reads[0]) == ["celery-task-meta-queued", "celery-task-meta-refused",
                                 "celery-task-meta-running"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Reads:
+    """A read whose values come from a list, and that can be held until released."""
+
+    def __init__(self, *values: Any) -> None:
+        self.values, self.count = list(values), 0
+        self.gate: asyncio.Event | None = None
+
+    async def __call__(self) -> Any:
+        self.count += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        value = self.values.pop(0)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
+def test_a_shared_read_is_reused_for_its_ttl_and_refreshed_ahead_in_the_background():
+    from gateway.admission import SharedRead
+
+    async def run() -> None:
+        clock, reads = Clock(), Reads("first", "second", "third")
+        shared = SharedRead(reads, ttl_s=1.0, clock=clock)
+        assert await shared.get() == "first"  # nothing yet: waited for
+        clock.now += 0.4
+        assert (await shared.get(), reads.count, shared.reading) == ("first", 1, None)
+        clock.now += 0.2  # past half the TTL: served at once, read again in the background
+        reads.gate = asyncio.Event()
+        assert await shared.get() == "first"
+        refresh = shared.reading
+        assert refresh is not None
+        assert await shared.get() == "first"  # no second read while one is in flight
+        assert shared.reading is refresh
+        reads.gate.set()
+        assert await refresh == "second"
+        assert (await shared.get(), reads.count) == ("second", 2)
+        clock.now += 5  # past the TTL: waited for
+        reads.gate = None
+        assert (await shared.get(), reads.count) == ("third", 3)
+
+    asyncio.run(run())
+
+
+def test_requests_that_find_no_young_value_share_one_read():
+    from gateway.admission import SharedRead
+
+    async def run() -> None:
+        reads = Reads(7)
+        reads.gate = asyncio.Event()
+        shared = SharedRead(reads, ttl_s=0.0)
+        waiting = [asyncio.ensure_future(shared.get()) for _ in range(50)]
+        await asyncio.sleep(0)  # let them all ask (a turn of the loop, not a wait for time)
+        reads.gate.set()
+        assert await asyncio.gather(*waiting) == [7] * 50
+        assert reads.count == 1
+
+    asyncio.run(run())
+
+
+def test_a_failed_background_read_keeps_the_value_and_a_stale_value_raises():
+    from gateway.admission import SharedRead
+
+    async def run() -> None:
+        clock, reads = Clock(), Reads(1, ConnectionError("away"), ConnectionError("away"))
+        shared = SharedRead(reads, ttl_s=1.0, clock=clock)
+        assert await shared.get() == 1
+        clock.now += 0.6
+        assert await shared.get() == 1
+        failed = shared.reading
+        assert failed is not None
+        await asyncio.gather(failed, return_exceptions=True)
+        assert await shared.get() == 1  # still young enough
+        clock.now += 1.0
+        with pytest.raises(ConnectionError):
+            await shared.get()
+
+    asyncio.run(run())
