@@ -14,6 +14,19 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+# The worker compiles its native CPU attention kernel with the C compiler at start (without
+# one it falls back to a slower pure-torch path; the tests require the kernel).
+if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing a C compiler (apt)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null
+  else
+    echo "no C compiler: install gcc (e.g. 'sudo apt-get install gcc') and run again" >&2
+    exit 1
+  fi
+fi
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # torch first and pinned: 2.13.0 is the CPU build these machines carry on disk; any other spec

@@ -49,29 +49,35 @@ static inline void store_f32(const float *src, float *dst, int64_t n) {
     memcpy(dst, src, (size_t)n * sizeof(float));
 }
 
-/* One (row, KV head) unit. scores: [group * length] scratch; acc: [group * dim] scratch. */
+/* One (row, KV head) unit. scores: [group * length] scratch; acc: [group * dim] scratch.
+ * Always inlined into a copy per common head size (below), so that the loops over `dim` have a
+ * constant trip count and unroll into whole vector registers. */
 #define DEFINE_UNIT(NAME, T, LOAD, STORE)                                                      \
-static void NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_pool,   \
-                 int64_t num_slots, const int32_t *table, int64_t length, T *out,               \
-                 int64_t out_row, int64_t out_head, int64_t row, int64_t kv_head,               \
-                 int64_t group, int64_t dim, int64_t block_size, float scale, float *scores,    \
-                 float *acc) {                                                                  \
+static inline __attribute__((always_inline)) void NAME##_body(                                  \
+        const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_pool,            \
+        int64_t num_slots, const int32_t *table, int64_t length, T *out, int64_t out_row,       \
+        int64_t out_head, int64_t row, int64_t kv_head, int64_t group, const int64_t dim,       \
+        int64_t block_size, float scale, float *scores, float *acc) {                           \
     float qf[group][dim];                                                                       \
-    float kf[MAX_DIM];                                                                          \
+    float kf[dim];                                                                              \
     for (int64_t g = 0; g < group; g++) {                                                       \
         LOAD(q + row * q_row + (kv_head * group + g) * q_head, qf[g], dim);                     \
         for (int64_t d = 0; d < dim; d++) qf[g][d] *= scale;                                    \
     }                                                                                           \
     const T *keys = k_pool + kv_head * num_slots * dim;                                         \
     const T *values = v_pool + kv_head * num_slots * dim;                                       \
-    for (int64_t p = 0; p < length; p++) {                                                      \
-        int64_t slot = (int64_t)table[p / block_size] * block_size + p % block_size;            \
-        LOAD(keys + slot * dim, kf, dim);                                                       \
-        for (int64_t g = 0; g < group; g++) {                                                   \
-            float s = 0.0f;                                                                     \
-            _Pragma("omp simd reduction(+:s)")                                                  \
-            for (int64_t d = 0; d < dim; d++) s += qf[g][d] * kf[d];                            \
-            scores[g * length + p] = s;                                                         \
+    int64_t blocks = (length + block_size - 1) / block_size;                                    \
+    for (int64_t b = 0, p = 0; b < blocks; b++) {                                               \
+        const T *k = keys + (int64_t)table[b] * block_size * dim;                               \
+        int64_t n = length - p < block_size ? length - p : block_size;                          \
+        for (int64_t o = 0; o < n; o++, p++, k += dim) {                                        \
+            LOAD(k, kf, dim);                                                                   \
+            for (int64_t g = 0; g < group; g++) {                                               \
+                float s = 0.0f;                                                                 \
+                _Pragma("omp simd reduction(+:s)")                                              \
+                for (int64_t d = 0; d < dim; d++) s += qf[g][d] * kf[d];                        \
+                scores[g * length + p] = s;                                                     \
+            }                                                                                   \
         }                                                                                       \
     }                                                                                           \
     float total[group];                                                                         \
@@ -88,14 +94,17 @@ static void NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, con
         total[g] = sum;                                                                         \
     }                                                                                           \
     memset(acc, 0, (size_t)(group * dim) * sizeof(float));                                      \
-    for (int64_t p = 0; p < length; p++) {                                                      \
-        int64_t slot = (int64_t)table[p / block_size] * block_size + p % block_size;            \
-        LOAD(values + slot * dim, kf, dim);                                                     \
-        for (int64_t g = 0; g < group; g++) {                                                   \
-            float w = scores[g * length + p];                                                   \
-            float *a = acc + g * dim;                                                           \
-            _Pragma("omp simd")                                                                 \
-            for (int64_t d = 0; d < dim; d++) a[d] += w * kf[d];                                \
+    for (int64_t b = 0, p = 0; b < blocks; b++) {                                               \
+        const T *v = values + (int64_t)table[b] * block_size * dim;                             \
+        int64_t n = length - p < block_size ? length - p : block_size;                          \
+        for (int64_t o = 0; o < n; o++, p++, v += dim) {                                        \
+            LOAD(v, kf, dim);                                                                   \
+            for (int64_t g = 0; g < group; g++) {                                               \
+                float w = scores[g * length + p];                                               \
+                float *a = acc + g * dim;                                                       \
+                _Pragma("omp simd")                                                             \
+                for (int64_t d = 0; d < dim; d++) a[d] += w * kf[d];                            \
+            }                                                                                   \
         }                                                                                       \
     }                                                                                           \
     for (int64_t g = 0; g < group; g++) {                                                       \
@@ -103,6 +112,25 @@ static void NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, con
         float inv = 1.0f / total[g];                                                            \
         for (int64_t d = 0; d < dim; d++) a[d] *= inv;                                          \
         STORE(a, out + row * out_row + (kv_head * group + g) * out_head, dim);                  \
+    }                                                                                           \
+}                                                                                               \
+static void NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_pool,   \
+                 int64_t num_slots, const int32_t *table, int64_t length, T *out,               \
+                 int64_t out_row, int64_t out_head, int64_t row, int64_t kv_head,               \
+                 int64_t group, int64_t dim, int64_t block_size, float scale, float *scores,    \
+                 float *acc) {                                                                  \
+    switch (dim) {                                                                              \
+    case 64:                                                                                    \
+        NAME##_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,   \
+                    out_head, row, kv_head, group, 64, block_size, scale, scores, acc);         \
+        break;                                                                                  \
+    case 128:                                                                                   \
+        NAME##_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,   \
+                    out_head, row, kv_head, group, 128, block_size, scale, scores, acc);        \
+        break;                                                                                  \
+    default:                                                                                    \
+        NAME##_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,   \
+                    out_head, row, kv_head, group, dim, block_size, scale, scores, acc);        \
     }                                                                                           \
 }
 
