@@ -126,6 +126,8 @@ def test_shapes_it_cannot_take_are_refused_not_guessed():
     with pytest.raises(ValueError, match="layouts or dtypes"):
         _native(query, keys.half(), values.half(), tables, lengths, 2, 1.0)
     assert not native.supports(torch.float16, torch.device("cpu"))
+    assert not native.supports(torch.float32, torch.device("cpu"), head_dim=1024)
+    assert not native.supports(torch.float32, torch.device("meta"))
 
 
 def test_a_build_is_reused_for_the_same_source_compiler_and_cpu(tmp_path):

@@ -168,13 +168,16 @@ def kv_heads_of(config: Any) -> int:
     return int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
 
 
+def head_dim_of(config: Any) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+
+
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     """Bytes of keys and values one token position needs across the model's layers."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * text.num_hidden_layers * kv_heads_of(config) * head_dim * itemsize
+    return 2 * text.num_hidden_layers * kv_heads_of(config) * head_dim_of(config) * itemsize
 
 
 def pool_blocks(config: Any, dtype: torch.dtype, device: torch.device, *, block_size: int,

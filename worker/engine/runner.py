@@ -37,7 +37,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from worker.engine import native
-from worker.engine.kv_cache import KVCacheManager, KVStorage, kv_heads_of
+from worker.engine.kv_cache import KVCacheManager, KVStorage, head_dim_of, kv_heads_of
 from worker.engine.scheduler import ScheduledRow
 
 ATTENTION_NAME = "chatqueue_paged"
@@ -176,7 +176,8 @@ class ModelRunner:
         _check_attention_layers(model.config)
         dtype = getattr(model, "dtype", None) or torch.get_default_dtype()
         # The native kernel for single-token rows on CPU (worker/engine/native), when it builds.
-        self.native_decode = native_kernels and native.supports(dtype, self.device)
+        self.native_decode = native_kernels and native.supports(dtype, self.device,
+                                                                head_dim_of(model.config))
 
     @torch.inference_mode()
     def execute(self, rows: Sequence[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:

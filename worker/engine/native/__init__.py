@@ -135,8 +135,12 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-def supports(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype in _SUFFIX and _library() is not None
+MAX_HEAD_DIM = 512  # as MAX_DIM in paged_decode.c
+
+
+def supports(dtype: torch.dtype, device: torch.device, head_dim: int = 64) -> bool:
+    return (device.type == "cpu" and dtype in _SUFFIX and head_dim <= MAX_HEAD_DIM
+            and _library() is not None)
 
 
 def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor,
