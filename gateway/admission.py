@@ -7,6 +7,9 @@ So a read is reused for its TTL, and one older than half of that is read again i
 background while requests go on with the value at hand: a steady flow of requests never waits.
 Only a request that finds no value young enough (the first, or after a quiet spell longer than
 the TTL) waits -- for the one read in flight, which every request in that moment shares.
+And a value asked for in the last minute is read again every half TTL whether or not requests
+come (`Admission.keep_fresh`): a burst after a quiet spell -- the common shape of a burst --
+finds it young too, where it made every request of the burst wait for one read.
 
 A queue's length as read goes stale as this gateway queues jobs: each job queued since the
 read began is counted on top of it, so a burst from this gateway cannot overshoot the bound
@@ -21,7 +24,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -29,6 +32,9 @@ from producer.schemas import MAX_PRIORITY
 from producer.settings import PRESENCE_KEY
 
 T = TypeVar("T")
+
+# What a request asked for within this many seconds is kept fresh without being asked.
+KEPT_S = 60.0
 
 # kombu's Redis transport keeps a queue's messages in one list per priority step (0 plain, n
 # as "<queue>\x06\x16<n>"; producer/celery_app.py: a step per level of the contract).
@@ -44,16 +50,22 @@ class SharedRead(Generic[T]):
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._read, self.ttl_s, self._clock = read, ttl_s, clock
         self._value: T | None = None
-        self._read_at = float("-inf")
+        self.read_at = float("-inf")
         self._reading: asyncio.Future[T] | None = None
+        self.asked_at = float("-inf")
 
     @property
     def reading(self) -> asyncio.Future[T] | None:
         """The read in flight, if any."""
         return None if self._reading is None or self._reading.done() else self._reading
 
+    def refresh(self) -> asyncio.Future[T]:
+        """Read again now (or join the read in flight)."""
+        return self._start()
+
     async def get(self) -> T:
-        age = self._clock() - self._read_at
+        self.asked_at = now = self._clock()
+        age = now - self.read_at
         if self._value is not None and age <= self.ttl_s:
             if age > self.ttl_s / 2:
                 self._start()  # in the background: this request goes on with the value
@@ -70,8 +82,8 @@ class SharedRead(Generic[T]):
     async def _read_now(self) -> T:
         read_at = self._clock()
         value = await self._read()
-        if read_at >= self._read_at:
-            self._value, self._read_at = value, read_at
+        if read_at >= self.read_at:
+            self._value, self.read_at = value, read_at
         return value
 
 
@@ -91,6 +103,21 @@ class Admission:
         self._lengths: dict[str, SharedRead[tuple[int, int]]] = {}
         # Jobs this gateway queued, per queue, ever: a read notes the count when it starts.
         self._queued: dict[str, int] = {}
+
+    async def keep_fresh(self, kept_s: float = KEPT_S) -> None:
+        """Forever: every half of the shortest TTL, read again what a request asked for in the
+        last `kept_s` seconds (run as a task while the gateway serves)."""
+        ttls = [ttl for ttl in (self.models.ttl_s, self.queue_length_ttl_s) if ttl > 0]
+        if not ttls:
+            return
+        while True:
+            await asyncio.sleep(min(ttls) / 2)
+            now = self._clock()
+            reads: list[SharedRead[Any]] = [self.models, *self._lengths.values()]
+            for read in reads:
+                if (read.ttl_s > 0 and now - read.asked_at <= kept_s
+                        and now - read.read_at > read.ttl_s / 2):
+                    read.refresh()
 
     async def live_models(self) -> dict[str, set[str]]:
         """Model id -> the queues its live workers consume (worker/presence.py)."""

@@ -126,6 +126,7 @@ class Gateway:
         self._hub = StreamHub(self._client)
         self._admission = Admission(self._client.redis, self.settings.models_cache_s,
                                     self.settings.queue_length_cache_s)
+        keeper = asyncio.create_task(self._admission.keep_fresh())
         # Batch progress, read from Redis at each scrape (a scrape runs in a thread).
         collector = BatchCollector(self._client.blocking.redis)
         self.metrics.registry.register(collector)
@@ -133,6 +134,8 @@ class Gateway:
             yield
         finally:
             self.metrics.registry.unregister(collector)
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
             await self._watch.aclose()
             await self._hub.aclose()
             await self._client.aclose()

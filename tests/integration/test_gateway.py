@@ -263,6 +263,48 @@ def test_a_queue_length_read_is_reused_with_this_gateways_own_jobs_counted_on_to
     assert seen == [3, 7, 13, 14]
 
 
+def test_a_queue_length_asked_for_lately_is_kept_fresh_without_requests(redis):
+    """A burst after a quiet spell finds the length young: the keeper reads it again every half
+    TTL (here 0.1 s) while it was asked for in the last minute -- and only then."""
+    import redis as redis_py
+
+    from gateway.admission import Admission
+    from producer.aio import AsyncChatQueueClient
+
+    queue = f"kept-{os.getpid()}"
+    raw = redis_py.Redis.from_url(redis.url)
+
+    async def run() -> tuple[int, int, bool]:
+        async with AsyncChatQueueClient(ProducerSettings(broker_url=redis.url)) as client:
+            admission = Admission(client.redis, models_ttl_s=1.0, queue_length_ttl_s=0.1)
+            keeper = asyncio.create_task(admission.keep_fresh(kept_s=30))
+            try:
+                first = await admission.queue_length(queue)
+                raw.lpush(queue, "x", "x")
+                read = admission.length_read(queue)
+
+                async def kept_read() -> None:
+                    while read.reading is None:
+                        await asyncio.sleep(0.01)  # until the keeper reads again
+                    await read.reading
+
+                await asyncio.wait_for(kept_read(), timeout=10)
+                kept = await admission.queue_length(queue)  # served as read: no wait
+                read.asked_at -= 60  # not asked for in the last 30 s: left to age
+                refreshed_at = read.read_at
+                await asyncio.sleep(0.3)
+                return first, kept, read.read_at == refreshed_at
+            finally:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
+
+    try:
+        first, kept, left_alone = asyncio.run(run())
+    finally:
+        raw.delete(queue)
+    assert (first, kept, left_alone) == (0, 2, True)
+
+
 def test_the_stream_hub_reads_many_streams_with_few_xreads(redis):
     """Over a real Redis, as a worker writes them: 40 jobs' streams relayed through the hub
     each get their events in order up to their end, with a handful of XREADs in all (a read of
