@@ -7,7 +7,10 @@ their starts interleaved, on the same worker and the same machine load:
 - producer (N): AsyncChatQueueClient.submit + stream; time to first token = submit start ->
   the first thinking or content event;
 - gateway (N): POST /v1/chat/completions with stream: true over HTTP (SSE read by a minimal
-  asyncio client); time to first token = request start -> the first chunk carrying text.
+  asyncio client); time to first token = request start -> the first chunk carrying text. The
+  HTTP connections are kept alive and opened before each round's start, as the producer's
+  client keeps its Redis connections warm (--cold-connections: a new one per request, its
+  set-up timed).
 
 Each path's client runs in a process of its own, both started at the same instant.
 
@@ -146,21 +149,42 @@ _TEXT = re.compile(rb'"(content|reasoning)":"[^"]')
 _JOB_ID = re.compile(rb"x-chatqueue-job-id: ([^\r]+)\r\n", re.IGNORECASE)
 
 
-def gateway_job(url: str, max_new_tokens: int) -> Callable[[], Awaitable[Outcome | None]]:
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def open_connections(url: str, n: int) -> list[Connection]:
+    host, port = url.removeprefix("http://").split(":")
+    return list(await asyncio.gather(*(asyncio.open_connection(host, int(port))
+                                       for _ in range(n))))
+
+
+def gateway_job(url: str, max_new_tokens: int, connections: list[Connection] | None
+                ) -> Callable[[], Awaitable[Outcome | None]]:
     """One stream over a plain asyncio socket: a client this light adds little CPU of its own
-    to the measurement (httpx's pure-Python HTTP parsing would, on two cores)."""
+    to the measurement (httpx's pure-Python HTTP parsing would, on two cores).
+
+    `connections`: kept-alive connections opened before the round, one taken per request and
+    given back once its response has ended -- as the producer's client keeps its Redis
+    connections warm, and as an OpenAI client keeps its pool. None: a new connection per
+    request, opened inside the timed path (with 200 at once, the client's own connection set-up
+    on two shared cores took 30-60 ms before the first byte was sent)."""
     body = json.dumps({"model": TINY_MODEL_ID, "messages": TINY_MESSAGES, "stream": True,
                        "max_tokens": max_new_tokens, "temperature": 0}).encode()
     host, port = url.removeprefix("http://").split(":")
     request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
-               "Content-Type: application/json\r\nConnection: close\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+               "Content-Type: application/json\r\n"
+               + ("" if connections is not None else "Connection: close\r\n")
+               + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
     async def one() -> Outcome | None:
-        started, finished, seen = time.perf_counter(), False, b""
+        started, finished, done, seen = time.perf_counter(), False, False, b""
         first: tuple[float, float] | None = None
         job_id = None
-        reader, writer = await asyncio.open_connection(host, int(port))
+        if connections is None:
+            reader, writer = await asyncio.open_connection(host, int(port))
+        else:
+            reader, writer = connections.pop()
+        kept = False
         try:
             writer.write(request)
             while data := await reader.read(65536):
@@ -173,18 +197,25 @@ def gateway_job(url: str, max_new_tokens: int) -> Callable[[], Awaitable[Outcome
                 if first is None and _TEXT.search(seen):
                     first = (time.perf_counter() - started, time.time())
                 finished = finished or b'"finish_reason":"' in seen
-                if b"data: [DONE]" in seen:
+                done = done or b"data: [DONE]" in seen
+                # The response ends with [DONE], then (kept alive) the last, empty chunk.
+                if done and (connections is None or seen.endswith(b"\r\n0\r\n\r\n")):
+                    kept = connections is not None
                     if not finished or first is None or job_id is None:
                         return None
                     return first[0], job_id, first[1]
             return None
         finally:
-            writer.close()
+            if kept:
+                assert connections is not None
+                connections.append((reader, writer))
+            else:
+                writer.close()
     return one
 
 
 def run_path(path: str, n: int, max_new_tokens: int, settings: dict[str, Any], url: str,
-             start_at: float) -> list[Outcome | str | None]:
+             start_at: float, cold: bool = False) -> list[Outcome | str | None]:
     """One path's N jobs, all started at `start_at` (time.time()), in a process of its own:
     the two paths' clients never share an event loop or a GIL (the producer's publish threads
     held up the gateway client's sends by seconds when they did)."""
@@ -194,10 +225,19 @@ def run_path(path: str, n: int, max_new_tokens: int, settings: dict[str, Any], u
     client = _CLIENT
 
     async def run() -> list[Any]:
+        connections = None
+        if path == "gateway" and not cold:
+            # Opened anew each round (uvicorn closes connections idle for 5 s), before the
+            # start: not timed.
+            connections = await open_connections(url, n)
         one = producer_job(client, max_new_tokens) if path == "producer" else \
-            gateway_job(url, max_new_tokens)
+            gateway_job(url, max_new_tokens, connections)
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        return await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+        try:
+            return await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+        finally:
+            for _, writer in connections or ():
+                writer.close()
 
     return [r if r is None or isinstance(r, tuple) else repr(r)
             for r in _LOOP.run_until_complete(run())]
@@ -214,14 +254,15 @@ async def _new_client(settings: dict[str, Any]) -> AsyncChatQueueClient:
 
 
 async def side_by_side(pools: dict[str, ProcessPoolExecutor], client: AsyncChatQueueClient,
-                       url: str, n: int, max_new_tokens: int) -> dict[str, dict[str, Any]]:
+                       url: str, n: int, max_new_tokens: int, cold: bool = False
+                       ) -> dict[str, dict[str, Any]]:
     """N jobs through each path, both paths started at the same instant from two processes."""
     settings = {"broker_url": client.settings.broker_url, "queue": client.settings.queue,
                 "wait_timeout_s": client.settings.wait_timeout_s}
     start_at = time.time() + 1.0
     loop = asyncio.get_running_loop()
     runs = {path: loop.run_in_executor(pool, run_path, path, n, max_new_tokens, settings, url,
-                                       start_at)
+                                       start_at, cold)
             for path, pool in pools.items()}
     return {path: await tally(client, n, await run) for path, run in runs.items()}
 
@@ -233,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds of 2 x N jobs, each path's N side by side")
     parser.add_argument("--model-dir", type=Path, help="default: the tiny test model")
+    parser.add_argument("--cold-connections", action="store_true",
+                        help="a new HTTP connection per gateway request, opened in the timed "
+                             "path (default: kept-alive connections opened before each round)")
+    parser.add_argument("--note", default="", help="written into the results: what else ran")
     parser.add_argument("--out", type=Path,
                         default=REPO_ROOT / "benchmarks" / "results" / "gateway_load.json")
     args = parser.parse_args(argv)
@@ -269,10 +314,12 @@ def main(argv: list[str] | None = None) -> int:
 
             async def measure() -> None:
                 async with AsyncChatQueueClient(settings) as client:
-                    await side_by_side(pools, client, url, 4, args.max_new_tokens)  # warm-up
+                    await side_by_side(pools, client, url, 4, args.max_new_tokens,
+                                       args.cold_connections)  # warm-up
                     for round_ in range(args.rounds):
                         measured = await side_by_side(pools, client, url, args.n,
-                                                      args.max_new_tokens)
+                                                      args.max_new_tokens,
+                                                      args.cold_connections)
                         for name, row in measured.items():
                             rows.append({"round": round_, "path": name, **row})
                             print(json.dumps(rows[-1]), flush=True)
@@ -301,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.run import cpu_model  # here: it imports torch, which the clients need not
 
     result: dict[str, Any] = {
+        "note": args.note,
         "mode": "side_by_side",
+        "gateway_connections": "new per request, timed" if args.cold_connections else
+        "kept alive, opened before each round",
         "n_per_path": args.n, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
         "cpu": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m": os.getloadavg()[0],
         "lost": sum(r["n"] - r["completed"] for r in rows),
