@@ -86,3 +86,23 @@ def test_quick_backends_comparison_writes_its_results(tiny_model_dir: Path, tmp_
     assert all(row["tokens_per_s"] > 0 for row in results["backends"].values())
     # Both batchers decode greedily in float32 on the CPU: the same tokens, job by job.
     assert results["jobs_with_identical_tokens"] == results["jobs"] == 8
+
+
+def test_quick_engine_ab_alternates_the_variants_and_writes_their_medians(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engine_ab", "--quick", "--model-dir",
+         str(tiny_model_dir), "--out", str(tmp_path), "--max-new-tokens", "12"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    (path,) = tmp_path.glob("*-engine-ab.json")
+    results = json.loads(path.read_text())
+    variants = results["variants"]
+    assert set(variants) == {"native", "torch"}
+    # Steps alternate, so each variant ran about half of the decode steps (warm-up excluded).
+    decode = [variants[name]["decode"]["steps"] for name in ("native", "torch")]
+    assert min(decode) >= 4 and abs(decode[0] - decode[1]) <= 2
+    assert results["torch_over_native"]["decode"] > 0
+    assert "torch_over_native: decode" in completed.stdout

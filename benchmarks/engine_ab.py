@@ -1,0 +1,171 @@
+"""Two engine variants side by side in one process, switched step by step.
+
+    .venv/bin/python -m benchmarks.engine_ab [--quick] [--model-dir DIR] [--jobs 32]
+
+On a shared VM two runs of the same workload differ by 10-15%, more than most single changes
+gain, so whole runs one after the other cannot decide a change. Here one engine serves the
+benchmark's prompts (prefix caching off, greedy, EOS ignored) and its runner alternates the
+variants every step: each variant's steps see the same machine, the same batch sizes and the
+same contexts, and their medians compare. Steps are split by kind: decode-only steps (every
+row one token) and steps that also prefill.
+
+Variants (`VARIANTS`): `native` / `torch`, the decode attention path on CPU (the native kernel
+of `worker/engine/native` against the pure-torch gather + matmuls). Writes
+<out>/<model>-engine-ab.json and prints the medians and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.backends import _prompt_ids
+from benchmarks.run import REPO_ROOT, machine_info, prepare_model_dir
+from worker.engine import Engine, EngineLimits, EngineRequest
+from worker.engine.runner import ModelRunner
+from worker.engine.scheduler import ScheduledRow
+from worker.manifest import read_manifest
+from worker.model import load_model, resolve_device
+from worker.pipeline.sampling import SamplingParams
+
+# name -> how to switch a runner to it before a step
+VARIANTS: dict[str, Callable[[ModelRunner], None]] = {
+    "native": lambda runner: setattr(runner, "native_decode", True),
+    "torch": lambda runner: setattr(runner, "native_decode", False),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny test model, 8 jobs of 8 tokens: checks the script works")
+    parser.add_argument("--model-dir", type=Path, help="default: the demo model's folder")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--device", default="auto", help="as CHATQUEUE_DEVICE (default auto)")
+    parser.add_argument("--dtype", default="auto", help="as CHATQUEUE_DTYPE (default auto)")
+    parser.add_argument("--jobs", type=int, help="concurrent jobs per round (default 32)")
+    parser.add_argument("--max-new-tokens", type=int, help="new tokens per job (default 64)")
+    parser.add_argument("--rounds", type=int, help="rounds of --jobs jobs (default 2)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    jobs = args.jobs or (8 if args.quick else 32)
+    new_tokens = args.max_new_tokens or (8 if args.quick else 64)
+    rounds = args.rounds or (1 if args.quick else 2)
+    model_dir = prepare_model_dir(args)
+    device = resolve_device(args.device)
+    started = time.time()
+    load_average_start = list(os.getloadavg())
+    loaded = load_model(model_dir, read_manifest(model_dir), device=device, dtype=args.dtype)
+    prompts = [_prompt_ids(loaded, i) for i in range(jobs)]
+    engine = Engine(loaded.model, pad_id=loaded.pad_id, think=loaded.think,
+                    limits=EngineLimits(max_batch_size=jobs, prefix_caching=False))
+    if not engine.runner.native_decode:
+        raise SystemExit("the native kernel is not available here (a CPU device, bf16 or "
+                         "float32, a C compiler): nothing to compare")
+    timings = _Alternating(engine.runner, list(VARIANTS))
+    engine.start()
+    try:
+        _run(engine, prompts[:2], 2)  # warm-up, both variants
+        timings.reset()
+        for _ in range(rounds):
+            _run(engine, prompts, new_tokens)
+    finally:
+        engine.stop()
+    results = _summarise(read_manifest(model_dir).repo_id, loaded, jobs, new_tokens, rounds,
+                         timings.seconds)
+    results["machine"] = machine_info(device, loaded.dtype, datetime.fromtimestamp(started, UTC),
+                                      load_average_start)
+    _report(results, args.out, results["model_id"].rsplit("/", 1)[-1])
+    return 0
+
+
+class _Alternating:
+    """Wraps the runner's execute: each step runs the next variant and is timed under it."""
+
+    def __init__(self, runner: ModelRunner, names: list[str]) -> None:
+        self.names = names
+        self.reset()
+        execute = runner.execute
+
+        def timed(rows: Sequence[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
+            name = names[self._step % len(names)]
+            self._step += 1
+            VARIANTS[name](runner)
+            began = time.perf_counter()
+            result = execute(rows)
+            kind = "decode" if all(row.count == 1 for row in rows) else "prefill"
+            self.seconds[name][kind].append(time.perf_counter() - began)
+            return result
+
+        runner.execute = timed  # type: ignore[method-assign]
+
+    def reset(self) -> None:
+        self.seconds: dict[str, dict[str, list[float]]] = {
+            name: {"decode": [], "prefill": []} for name in self.names}
+        self._step = 0
+
+
+def _run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> None:
+    greedy = SamplingParams(do_sample=False)
+    jobs = [engine.submit(EngineRequest(p, new_tokens, greedy, frozenset())) for p in prompts]
+    for job in jobs:
+        job.future.result()
+
+
+def _summarise(model_id: str, loaded: Any, jobs: int, new_tokens: int, rounds: int,
+               seconds: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    rows = {
+        name: {kind: {"steps": len(times),
+                      "median_ms": 1000 * statistics.median(times) if times else None}
+               for kind, times in kinds.items()}
+        for name, kinds in seconds.items()
+    }
+    first, second = list(rows)
+    ratios = {
+        kind: (rows[second][kind]["median_ms"] / rows[first][kind]["median_ms"]
+               if rows[first][kind]["median_ms"] and rows[second][kind]["median_ms"] else None)
+        for kind in ("decode", "prefill")
+    }
+    return {
+        "model_id": model_id,
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "jobs": jobs,
+        "max_new_tokens": new_tokens,
+        "rounds": rounds,
+        "variants": rows,
+        f"{second}_over_{first}": ratios,
+    }
+
+
+def _report(results: dict[str, Any], out: Path, model_name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{model_name}-engine-ab.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{results['model_id']} ({results['dtype']} on {results['device']}), "
+          f"{results['jobs']} jobs x {results['max_new_tokens']} new tokens, "
+          f"{results['rounds']} rounds, variants alternating step by step")
+    for name, kinds in results["variants"].items():
+        parts = [f"{kind} {row['median_ms']:.1f} ms ({row['steps']} steps)"
+                 for kind, row in kinds.items() if row["median_ms"] is not None]
+        print(f"  {name:8s} " + ", ".join(parts))
+    (ratio_name, ratios), = ((k, v) for k, v in results.items() if "_over_" in k)
+    print(f"  {ratio_name}: " + ", ".join(
+        f"{kind} {value:.3f}" for kind, value in ratios.items() if value is not None))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
