@@ -49,15 +49,15 @@ static inline void store_f32(const float *src, float *dst, int64_t n) {
     memcpy(dst, src, (size_t)n * sizeof(float));
 }
 
-/* One (row, KV head) unit. scores: [group * length] scratch; acc: [group * dim] scratch.
+/* One (row, KV head) unit. scores: [group * length] scratch.
  * Always inlined into a copy per common head size (below), so that the loops over `dim` have a
  * constant trip count and unroll into whole vector registers. */
-#define DEFINE_UNIT(NAME, T, LOAD, STORE)                                                      \
+#define DEFINE_UNIT(NAME, T, LOAD, STORE)                                                       \
 static inline __attribute__((always_inline)) void NAME##_body(                                  \
         const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_pool,            \
         int64_t num_slots, const int32_t *table, int64_t length, T *out, int64_t out_row,       \
         int64_t out_head, int64_t row, int64_t kv_head, int64_t group, const int64_t dim,       \
-        int64_t block_size, float scale, float *scores, float *acc) {                           \
+        int64_t block_size, float scale, float *scores) {                                       \
     float qf[group][dim];                                                                       \
     float kf[dim];                                                                              \
     for (int64_t g = 0; g < group; g++) {                                                       \
@@ -93,22 +93,22 @@ static inline __attribute__((always_inline)) void NAME##_body(                  
         }                                                                                       \
         total[g] = sum;                                                                         \
     }                                                                                           \
-    memset(acc, 0, (size_t)(group * dim) * sizeof(float));                                      \
-    for (int64_t b = 0, p = 0; b < blocks; b++) {                                               \
-        const T *v = values + (int64_t)table[b] * block_size * dim;                             \
-        int64_t n = length - p < block_size ? length - p : block_size;                          \
-        for (int64_t o = 0; o < n; o++, p++, v += dim) {                                        \
-            LOAD(v, kf, dim);                                                                   \
-            for (int64_t g = 0; g < group; g++) {                                               \
-                float w = scores[g * length + p];                                               \
-                float *a = acc + g * dim;                                                       \
+    /* One query head at a time: its dim accumulators stay in registers, and the row's values   \
+     * (a few KiB per KV head) are read again from cache for the next head of the group. */     \
+    for (int64_t g = 0; g < group; g++) {                                                       \
+        const float *w = scores + g * length;                                                   \
+        float a[dim];                                                                           \
+        for (int64_t d = 0; d < dim; d++) a[d] = 0.0f;                                          \
+        for (int64_t b = 0, p = 0; b < blocks; b++) {                                           \
+            const T *v = values + (int64_t)table[b] * block_size * dim;                         \
+            int64_t n = length - p < block_size ? length - p : block_size;                      \
+            for (int64_t o = 0; o < n; o++, p++, v += dim) {                                    \
+                LOAD(v, kf, dim);                                                               \
+                float wp = w[p];                                                                \
                 _Pragma("omp simd")                                                             \
-                for (int64_t d = 0; d < dim; d++) a[d] += w * kf[d];                            \
+                for (int64_t d = 0; d < dim; d++) a[d] += wp * kf[d];                           \
             }                                                                                   \
         }                                                                                       \
-    }                                                                                           \
-    for (int64_t g = 0; g < group; g++) {                                                       \
-        float *a = acc + g * dim;                                                               \
         float inv = 1.0f / total[g];                                                            \
         for (int64_t d = 0; d < dim; d++) a[d] *= inv;                                          \
         STORE(a, out + row * out_row + (kv_head * group + g) * out_head, dim);                  \
@@ -117,20 +117,20 @@ static inline __attribute__((always_inline)) void NAME##_body(                  
 static void NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_pool,   \
                  int64_t num_slots, const int32_t *table, int64_t length, T *out,               \
                  int64_t out_row, int64_t out_head, int64_t row, int64_t kv_head,               \
-                 int64_t group, int64_t dim, int64_t block_size, float scale, float *scores,    \
-                 float *acc) {                                                                  \
+                 int64_t group, int64_t dim, int64_t block_size, float scale,                   \
+                 float *scores) {                                                               \
     switch (dim) {                                                                              \
     case 64:                                                                                    \
         NAME##_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,   \
-                    out_head, row, kv_head, group, 64, block_size, scale, scores, acc);         \
+                    out_head, row, kv_head, group, 64, block_size, scale, scores);              \
         break;                                                                                  \
     case 128:                                                                                   \
         NAME##_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,   \
-                    out_head, row, kv_head, group, 128, block_size, scale, scores, acc);        \
+                    out_head, row, kv_head, group, 128, block_size, scale, scores);             \
         break;                                                                                  \
     default:                                                                                    \
         NAME##_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,   \
-                    out_head, row, kv_head, group, dim, block_size, scale, scores, acc);        \
+                    out_head, row, kv_head, group, dim, block_size, scale, scores);             \
     }                                                                                           \
 }
 
@@ -154,10 +154,9 @@ int NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_
     _Pragma("omp parallel num_threads(threads)")                                                \
     {                                                                                           \
         float *scores = malloc((size_t)(group * longest) * sizeof(float));                      \
-        float *acc = malloc((size_t)(group * dim) * sizeof(float));                             \
         _Pragma("omp for schedule(dynamic, 1)")                                                 \
         for (int64_t unit = 0; unit < rows * kv_heads; unit++) {                                \
-            if (scores == NULL || acc == NULL) {                                                \
+            if (scores == NULL) {                                                               \
                 _Pragma("omp atomic write")                                                     \
                 failed = 1;                                                                     \
                 continue;                                                                       \
@@ -165,10 +164,9 @@ int NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_
             int64_t row = unit / kv_heads, kv_head = unit % kv_heads;                           \
             UNIT(q, q_row, q_head, k_pool, v_pool, num_slots, tables + row * table_row,         \
                  lengths[row], out, out_row, out_head, row, kv_head, group, dim, block_size,    \
-                 scale, scores, acc);                                                           \
+                 scale, scores);                                                                \
         }                                                                                       \
         free(scores);                                                                           \
-        free(acc);                                                                              \
     }                                                                                           \
     return failed ? -1 : 0;                                                                     \
 }
