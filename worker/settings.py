@@ -136,6 +136,11 @@ class WorkerSettings(ConnectionSettings):
         description="CPU: decode attention by a C kernel compiled on this machine at start "
         "(reads the paged KV pool in place); off, or no C compiler: the pure-torch path.",
     )
+    kernel_cache_dir: Path | None = Field(
+        default=None,
+        description="Where native kernel builds are kept; unset: ~/.cache/chatqueue/kernels "
+        "(XDG_CACHE_HOME), else a folder in the temp directory.",
+    )
 
     # --- delivery (README "Guarantees")
     max_job_seconds: float = Field(default=1800.0, gt=0)

@@ -47,15 +47,11 @@ def _reference(query, keys, values, tables, lengths, block, scale):
 def _native(query, keys, values, tables, lengths, block, scale, out=None):
     rows = query.shape[2]
     out = query.new_full((rows, query.shape[1], query.shape[3]), 7.0) if out is None else out
-    native.decode_attention(query[0].transpose(0, 1), keys, values,
-                            tables.to(torch.int32).contiguous(),
-                            torch.tensor(lengths, dtype=torch.int32), out, block, scale)
+    kernel = native.load()
+    assert kernel is not None, "the native kernel did not build"
+    kernel(query[0].transpose(0, 1), keys, values, tables.to(torch.int32).contiguous(),
+           torch.tensor(lengths, dtype=torch.int32), out, block, scale)
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _built():
-    assert native.supports(torch.float32, torch.device("cpu")), "the native kernel did not build"
 
 
 @pytest.mark.parametrize(("rows", "heads", "kv_heads", "dim", "block"), [
@@ -125,9 +121,10 @@ def test_shapes_it_cannot_take_are_refused_not_guessed():
         _native(query, keys, values, tables, [0, 3], 2, 1.0)  # a row with no position
     with pytest.raises(ValueError, match="layouts or dtypes"):
         _native(query, keys.half(), values.half(), tables, lengths, 2, 1.0)
-    assert not native.supports(torch.float16, torch.device("cpu"))
-    assert not native.supports(torch.float32, torch.device("cpu"), head_dim=1024)
-    assert not native.supports(torch.float32, torch.device("meta"))
+    assert native.DecodeKernel.takes(torch.bfloat16, torch.device("cpu"), 128)
+    assert not native.DecodeKernel.takes(torch.float16, torch.device("cpu"), 64)
+    assert not native.DecodeKernel.takes(torch.float32, torch.device("cpu"), 1024)
+    assert not native.DecodeKernel.takes(torch.float32, torch.device("cuda"), 64)
 
 
 def test_a_build_is_reused_for_the_same_source_compiler_and_cpu(tmp_path):
@@ -165,14 +162,14 @@ def test_an_engine_without_a_compiler_falls_back_to_the_torch_path_and_says_so(t
         model_dir = Path({str(tiny_model_dir)!r})
         loaded = load_model(model_dir, read_manifest(model_dir), device=torch.device("cpu"),
                             dtype="float32")
-        engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=EngineLimits()).start()
+        limits = EngineLimits(kernel_cache_dir=Path({str(tmp_path / "cache")!r}))
+        engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits).start()
         out = engine.generate(EngineRequest([1, 2, 3], 4, SamplingParams(do_sample=False),
                                             frozenset()))
         engine.stop()
         print("native", engine.runner.native_decode, "tokens", len(out.token_ids))
     """)
-    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"),
-           "CHATQUEUE_KERNEL_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr

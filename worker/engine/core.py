@@ -54,7 +54,8 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, limits.block_size,
                                  prefix_caching=limits.prefix_caching)
         self.scheduler = Scheduler(self.kv, limits)
-        self.runner = ModelRunner(model, self.kv, native_kernels=limits.native_kernels)
+        self.runner = ModelRunner(model, self.kv, native_kernels=limits.native_kernels,
+                                  kernel_cache_dir=limits.kernel_cache_dir)
         self._inbox: queue.Queue[EngineJob] = queue.Queue()
         self._stop = threading.Event()
         self._stop_requested = False

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -60,6 +61,7 @@ class EngineLimits:
     kv_cache_bytes: int | None = None  # CPU: the KV pool's size (None: min(2 GiB, what's needed))
     kv_cache_memory_fraction: float = 0.8  # CUDA: share of free device memory after load
     native_kernels: bool = True  # CPU: the C decode attention kernel, when it builds
+    kernel_cache_dir: Path | None = None  # where its builds are kept (None: native.cache_dirs())
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a job is one thing in flight

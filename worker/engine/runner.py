@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +68,7 @@ class _DecodeGroup:
 class _NativeDecode:
     """All single-token rows 0..rows of the step, attended by the native kernel in place."""
 
+    kernel: native.DecodeKernel
     rows: int
     tables: torch.Tensor  # [rows, blocks], int32: each row's block table (padded with 0)
     lengths: torch.Tensor  # [rows], int32: positions each row attends
@@ -110,9 +112,9 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     scale = dim ** -0.5 if scaling is None else scaling
     out = query.new_empty(tokens, heads, dim)
     if (decode := step.native_decode) is not None:
-        native.decode_attention(query[0, :, :decode.rows].transpose(0, 1), key_pool, value_pool,
-                                decode.tables, decode.lengths, out[:decode.rows],
-                                step.storage.block_size, scale)
+        decode.kernel(query[0, :, :decode.rows].transpose(0, 1), key_pool, value_pool,
+                      decode.tables, decode.lengths, out[:decode.rows], step.storage.block_size,
+                      scale)
     for group in step.decode_groups:
         rows = group.end - group.start
         # [kv_heads, rows, group_size, dim]: a KV head's query heads take the query-length axis,
@@ -167,7 +169,8 @@ AttentionInterface.register(ATTENTION_NAME, paged_attention)
 
 
 class ModelRunner:
-    def __init__(self, model: Any, kv: KVCacheManager, *, native_kernels: bool = True) -> None:
+    def __init__(self, model: Any, kv: KVCacheManager, *, native_kernels: bool = True,
+                 kernel_cache_dir: Path | None = None) -> None:
         self.model = model
         self.device = model.device
         self.kv = kv
@@ -176,8 +179,11 @@ class ModelRunner:
         _check_attention_layers(model.config)
         dtype = getattr(model, "dtype", None) or torch.get_default_dtype()
         # The native kernel for single-token rows on CPU (worker/engine/native), when it builds.
-        self.native_decode = native_kernels and native.supports(dtype, self.device,
-                                                                head_dim_of(model.config))
+        self.kernel = None
+        if native_kernels and native.DecodeKernel.takes(dtype, self.device,
+                                                        head_dim_of(model.config)):
+            self.kernel = native.load(kernel_cache_dir)
+        self.native_decode = self.kernel is not None
 
     @torch.inference_mode()
     def execute(self, rows: Sequence[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
@@ -211,8 +217,9 @@ class ModelRunner:
         device = self.device
         step = StepContext(self.storage, _tensor(slots, device),
                            context_cells=sum(row.start + row.count for row in rows))
-        if self.native_decode and decode_rows:
-            step.native_decode = _native_decode(rows[:decode_rows], tables[:decode_rows], block)
+        if self.native_decode and self.kernel is not None and decode_rows:
+            step.native_decode = _native_decode(self.kernel, rows[:decode_rows],
+                                                tables[:decode_rows], block)
         else:
             start = 0
             for end in _similar_lengths([row.start + 1 for row in rows[:decode_rows]]):
@@ -262,12 +269,12 @@ def _decode_group(rows: list[ScheduledRow], tables: list[list[int]], start: int,
     return _DecodeGroup(start, start + len(rows), index.to(device), mask)
 
 
-def _native_decode(rows: list[ScheduledRow], tables: list[list[int]],
-                   block: int) -> _NativeDecode:
+def _native_decode(kernel: native.DecodeKernel, rows: list[ScheduledRow],
+                   tables: list[list[int]], block: int) -> _NativeDecode:
     lengths = [row.start + 1 for row in rows]
     width = -(-max(lengths) // block)
     padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
-    return _NativeDecode(len(rows), torch.tensor(padded, dtype=torch.int32),
+    return _NativeDecode(kernel, len(rows), torch.tensor(padded, dtype=torch.int32),
                          torch.tensor(lengths, dtype=torch.int32))
 
 

@@ -13,9 +13,10 @@ loaded, so its `libgomp.so.1` resolves to the one torch already loaded: its para
 on torch's own OpenMP threads instead of a second team fighting them for the cores. And with
 -march=native, for the CPU it runs on: the build is cached per source, compiler and CPU.
 
-No compiler, a failed build or a dtype it does not take (it takes bfloat16 and float32):
-`supports()` is False and the engine keeps the pure-torch path (a failed build is logged once).
-The setting CHATQUEUE_NATIVE_KERNELS=false turns it off.
+No compiler or a failed build: `load()` is None (logged); a dtype or head size it does not take
+(it takes bfloat16 and float32, heads up to 512): `DecodeKernel.takes()` is False. Either way
+the engine keeps the pure-torch path. The setting CHATQUEUE_NATIVE_KERNELS=false turns it off,
+CHATQUEUE_KERNEL_CACHE_DIR says where builds are kept.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,15 +38,10 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("paged_decode.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
 
-DecodeAttention = Callable[..., None]
-
-
 def cache_dirs() -> list[Path]:
-    """Where builds are kept, in order of preference: $CHATQUEUE_KERNEL_CACHE, else
-    $XDG_CACHE_HOME (or ~/.cache)/chatqueue/kernels; then a folder of this user's in the temp
-    directory (a read-only home, as in the compose services)."""
-    if configured := os.environ.get("CHATQUEUE_KERNEL_CACHE"):
-        return [Path(configured)]
+    """Where builds are kept by default, in order of preference: $XDG_CACHE_HOME (or
+    ~/.cache)/chatqueue/kernels, then a folder of this user's in the temp directory (a
+    read-only home, as in the compose services)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return [Path(base) / "chatqueue" / "kernels",
             Path(tempfile.gettempdir()) / f"chatqueue-kernels-{os.getuid()}"]
@@ -119,52 +114,56 @@ _ARGTYPES = [
     ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,  # dim, block, scale, threads
 ]
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    try:
-        library = ctypes.CDLL(str(build()))
-    except (NativeBuildError, OSError) as exc:
-        log.warning("native CPU attention kernel unavailable, using the torch path: %s", exc)
-        return None
-    for suffix in _SUFFIX.values():
-        function = getattr(library, f"chatqueue_decode_attention_{suffix}")
-        function.argtypes = _ARGTYPES
-        function.restype = ctypes.c_int
-    return library
-
-
 MAX_HEAD_DIM = 512  # as MAX_DIM in paged_decode.c
 
 
-def supports(dtype: torch.dtype, device: torch.device, head_dim: int = 64) -> bool:
-    return (device.type == "cpu" and dtype in _SUFFIX and head_dim <= MAX_HEAD_DIM
-            and _library() is not None)
+class DecodeKernel:
+    """The loaded decode attention kernel."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._functions: dict[torch.dtype, ctypes._CFunctionType] = {}
+        for dtype, suffix in _SUFFIX.items():
+            function = getattr(library, f"chatqueue_decode_attention_{suffix}")
+            function.argtypes = _ARGTYPES
+            function.restype = ctypes.c_int
+            self._functions[dtype] = function
+
+    @staticmethod
+    def takes(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+        return device.type == "cpu" and dtype in _SUFFIX and head_dim <= MAX_HEAD_DIM
+
+    def __call__(self, q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor,
+                 tables: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor,
+                 block_size: int, scale: float) -> None:
+        """out[r] = attention of q[r] ([rows, heads, dim]) over row r's first lengths[r]
+        positions, read from the pools ([kv_heads, slots, dim]) through tables[r] ([rows,
+        blocks], int32). Raises ValueError on what the kernel does not take."""
+        rows, heads, dim = q.shape
+        kv_heads, slots, _ = key_pool.shape
+        function = self._functions.get(q.dtype)
+        if (function is None or q.stride(2) != 1 or out.stride(2) != 1
+                or not key_pool.is_contiguous() or not value_pool.is_contiguous()
+                or tables.dtype != torch.int32 or lengths.dtype != torch.int32
+                or not tables.is_contiguous() or not lengths.is_contiguous()
+                or key_pool.dtype != q.dtype or value_pool.dtype != q.dtype
+                or out.dtype != q.dtype):
+            raise ValueError("decode_attention: layouts or dtypes the kernel does not take")
+        status = function(
+            q.data_ptr(), q.stride(0), q.stride(1), key_pool.data_ptr(), value_pool.data_ptr(),
+            slots, tables.data_ptr(), tables.stride(0), lengths.data_ptr(), out.data_ptr(),
+            out.stride(0), out.stride(1), rows, heads, kv_heads, dim, block_size, scale,
+            torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"decode_attention refused rows={rows} heads={heads} "
+                             f"kv_heads={kv_heads} dim={dim} block_size={block_size}")
 
 
-def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor,
-                     tables: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor,
-                     block_size: int, scale: float) -> None:
-    """out[r] = attention of q[r] ([rows, heads, dim]) over row r's first lengths[r] positions,
-    read from the pools ([kv_heads, slots, dim]) through tables[r] ([rows, blocks], int32).
-
-    Callers check `supports()` first. Raises ValueError on shapes the kernel refuses."""
-    rows, heads, dim = q.shape
-    kv_heads, slots, _ = key_pool.shape
-    if (q.stride(2) != 1 or out.stride(2) != 1 or not key_pool.is_contiguous()
-            or not value_pool.is_contiguous() or tables.dtype != torch.int32
-            or lengths.dtype != torch.int32 or not tables.is_contiguous()
-            or not lengths.is_contiguous() or key_pool.dtype != q.dtype
-            or out.dtype != q.dtype):
-        raise ValueError("decode_attention: layouts or dtypes the kernel does not take")
-    library = _library()
-    assert library is not None
-    function = getattr(library, f"chatqueue_decode_attention_{_SUFFIX[q.dtype]}")
-    status = function(
-        q.data_ptr(), q.stride(0), q.stride(1), key_pool.data_ptr(), value_pool.data_ptr(), slots,
-        tables.data_ptr(), tables.stride(0), lengths.data_ptr(), out.data_ptr(), out.stride(0),
-        out.stride(1), rows, heads, kv_heads, dim, block_size, scale, torch.get_num_threads())
-    if status != 0:
-        raise ValueError(f"decode_attention refused rows={rows} heads={heads} "
-                         f"kv_heads={kv_heads} dim={dim} block_size={block_size}")
+@functools.cache
+def load(cache_dir: Path | None = None) -> DecodeKernel | None:
+    """The kernel, built (into `cache_dir`, default `cache_dirs()`) and loaded once per
+    process; None, logged, when it cannot be."""
+    try:
+        return DecodeKernel(ctypes.CDLL(str(build(out_dir=cache_dir))))
+    except (NativeBuildError, OSError) as exc:
+        log.warning("native CPU attention kernel unavailable, using the torch path: %s", exc)
+        return None
