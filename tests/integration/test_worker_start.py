@@ -160,3 +160,32 @@ def test_a_worker_whose_engine_dies_stops_consuming_and_gives_its_jobs_back(
         finally:
             healthy.stop()
     assert [r.content for r in results] == [TINY_CONTENT] * WAITING_JOBS
+
+
+def test_a_worker_without_a_c_compiler_says_so_and_serves_on_the_torch_path(
+    tiny_model_dir, tmp_path, redis, queue_with_jobs
+):
+    queue, jobs, client = queue_with_jobs
+    env = worker_env(redis.url, tiny_model_dir, queue, concurrency="4",
+                     default_max_new_tokens="64", kernel_cache_dir=str(tmp_path / "kernels"))
+    env["CC"] = str(tmp_path / "no-such-compiler")
+    worker = spawn_worker(env, tmp_path)
+    try:
+        results = [client.result(job, timeout=120) for job in jobs]
+        assert [r.content for r in results] == [TINY_CONTENT] * WAITING_JOBS
+        log = worker.log()
+        assert "native CPU attention kernel unavailable" in log and "no-such-compiler" in log
+        assert "decode attention: torch" in log
+    finally:
+        worker.stop()
+
+
+def test_a_worker_with_a_c_compiler_decodes_with_the_native_kernel(
+    tiny_model_dir, tmp_path, redis, queue_with_jobs, spawn
+):
+    queue, jobs, client = queue_with_jobs
+    worker = spawn(tiny_model_dir, queue, kernel_cache_dir=str(tmp_path / "kernels"))
+    results = [client.result(job, timeout=120) for job in jobs]
+    assert [r.content for r in results] == [TINY_CONTENT] * WAITING_JOBS
+    assert "decode attention: native CPU kernel" in worker.log()
+    assert list((tmp_path / "kernels").glob("paged_decode-*.so"))  # built where it was told

@@ -25,6 +25,7 @@ to SDPA when called outside an engine step.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ from worker.engine.kv_cache import KVCacheManager, KVStorage, head_dim_of, kv_he
 from worker.engine.scheduler import ScheduledRow
 
 ATTENTION_NAME = "chatqueue_paged"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -184,6 +186,8 @@ class ModelRunner:
                                                         head_dim_of(model.config)):
             self.kernel = native.load(kernel_cache_dir)
         self.native_decode = self.kernel is not None
+        log.info("decode attention: %s", "native CPU kernel" if self.native_decode else
+                 "torch (SDPA on CUDA, gathered matmuls on CPU)")
 
     @torch.inference_mode()
     def execute(self, rows: Sequence[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
