@@ -143,7 +143,8 @@ class AsyncChatQueueClient:
 
     @property
     def blocking(self) -> ChatQueueClient:
-        """The synchronous client this one publishes through."""
+        """The synchronous client whose Celery app builds this one's messages (and which
+        publishes them when submit_min_replicas is set)."""
         return self._publisher
 
     async def submit(self, request: ChatRequest | Mapping[str, Any]) -> str:

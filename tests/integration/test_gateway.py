@@ -392,14 +392,23 @@ def test_the_gateway_works_on_the_producer_acl_user():
             ProducerSettings(broker_url=server.url, redis_username="producer",
                              redis_password=passwords["producer"]), key_digests=())
 
-        async def calls() -> list[httpx.Response]:
-            async with app.app.state.gateway.lifespan(app.app), httpx.AsyncClient(
+        async def calls() -> tuple[list[httpx.Response], str]:
+            gateway = app.app.state.gateway
+            async with gateway.lifespan(app.app), httpx.AsyncClient(
                     transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
-                return [await http.get("/healthz"), await http.get("/v1/models"),
-                        await http.post("/v1/chat/completions",
-                                        json={"model": model, "messages": TINY_MESSAGES})]
+                responses = [await http.get("/healthz"), await http.get("/v1/models"),
+                             await http.post("/v1/chat/completions",
+                                             json={"model": model, "messages": TINY_MESSAGES})]
+                # The asyncio client's own publish (record, message, record) on this login.
+                job_id = await gateway.client.submit({"model": model,
+                                                      "messages": TINY_MESSAGES})
+                return responses, job_id
 
-        health, models, shed = asyncio.run(calls())
+        (health, models, shed), job_id = asyncio.run(calls())
+        admin = redis_py.Redis(host="127.0.0.1", port=server.port, username="admin",
+                               password=passwords["admin"])
+        assert admin.llen(queue) == 3
+        assert admin.get(f"chatqueue:accepted:{job_id}").startswith(b"queued ")
     assert health.status_code == 200
     assert [m["id"] for m in models.json()["data"]] == [model]
     assert shed.status_code == 429 and shed.json()["error"]["value"] == 2
