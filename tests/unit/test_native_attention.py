@@ -114,6 +114,15 @@ def test_it_writes_its_rows_of_out_and_nothing_else():
     assert not torch.equal(out[:3], torch.full((3, 4, 8), 7.0))
 
 
+def test_a_query_strided_along_its_head_vectors_is_taken_too():
+    query, keys, values, tables, lengths = _case(torch.float32, rows=3, heads=4, kv_heads=2,
+                                                 dim=8, block=2)
+    strided = query.transpose(-1, -2).contiguous().transpose(-1, -2)  # dim is the slow axis
+    assert strided.stride(-1) != 1
+    torch.testing.assert_close(_native(strided, keys, values, tables, lengths, 2, 1.0),
+                               _native(query, keys, values, tables, lengths, 2, 1.0))
+
+
 def test_shapes_it_cannot_take_are_refused_not_guessed():
     query, keys, values, tables, lengths = _case(torch.float32, rows=2, heads=4, kv_heads=2,
                                                  dim=8, block=2)

@@ -140,8 +140,10 @@ class DecodeKernel:
         blocks], int32). Raises ValueError on what the kernel does not take."""
         rows, heads, dim = q.shape
         kv_heads, slots, _ = key_pool.shape
+        if q.stride(2) != 1:  # rows and heads may be strided; each head's vector must not be
+            q = q.contiguous()
         function = self._functions.get(q.dtype)
-        if (function is None or q.stride(2) != 1 or out.stride(2) != 1
+        if (function is None or out.stride(2) != 1
                 or not key_pool.is_contiguous() or not value_pool.is_contiguous()
                 or tables.dtype != torch.int32 or lengths.dtype != torch.int32
                 or not tables.is_contiguous() or not lengths.is_contiguous()
