@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -127,6 +128,11 @@ class Gateway:
         self._admission = Admission(self._client.redis, self.settings.models_cache_s,
                                     self.settings.queue_length_cache_s)
         keeper = asyncio.create_task(self._admission.keep_fresh())
+        # What is alive now (the imported Celery, kombu, pydantic, Starlette: ~60k objects)
+        # lives as long as the process: kept out of the collector's full passes, which took
+        # ~40 ms each on this machine -- a pause that landed inside a burst of requests.
+        gc.collect()
+        gc.freeze()
         # Batch progress, read from Redis at each scrape (a scrape runs in a thread).
         collector = BatchCollector(self._client.blocking.redis)
         self.metrics.registry.register(collector)

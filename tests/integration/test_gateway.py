@@ -226,6 +226,27 @@ def test_a_queue_over_its_bound_is_shed_with_429(redis):
     assert (error["code"], error["limit"], error["value"]) == ("queue_full", 2, 3)
 
 
+def test_what_lives_at_startup_is_kept_out_of_the_collectors_full_passes(redis):
+    """A full garbage collection over the imported libraries took ~40-65 ms, a pause that
+    could land inside a burst: the gateway freezes what is alive once it has started."""
+    import gc
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    app = create_app(GatewaySettings(), ProducerSettings(broker_url=redis.url), key_digests=())
+
+    async def frozen_while_serving() -> int:
+        async with app.app.state.gateway.lifespan(app.app):
+            return gc.get_freeze_count()
+
+    gc.unfreeze()
+    try:
+        assert asyncio.run(frozen_while_serving()) > 10_000
+    finally:
+        gc.unfreeze()
+
+
 def test_a_queue_length_read_is_reused_with_this_gateways_own_jobs_counted_on_top(redis):
     """Over a real Redis: within its TTL a read of a queue's length is not repeated (jobs that
     others queue show at the next read), and the jobs this gateway queued since the read began
