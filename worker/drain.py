@@ -4,7 +4,10 @@ On SIGTERM Celery stops taking jobs and waits for the running ones (warm shutdow
 long they take. `Drain` bounds that wait: after the grace period it interrupts the jobs still
 running -- the engine thread fails each one's future with `JobInterrupted` before its next
 step (the job did not end: no finish reason says so), which the task turns into a requeue of
-the message -- and the job runs again, from its start, on another worker.
+the message -- and the job runs again, from its start, on another worker. An engine that does
+not get to it within `engine_response_s` (a step that never returns: a hung device) does not
+hold the jobs hostage: their futures are then failed from here, and their slots requeue them
+all the same.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ from worker.errors import JobInterrupted
 log = logging.getLogger(__name__)
 
 
+# Longer than any engine step should take; past it the engine is taken to be stuck.
+ENGINE_RESPONSE_S = 30.0
+
+
 class Drain:
-    def __init__(self) -> None:
+    def __init__(self, engine_response_s: float = ENGINE_RESPONSE_S) -> None:
+        self.engine_response_s = engine_response_s
         self._lock = threading.Lock()
         self._running: set[EngineJob] = set()
         self._timer: threading.Timer | None = None
@@ -51,6 +59,22 @@ class Drain:
             log.warning("grace period over: %d job(s) go back to the queue", len(running))
         for job in running:
             job.interrupt(JobInterrupted("this worker is stopping and its grace period is over"))
+        if running:
+            fallback = threading.Timer(self.engine_response_s, self._fail_unresolved, (running,))
+            fallback.daemon = True
+            fallback.name = "chatqueue-drain-fallback"
+            fallback.start()
+
+    def _fail_unresolved(self, jobs: list[EngineJob]) -> None:
+        """The engine did not end interrupted jobs in time: fail them here (the first outcome
+        stands, so a job the engine ends at the same moment keeps the engine's)."""
+        stuck = [job for job in jobs if not job.future.done()]
+        if stuck:
+            log.error("the engine did not end %d interrupted job(s) within %.0f s: failing them "
+                      "here so their slots requeue them", len(stuck), self.engine_response_s)
+        for job in stuck:
+            assert job.interruption is not None
+            job.fail(job.interruption)
 
     @property
     def draining(self) -> bool:

@@ -105,6 +105,15 @@ def test_drain_interrupts_the_running_jobs_after_the_grace():
     assert late.cancelled
 
 
+def test_drain_fails_interrupted_jobs_itself_when_the_engine_never_gets_to_them():
+    # No engine runs these jobs: as if its thread were stuck inside a step.
+    drain, stuck = Drain(engine_response_s=0.05), engine_job()
+    with drain.hold(stuck):
+        drain.abandon()
+        with pytest.raises(JobInterrupted, match="grace period"):
+            stuck.future.result(timeout=10)
+
+
 def test_drain_before_its_grace_leaves_jobs_alone():
     drain, job = Drain(), engine_job()
     with drain.hold(job):
