@@ -35,3 +35,9 @@ class ModelNotReady(ChatQueueError, RuntimeError):
 
 class WorkerMisconfigured(ChatQueueError, RuntimeError):
     """A setting this worker cannot run with; the message says which."""
+
+
+class NativeBuildError(ChatQueueError, RuntimeError):
+    """A native kernel could not be built or loaded here (no C compiler, a failed compile, no
+    private folder to build in). Never reaches a job: the engine logs it and takes its pure-torch
+    path."""

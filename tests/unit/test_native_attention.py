@@ -147,6 +147,21 @@ def test_a_build_is_reused_for_the_same_source_compiler_and_cpu(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial files
 
 
+def test_a_folder_others_can_write_is_not_built_in_nor_loaded_from(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    built = native.build(out_dir=shared)
+    shared.chmod(0o777)  # as /tmp is: anyone could replace the library
+    with pytest.raises(native.NativeBuildError, match="not private"):
+        native.build(out_dir=shared)
+    shared.chmod(0o700)
+    built.chmod(0o666)
+    with pytest.raises(native.NativeBuildError, match="not private"):
+        native.build(out_dir=shared)
+    fresh = native.build(out_dir=tmp_path / "fresh")
+    assert (fresh.parent.stat().st_mode & 0o777) == 0o700
+
+
 def test_a_failed_build_says_why(tmp_path, monkeypatch):
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")

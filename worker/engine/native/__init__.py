@@ -33,10 +33,13 @@ from pathlib import Path
 
 import torch
 
+from worker.errors import NativeBuildError
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+
 
 def cache_dirs() -> list[Path]:
     """Where builds are kept by default, in order of preference: $XDG_CACHE_HOME (or
@@ -47,14 +50,14 @@ def cache_dirs() -> list[Path]:
             Path(tempfile.gettempdir()) / f"chatqueue-kernels-{os.getuid()}"]
 
 
-class NativeBuildError(RuntimeError):
-    pass
-
-
 def build(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
     """The shared library of `source`, compiled unless a build for this source, compiler and
     CPU is cached (in `out_dir`, else the first of `cache_dirs()` that can be written). Raises
-    NativeBuildError."""
+    NativeBuildError.
+
+    A library is only built in, and loaded from, a folder owned by this user that nobody else
+    can write (created 0700): whoever can write there could plant a library this process then
+    runs."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise NativeBuildError("no C compiler (cc or gcc) on PATH")
@@ -77,10 +80,12 @@ def build(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
 
 
 def _compile(compiler: str, source: Path, out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(out_dir)
     target = out_dir / name
     if target.is_file():
+        _check_private(target)
         return target
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Compile to a private name, then rename: workers starting together never load half a file.
     fd, partial = tempfile.mkstemp(dir=out_dir, prefix=f".{source.stem}-", suffix=".so")
     os.close(fd)
@@ -93,6 +98,13 @@ def _compile(compiler: str, source: Path, out_dir: Path, name: str) -> Path:
     finally:
         Path(partial).unlink(missing_ok=True)
     return target
+
+
+def _check_private(path: Path) -> None:
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise OSError(f"{path} is not private to this user (owner uid {info.st_uid}, mode "
+                      f"{info.st_mode & 0o777:o}): another user could plant a library there")
 
 
 def _cpu_flags() -> bytes:
