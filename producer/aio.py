@@ -202,7 +202,9 @@ class AsyncChatQueueClient:
 
     async def _publish_together(self, calls: list[tuple[core.Submission, ...]]
                                 ) -> list[JobIdConflict | None]:
-        """Each call's jobs, in order, up to a conflict (returned for that call)."""
+        """Each call's jobs, in order, up to a conflict (returned for that call): their
+        records claimed in one pipeline, their messages pushed (one LPUSH per list) and their
+        records marked queued in a second."""
         jobs = [job for call in calls for job in call]
         digests = [core.request_digest((), job.kwargs) for job in jobs]
         pipe = self._redis.pipeline(transaction=False)
@@ -237,9 +239,15 @@ class AsyncChatQueueClient:
             build = self._publisher.app.task_message
             messages = [build(job) for job, _ in publish] if len(publish) <= _BUILD_ON_LOOP \
                 else await asyncio.to_thread(lambda: [build(job) for job, _ in publish])
+            # One LPUSH per list, its messages in order (LPUSH a b = LPUSH a; LPUSH b: the
+            # first in is the first a worker takes), then each record marked queued.
+            lists: dict[str, list[str]] = {}
+            for queue, message in messages:
+                lists.setdefault(queue, []).append(message)
             pipe = self._redis.pipeline(transaction=False)
-            for (job, digest), (queue, message) in zip(publish, messages, strict=True):
-                pipe.lpush(queue, message)
+            for queue, queued in lists.items():
+                pipe.lpush(queue, *queued)
+            for job, digest in publish:
                 pipe.set(accepted_key(job.job_id), core.job_record("queued", digest), xx=True,
                          keepttl=True)
             await pipe.execute()

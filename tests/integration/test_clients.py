@@ -210,6 +210,29 @@ def test_the_asyncio_clients_message_is_the_one_send_task_pushes(redis, priority
     assert by_send_task[2].startswith(b"queued ")
 
 
+def test_jobs_published_together_are_taken_in_the_order_they_were_published(redis, client):
+    """Both clients: the jobs of one publish call, and of calls made in one turn of the event
+    loop (the asyncio client pushes them together), reach a worker in order (kombu takes the
+    oldest message first, from the list's tail)."""
+    import redis as redis_py
+
+    from producer.core import plan_submission
+
+    queue = f"order-{uuid.uuid4().hex[:8]}"  # no worker consumes it
+    settings = ProducerSettings(broker_url=redis.url, queue=queue)
+    jobs = [plan_submission(chat(), settings) for _ in range(5)]
+    if isinstance(client, BlockingAsyncClient):
+        client.publish(*jobs[:3])  # one call, one pipeline
+        client.publish(*jobs[3:])
+    else:
+        for job in jobs:
+            client.publish(job)
+    raw = redis_py.Redis.from_url(redis.url)
+    taken = [json.loads(raw.rpop(queue))["headers"]["id"] for _ in jobs]
+    assert taken == [job.job_id for job in jobs]
+    assert raw.llen(queue) == 0
+
+
 def test_bad_request_is_refused_before_anything_is_queued(client):
     job_id = f"bad-{uuid.uuid4().hex[:8]}"
     with pytest.raises(JobFailed) as failed:
