@@ -136,6 +136,18 @@ def test_shapes_it_cannot_take_are_refused_not_guessed():
     assert not native.DecodeKernel.takes(torch.float32, torch.device("cuda"), 64)
 
 
+def test_loading_the_kernel_leaves_the_process_floating_point_state_alone():
+    # A shared library linked with -ffast-math by GCC < 13 sets flush-to-zero and
+    # denormals-are-zero for the whole process when loaded: subnormals would vanish everywhere.
+    code = ("import torch; from worker.engine import native; assert native.load() is not None; "
+            "tiny = 5e-324; assert tiny * 1.0 != 0.0, 'subnormal doubles flushed'; "
+            "assert (torch.tensor([1e-40]) * 1.0).item() != 0.0, 'subnormal floats flushed'; "
+            "print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
 def test_a_build_is_reused_for_the_same_source_compiler_and_cpu(tmp_path):
     first = native.build(out_dir=tmp_path)
     built_at = first.stat().st_mtime_ns

@@ -38,7 +38,12 @@ from worker.errors import NativeBuildError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+# -ffast-math when compiling only (vectorised reductions, and glibc's vector expf, which it
+# declares only under __FAST_MATH__). Never when linking: GCC before 13 then links crtfastmath.o
+# even into a shared library, whose constructor turns on flush-to-zero and denormals-are-zero
+# for the whole process -- every float in torch and Python after it (the tests caught it).
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c")
+LINK_FLAGS = ("-shared", "-fopenmp")
 
 
 def cache_dirs() -> list[Path]:
@@ -67,7 +72,8 @@ def build(source: Path = SOURCE, out_dir: Path | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeBuildError(f"{compiler} --version failed: {exc}") from exc
     key = hashlib.sha256()
-    for part in (source.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_flags()):
+    flags = " ".join((*COMPILE_FLAGS, "|", *LINK_FLAGS)).encode()
+    for part in (source.read_bytes(), version.encode(), flags, _cpu_flags()):
         key.update(part)
     name = f"{source.stem}-{key.hexdigest()[:16]}.so"
     errors = []
@@ -89,14 +95,18 @@ def _compile(compiler: str, source: Path, out_dir: Path, name: str) -> Path:
     # Compile to a private name, then rename: workers starting together never load half a file.
     fd, partial = tempfile.mkstemp(dir=out_dir, prefix=f".{source.stem}-", suffix=".so")
     os.close(fd)
+    obj = partial.removesuffix(".so") + ".o"
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(source), "-lm"],
-                              capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise NativeBuildError(f"{compiler} failed ({done.returncode}): {done.stderr[-2000:]}")
+        for command in ([compiler, *COMPILE_FLAGS, "-o", obj, str(source)],
+                        [compiler, *LINK_FLAGS, "-o", partial, obj, "-lm"]):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise NativeBuildError(
+                    f"{' '.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
+        Path(obj).unlink(missing_ok=True)
     return target
 
 
