@@ -96,10 +96,18 @@ class ConnectionSettings(BaseSettings):
         default="chatqueue", description="The name the sentinels monitor the primary under."
     )
     redis_sentinel_username: str | None = Field(
-        default=None, description="The sentinels' own ACL user, if they have one."
+        default=None,
+        description="The sentinels' ACL user for clients (compose's sentinel.sh: \"client\", "
+        "which may only ask for the primary, replicas and sentinels); unset: their default user.",
     )
     redis_sentinel_password: SecretStr | None = Field(
-        default=None, description="The sentinels' own password (their requirepass), if any."
+        default=None, description="That user's password on the sentinels, if any."
+    )
+    redis_sentinel_tls: bool | None = Field(
+        default=None,
+        description="Ask the sentinels over TLS, verified with the same CA as Redis "
+        "(redis_ca_file, else the URL's ssl_ca_certs or the system's CAs) and the host name "
+        "of each sentinel address. Unset: as the data connection (rediss:// -> TLS).",
     )
     redis_ca_file: Path | None = Field(
         default=None,
@@ -204,9 +212,26 @@ class ConnectionSettings(BaseSettings):
         path = urlsplit(self.broker_url).path.strip("/")
         return int(path) if path.isdigit() else 0
 
+    def sentinel_tls_options(self) -> dict[str, Any] | None:
+        """redis-py's TLS options for the sentinels themselves; None: plain TCP. They follow
+        the data connection unless redis_sentinel_tls says otherwise: the sentinels hand out
+        the primary's address and take a password, so they deserve the same protection, and
+        one CA serves both (redis-server's tls-* options are the same on a sentinel)."""
+        data = self.tls_options(self.broker_url)
+        wanted = self.redis_sentinel_tls if self.redis_sentinel_tls is not None else (
+            data is not None)
+        if not wanted:
+            return None
+        if data is None:  # TLS to the sentinels only: verified, against the CA file if given
+            data = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+            if self.redis_ca_file is not None:
+                data["ssl_ca_certs"] = str(self.redis_ca_file)
+        return {"ssl": True, **data}
+
     def sentinel_kwargs(self) -> dict[str, Any]:
-        """How to log in to the sentinels themselves (not to Redis)."""
-        kwargs: dict[str, Any] = {}
+        """How to reach and log in to the sentinels themselves (not Redis): redis-py's Sentinel,
+        kombu's broker transport and Celery's result backend all take these."""
+        kwargs: dict[str, Any] = dict(self.sentinel_tls_options() or {})
         if self.redis_sentinel_username:
             kwargs["username"] = self.redis_sentinel_username
         if self.redis_sentinel_password is not None:

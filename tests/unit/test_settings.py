@@ -140,6 +140,46 @@ def test_sentinel_setup_reaches_celery_kombu_and_our_clients(monkeypatch):
     assert pool.connection_kwargs["db"] == 2
 
 
+@pytest.mark.parametrize(("url", "sentinel_tls", "expected"), [
+    pytest.param("redis://x/0", None, None, id="plain-follows-plain"),
+    pytest.param("rediss://x/0", None, {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED,
+                                        "ssl_ca_certs": "CA"}, id="tls-follows-tls"),
+    pytest.param("rediss://x/0", False, None, id="tls-nodes-plain-sentinels"),
+    pytest.param("redis://x/0", True, {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED,
+                                       "ssl_ca_certs": "CA"}, id="plain-nodes-tls-sentinels"),
+    pytest.param("rediss://x/0?ssl_certfile=/c.pem&ssl_keyfile=/k.pem", None,
+                 {"ssl": True, "ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": "CA",
+                  "ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem"}, id="client-certificate"),
+])
+def test_the_sentinels_are_reached_over_tls_as_the_data_connection_unless_told(
+    tmp_path, url, sentinel_tls, expected
+):
+    """Every client path (redis-py's Sentinel, kombu's broker and Celery's result backend
+    transport options) gets its sentinel options from sentinel_kwargs()."""
+    from producer.celery_app import celery_config
+    from producer.connections import async_redis_client, redis_client
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read here")
+    settings = ProducerSettings(broker_url=url, redis_sentinels="s1:26379", redis_ca_file=ca,
+                                redis_sentinel_tls=sentinel_tls,
+                                redis_sentinel_username="client",
+                                redis_sentinel_password="pw", _env_file=None)
+    if expected is not None:
+        expected = {**expected, "ssl_ca_certs": str(ca)}
+    assert settings.sentinel_tls_options() == expected
+    kwargs = {**(expected or {}), "username": "client", "password": "pw"}
+    assert settings.sentinel_kwargs() == kwargs
+    config = celery_config(settings)
+    assert config["broker_transport_options"]["sentinel_kwargs"] == kwargs
+    assert config["result_backend_transport_options"]["sentinel_kwargs"] == kwargs
+    for client in (redis_client(settings), async_redis_client(settings)):
+        [sentinel] = client.connection_pool.sentinel_manager.sentinels
+        pool = sentinel.connection_pool
+        assert ("SSL" in pool.connection_class.__name__) == (expected is not None)
+        assert pool.connection_kwargs["username"] == "client"
+
+
 @pytest.mark.parametrize("value", ["s1", "s1:x", ":26379"])
 def test_sentinel_addresses_are_checked(monkeypatch, value):
     monkeypatch.setenv("CHATQUEUE_REDIS_SENTINELS", value)
