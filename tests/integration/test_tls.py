@@ -141,11 +141,15 @@ MASTER = "chatqueue"
 
 
 @contextmanager
-def tls_sentinel_setup(tls: TlsFiles, workdir: Path) -> Iterator[dict[str, Any]]:
-    """A TLS-only primary and replica (the replica replicates over TLS) and three sentinels
-    that reach them and each other over TLS, verified against the test's CA; the sentinels
-    answer clients on plain loopback ports too (chatqueue's clients ask them without TLS:
-    README "Security")."""
+def tls_sentinel_setup(tls: TlsFiles, sentinel_tls: TlsFiles,
+                       workdir: Path) -> Iterator[dict[str, Any]]:
+    """A TLS-only primary and replica (the replica replicates over TLS, certificates from
+    `tls.ca`) and three sentinels that reach them and each other over TLS (their certificate
+    from another CA, `sentinel_tls.ca`, so that a test can trust the one and not the other;
+    "bundle" trusts both). The sentinels listen on TLS ports only: a client that asks them over
+    plain TCP finds nobody there."""
+    bundle = workdir / "both-cas.pem"
+    bundle.write_bytes(tls.ca.read_bytes() + sentinel_tls.ca.read_bytes())
     binary = shutil.which("redis-server")
     assert binary is not None, "redis-server is not on PATH"
     tls_args = ["--tls-cert-file", str(tls.cert), "--tls-key-file", str(tls.key),
@@ -172,22 +176,26 @@ def tls_sentinel_setup(tls: TlsFiles, workdir: Path) -> Iterator[dict[str, Any]]
     for index, port in enumerate(sentinel_ports):
         conf = workdir / f"sentinel{index}.conf"
         conf.write_text("\n".join([
-            # Clients ask on the plain port; with tls-replication the sentinels announce their
-            # TLS port to each other and talk over it.
-            f"port {port}", f"tls-port {free_port()}", "bind 127.0.0.1", f"dir {workdir}",
+            # TLS only (port 0); with tls-replication the sentinels announce their TLS port to
+            # each other and talk over it.
+            "port 0", f"tls-port {port}", "bind 127.0.0.1", f"dir {workdir}",
             f"sentinel monitor {MASTER} 127.0.0.1 {ports[0]} 2",
             f"sentinel down-after-milliseconds {MASTER} 1000",
             f"sentinel failover-timeout {MASTER} 10000",
-            "tls-replication yes", f"tls-cert-file {tls.cert}", f"tls-key-file {tls.key}",
-            f"tls-ca-cert-file {tls.ca}", "tls-auth-clients no", ""]))
+            "tls-replication yes", f"tls-cert-file {sentinel_tls.cert}",
+            f"tls-key-file {sentinel_tls.key}", f"tls-ca-cert-file {bundle}",
+            "tls-auth-clients no", ""]))
         start([str(conf), "--sentinel"], f"sentinel{index}")
+
+    def sentinel(port: int) -> redis_py.Redis:
+        return redis_py.Redis(host="127.0.0.1", port=port, socket_timeout=1, ssl=True,
+                              ssl_ca_certs=str(sentinel_tls.ca))
 
     def primary_port() -> int | None:
         seen = []
         for port in sentinel_ports:
             try:
-                address = redis_py.Redis(host="127.0.0.1", port=port, socket_timeout=1) \
-                    .sentinel_get_master_addr_by_name(MASTER)
+                address = sentinel(port).sentinel_get_master_addr_by_name(MASTER)
             except redis_py.RedisError:
                 continue
             if address:
@@ -199,8 +207,7 @@ def tls_sentinel_setup(tls: TlsFiles, workdir: Path) -> Iterator[dict[str, Any]]
         try:
             info = redis_py.Redis(host="127.0.0.1", port=ports[0], ssl=True,
                                   ssl_ca_certs=str(tls.ca), socket_timeout=1).info("replication")
-            known = redis_py.Redis(host="127.0.0.1", port=sentinel_ports[0], socket_timeout=1) \
-                .sentinel_master(MASTER)
+            known = sentinel(sentinel_ports[0]).sentinel_master(MASTER)
         except redis_py.RedisError:
             return False
         return (info.get("connected_slaves") == 1 and known.get("num-slaves") == 1
@@ -210,7 +217,7 @@ def tls_sentinel_setup(tls: TlsFiles, workdir: Path) -> Iterator[dict[str, Any]]
         wait_until(replicated, timeout=60, what="the TLS replica and the sentinels")
         yield {"ports": ports, "nodes": nodes, "sentinels": sentinel_ports,
                "addresses": ",".join(f"127.0.0.1:{port}" for port in sentinel_ports),
-               "primary_port": primary_port}
+               "primary_port": primary_port, "bundle": bundle}
     finally:
         for process in processes:
             if process.poll() is None:
@@ -221,22 +228,24 @@ def tls_sentinel_setup(tls: TlsFiles, workdir: Path) -> Iterator[dict[str, Any]]
 def test_sentinel_with_tls_nodes_flows_verifies_and_follows_a_failover(
     tls_files, wrong_ca, tiny_model_dir, tmp_path
 ):
-    """Redis Sentinel in front of TLS-only nodes: the worker and the producer, given only the
-    sentinels, the rediss:// scheme (for the nodes) and the CA, verify the primary's certificate
-    on every client (kombu, the result backend, redis-py), run a job end to end, refuse a
-    primary their CA did not sign, and follow a failover to the replica over TLS."""
-    with tls_sentinel_setup(tls_files, tmp_path) as setup:
+    """Redis Sentinel over TLS in front of TLS-only nodes: the worker and the producer, given
+    only the sentinels, the rediss:// scheme and the CA, reach the TLS-only sentinels and verify
+    their certificate and the primary's on every client (kombu, the result backend, redis-py
+    sync and asyncio), run a job end to end, refuse sentinels and a primary their CA did not
+    sign, and follow a failover to the replica over TLS."""
+    sentinel_tls = make_tls_files(tmp_path / "sentinel-tls")
+    with tls_sentinel_setup(tls_files, sentinel_tls, tmp_path) as setup:
         # With Sentinel the URL names no host: the scheme (TLS) and the database.
         url = "rediss://sentinel-named-primary/0"
         queue = f"tls-sentinel-{uuid.uuid4().hex[:6]}"
         fast = {"redelivery_check_s": "1", "concurrency": "2", "default_max_new_tokens": "64"}
         worker = spawn_worker(worker_env(url, tiny_model_dir, queue,
-                                         redis_ca_file=str(tls_files.ca),
+                                         redis_ca_file=str(setup["bundle"]),
                                          redis_sentinels=setup["addresses"], **fast), tmp_path)
         try:
             wait_ready(worker)
             settings = ProducerSettings(broker_url=url, redis_sentinels=setup["addresses"],
-                                        redis_ca_file=tls_files.ca, queue=queue,
+                                        redis_ca_file=setup["bundle"], queue=queue,
                                         wait_timeout_s=120, _env_file=None)
             request = {"messages": TINY_MESSAGES,
                        "params": {"do_sample": False, "max_new_tokens": 64}}
@@ -247,8 +256,44 @@ def test_sentinel_with_tls_nodes_flows_verifies_and_follows_a_failover(
                                    if event.type == "content")
                 assert streamed == TINY_CONTENT
 
+            async def through_asyncio() -> str:  # the gateway's client: redis.asyncio Sentinel
+                async with AsyncChatQueueClient(settings) as aclient:
+                    job = await aclient.submit(request)
+                    return (await aclient.result(job)).content
+
+            assert asyncio.run(through_asyncio()) == TINY_CONTENT
+
+            # The sentinels' own certificate is checked: with a CA that did not sign it, the
+            # options every client path gets (sentinel_kwargs) fail the handshake with each
+            # sentinel, and so redis-py (sync and asyncio), kombu and the result backend find
+            # no primary (redis-py's MasterNotFoundError does not carry the cause).
+            other = ProducerSettings(broker_url="redis://sentinel-named-primary/0",
+                                     redis_sentinels=setup["addresses"],
+                                     redis_sentinel_tls=True, redis_ca_file=wrong_ca,
+                                     queue=queue, _env_file=None)
+            for port in setup["sentinels"]:
+                with pytest.raises(redis_py.ConnectionError, match=VERIFY_FAILED):
+                    redis_py.Redis(host="127.0.0.1", port=port, **other.sentinel_kwargs()).ping()
+            no_primary = "No master found"
+            with ChatQueueClient(other) as client:
+                with pytest.raises(redis_py.ConnectionError, match=no_primary):
+                    client._redis.ping()
+                with client.app.connection_for_write() as connection, \
+                        pytest.raises(OperationalError, match=no_primary):
+                    connection.default_channel.client.ping()
+                with pytest.raises(redis_py.ConnectionError, match=no_primary):
+                    client.app.backend.client.ping()
+
+            async def ask_with_wrong_ca() -> None:
+                async with AsyncChatQueueClient(other) as aclient:
+                    await aclient._redis.ping()
+
+            with pytest.raises(redis_py.ConnectionError, match=no_primary):
+                asyncio.run(ask_with_wrong_ca())
+
+            # The sentinels verified (their CA only), the primary is not: each client refuses it.
             wrong = ProducerSettings(broker_url=url, redis_sentinels=setup["addresses"],
-                                     redis_ca_file=wrong_ca, queue=queue, _env_file=None)
+                                     redis_ca_file=sentinel_tls.ca, queue=queue, _env_file=None)
             with ChatQueueClient(wrong) as client:
                 with pytest.raises(redis_py.ConnectionError, match=VERIFY_FAILED):
                     client._redis.ping()
