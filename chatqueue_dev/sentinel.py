@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from chatqueue_dev.servers import REPO_ROOT, die_with_parent, free_port, wait_until
+from chatqueue_dev.servers import REPO_ROOT, TlsFiles, die_with_parent, free_port, wait_until
 
 MASTER = "chatqueue"
 DEPLOY = REPO_ROOT / "deploy" / "redis"
@@ -29,8 +29,10 @@ PASSWORDS = {
     "REDIS_ADMIN_PASSWORD": "admin-pw", "REDIS_PRODUCER_PASSWORD": "producer-pw",
     "REDIS_WORKER_PASSWORD": "worker-pw", "REDIS_FLOWER_PASSWORD": "flower-pw",
     "REDIS_REPLICA_PASSWORD": "replica-pw", "REDIS_SENTINEL_PASSWORD": "sentinel-user-pw",
-    "SENTINEL_PASSWORD": "sentinels-own-pw",
+    "SENTINEL_PASSWORD": "sentinels-own-pw", "SENTINEL_CLIENT_PASSWORD": "sentinel-client-pw",
 }
+# The sentinels' user for workers and producers (sentinel.sh): it may only ask for the primary.
+SENTINEL_CLIENT = "client"
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Node:
     command: list[str]
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
+    tls: TlsFiles | None = None
 
     def start(self) -> None:
         log = (self.workdir / "redis.log").open("ab")
@@ -48,7 +51,8 @@ class Node:
 
     def client(self, **kwargs: Any) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, username="admin",
-                           password=PASSWORDS["REDIS_ADMIN_PASSWORD"], **kwargs)
+                           password=PASSWORDS["REDIS_ADMIN_PASSWORD"], **_tls(self.tls),
+                           **kwargs)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -72,14 +76,18 @@ class SentinelCluster:
     sentinels: list[Node]
     down_after_ms: int
     events: list[str] = field(default_factory=list)
+    tls: TlsFiles | None = None
 
     @property
     def addresses(self) -> str:
         return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
 
-    def sentinel_client(self, index: int = 0) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.sentinels[index].port,
-                           password=PASSWORDS["SENTINEL_PASSWORD"], socket_timeout=1)
+    def sentinel_client(self, index: int = 0, **login: Any) -> redis.Redis:
+        """The operator's client of one sentinel (the default user: every command), or of
+        another login (`username=`, `password=`)."""
+        login = login or {"password": PASSWORDS["SENTINEL_PASSWORD"]}
+        return redis.Redis(host="127.0.0.1", port=self.sentinels[index].port, socket_timeout=1,
+                           **_tls(self.tls), **login)
 
     def primary_port(self) -> int | None:
         """The primary's port as a majority of the sentinels name it (None while they differ
@@ -105,9 +113,10 @@ class SentinelCluster:
 
         sentinel = Sentinel([("127.0.0.1", s.port) for s in self.sentinels],
                             sentinel_kwargs={"password": PASSWORDS["SENTINEL_PASSWORD"],
-                                             "socket_timeout": 1})
+                                             "socket_timeout": 1, **_tls(self.tls)})
         client: redis.Redis = sentinel.master_for(
-            MASTER, username="admin", password=PASSWORDS["REDIS_ADMIN_PASSWORD"])
+            MASTER, username="admin", password=PASSWORDS["REDIS_ADMIN_PASSWORD"],
+            **_tls(self.tls))
         return client
 
     def wait_replicated(self, timeout: float = 30) -> None:
@@ -131,17 +140,27 @@ class SentinelCluster:
                    interval=0.1)
 
     def worker_settings(self) -> dict[str, str]:
-        """worker_env(...) keywords that put a worker on the sentinels."""
+        """worker_env(...) keywords that put a worker on the sentinels (their client user)."""
+        tls = {"redis_ca_file": str(self.tls.ca)} if self.tls else {}
         return {"redis_sentinels": self.addresses, "redis_sentinel_master": MASTER,
-                "redis_sentinel_password": PASSWORDS["SENTINEL_PASSWORD"],
-                "redis_username": "worker", "redis_password": PASSWORDS["REDIS_WORKER_PASSWORD"]}
+                "redis_sentinel_username": SENTINEL_CLIENT,
+                "redis_sentinel_password": PASSWORDS["SENTINEL_CLIENT_PASSWORD"],
+                "redis_username": "worker", "redis_password": PASSWORDS["REDIS_WORKER_PASSWORD"],
+                **tls}
 
     def producer_settings(self) -> dict[str, Any]:
-        return {"broker_url": "redis://sentinel-named-primary/0",
+        scheme = "rediss" if self.tls else "redis"
+        tls = {"redis_ca_file": self.tls.ca} if self.tls else {}
+        return {"broker_url": f"{scheme}://sentinel-named-primary/0",
                 "redis_sentinels": self.addresses, "redis_sentinel_master": MASTER,
-                "redis_sentinel_password": PASSWORDS["SENTINEL_PASSWORD"],
+                "redis_sentinel_username": SENTINEL_CLIENT,
+                "redis_sentinel_password": PASSWORDS["SENTINEL_CLIENT_PASSWORD"],
                 "redis_username": "producer",
-                "redis_password": PASSWORDS["REDIS_PRODUCER_PASSWORD"]}
+                "redis_password": PASSWORDS["REDIS_PRODUCER_PASSWORD"], **tls}
+
+
+def _tls(tls: TlsFiles | None) -> dict[str, Any]:
+    return {"ssl": True, "ssl_ca_certs": str(tls.ca)} if tls else {}
 
 
 def _fake_image_entrypoint(bin_dir: Path) -> None:
@@ -153,8 +172,10 @@ def _fake_image_entrypoint(bin_dir: Path) -> None:
 
 
 @contextmanager
-def sentinel_cluster(*, down_after_ms: int = 1000,
-                     failover_timeout_ms: int = 3000) -> Iterator[SentinelCluster]:
+def sentinel_cluster(*, down_after_ms: int = 1000, failover_timeout_ms: int = 3000,
+                     tls: TlsFiles | None = None) -> Iterator[SentinelCluster]:
+    """`tls`: every node and sentinel serves TLS only (sentinel.sh's SENTINEL_TLS_*), and
+    replication and the sentinels' own connections go over it, verified against tls.ca."""
     if shutil.which("redis-server") is None:
         raise RuntimeError("redis-server is not on PATH (.ci/run installs it)")
     root = Path(tempfile.mkdtemp(prefix="chatqueue-sentinel-"))
@@ -167,13 +188,17 @@ def sentinel_cluster(*, down_after_ms: int = 1000,
     for index in range(2):
         port, workdir = free_port(), root / f"node{index}"
         workdir.mkdir()
+        listen = ["--port", str(port)] if tls is None else [
+            "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert),
+            "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+            "--tls-auth-clients", "no", "--tls-replication", "yes"]
         command = ["sh", str(DEPLOY / "entrypoint.sh"), "redis-server", "--bind", "127.0.0.1",
-                   "--port", str(port), "--dir", str(workdir), "--save", "",
+                   *listen, "--dir", str(workdir), "--save", "",
                    "--appendonly", "yes", "--repl-diskless-sync-delay", "0"]
         if index == 1:
             command += ["--replicaof", "127.0.0.1", str(nodes[0].port)]
         nodes.append(Node(port, workdir, command,
-                          {**base_env, "CHATQUEUE_ACL_DIR": str(workdir / "acl")}))
+                          {**base_env, "CHATQUEUE_ACL_DIR": str(workdir / "acl")}, tls=tls))
     sentinels: list[Node] = []
     for index in range(3):
         port, workdir = free_port(), root / f"sentinel{index}"
@@ -182,8 +207,11 @@ def sentinel_cluster(*, down_after_ms: int = 1000,
                "SENTINEL_PRIMARY_HOST": "127.0.0.1", "SENTINEL_PRIMARY_PORT": str(nodes[0].port),
                "SENTINEL_DOWN_AFTER_MS": str(down_after_ms),
                "SENTINEL_FAILOVER_TIMEOUT_MS": str(failover_timeout_ms)}
-        sentinels.append(Node(port, workdir, ["sh", str(DEPLOY / "sentinel.sh")], env))
-    cluster = SentinelCluster(nodes, sentinels, down_after_ms)
+        if tls is not None:
+            env |= {"SENTINEL_TLS_CERT_FILE": str(tls.cert), "SENTINEL_TLS_KEY_FILE": str(tls.key),
+                    "SENTINEL_TLS_CA_FILE": str(tls.ca)}
+        sentinels.append(Node(port, workdir, ["sh", str(DEPLOY / "sentinel.sh")], env, tls=tls))
+    cluster = SentinelCluster(nodes, sentinels, down_after_ms, tls=tls)
     try:
         for node in nodes:
             node.start()

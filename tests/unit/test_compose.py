@@ -38,6 +38,7 @@ SECRETS = {
     "REDIS_REPLICA_PASSWORD": "test-redis-replica-password",
     "REDIS_SENTINEL_PASSWORD": "test-redis-sentinel-password",
     "SENTINEL_PASSWORD": "test-sentinel-password",
+    "SENTINEL_CLIENT_PASSWORD": "test-sentinel-client-password",
     "FLOWER_USER": "test-flower-user",
     "FLOWER_PASSWORD": "test-flower-password",
     "GATEWAY_API_KEYS": "test-gateway-key",
@@ -172,7 +173,8 @@ def test_config_is_valid_with_the_secrets_set(
 
 # The sentinel profile's secrets are optional: without the profile a deployment needs none of
 # them (its scripts refuse to start a replica login or sentinel without them).
-SENTINEL_SECRETS = ("REDIS_REPLICA_PASSWORD", "REDIS_SENTINEL_PASSWORD", "SENTINEL_PASSWORD")
+SENTINEL_SECRETS = ("REDIS_REPLICA_PASSWORD", "REDIS_SENTINEL_PASSWORD", "SENTINEL_PASSWORD",
+                    "SENTINEL_CLIENT_PASSWORD")
 
 
 @pytest.mark.parametrize("missing", sorted(set(SECRETS) - set(SENTINEL_SECRETS)))
@@ -609,7 +611,7 @@ def test_sentinel_profile_runs_a_replica_and_three_sentinels_on_the_acl(
     config: dict[str, Any],
 ) -> None:
     """Profile sentinel: a replica of redis on the same entrypoint (ACL, replication login) and
-    three sentinels from deploy/redis/sentinel.sh; workers get the sentinels' password. The
+    three sentinels from deploy/redis/sentinel.sh; workers get the sentinels' client user. The
     scripts themselves run for real in tests/integration/test_sentinel.py."""
     svc = services(config)
     replica = svc["redis-replica"]
@@ -627,10 +629,15 @@ def test_sentinel_profile_runs_a_replica_and_three_sentinels_on_the_acl(
         assert sentinel["profiles"] == ["sentinel"]
         assert sentinel["entrypoint"][-1] == "/chatqueue-redis/sentinel.sh"
         assert sentinel["environment"]["SENTINEL_PASSWORD"] == SECRETS["SENTINEL_PASSWORD"]
+        assert (sentinel["environment"]["SENTINEL_CLIENT_PASSWORD"]
+                == SECRETS["SENTINEL_CLIENT_PASSWORD"])
         assert not sentinel.get("ports")
     for worker in workers(config).values():
         environment = worker["environment"]
-        assert environment["CHATQUEUE_REDIS_SENTINEL_PASSWORD"] == SECRETS["SENTINEL_PASSWORD"]
+        # The sentinels' narrowed client user, never their own password.
+        assert environment["CHATQUEUE_REDIS_SENTINEL_USERNAME"] == "client"
+        assert (environment["CHATQUEUE_REDIS_SENTINEL_PASSWORD"]
+                == SECRETS["SENTINEL_CLIENT_PASSWORD"])
         assert environment["CHATQUEUE_REDIS_SENTINELS"] == ""  # plain Redis unless .env says
     assert (ROOT / "deploy" / "redis" / "sentinel.sh").is_file()
 
