@@ -89,6 +89,12 @@ class SentinelCluster:
         return redis.Redis(host="127.0.0.1", port=self.sentinels[index].port, socket_timeout=1,
                            **_tls(self.tls), **login)
 
+    def acl_refusals(self, username: str = SENTINEL_CLIENT) -> list[dict[str, Any]]:
+        """What the sentinels' ACL refused `username` (ACL LOG), on every sentinel."""
+        return [entry for index in range(len(self.sentinels))
+                for entry in self.sentinel_client(index).acl_log()
+                if entry.get("username") in (username, username.encode())]
+
     def primary_port(self) -> int | None:
         """The primary's port as a majority of the sentinels name it (None while they differ
         or none answers)."""

@@ -180,6 +180,9 @@ def test_jobs_flow_through_a_sentinel_failover_and_none_is_lost(
         assert not duplicated, report
         assert worker_alive, "the worker must ride out the failover"
         assert "Unrecoverable error" not in worker.log()
+        # The worker (kombu, result backend, our clients) and the producers asked the sentinels
+        # as their "client" user all along, the failover included: nothing was refused.
+        assert cluster.acl_refusals() == []
 
 
 def test_submit_with_min_replicas_returns_only_once_a_replica_has_the_job() -> None:

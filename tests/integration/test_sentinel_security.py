@@ -32,13 +32,6 @@ def cluster(request: pytest.FixtureRequest,
         yield running
 
 
-def refused_for_client(cluster: SentinelCluster) -> list[dict[str, object]]:
-    """What the sentinels' ACL refused the client user, on every sentinel."""
-    return [entry for index in range(len(cluster.sentinels))
-            for entry in cluster.sentinel_client(index).acl_log()
-            if entry.get("username") in (SENTINEL_CLIENT, SENTINEL_CLIENT.encode())]
-
-
 def test_every_client_path_asks_the_sentinels_as_their_client_user(
     cluster: SentinelCluster, tmp_path: Path
 ) -> None:
@@ -65,7 +58,7 @@ def test_every_client_path_asks_the_sentinels_as_their_client_user(
     async_job_id = asyncio.run(through_asyncio())
     primary = cluster.admin()
     assert primary.llen(queue) == 2, (job_id, async_job_id)  # interactive: the queue's own list
-    assert refused_for_client(cluster) == []
+    assert cluster.acl_refusals() == []
 
 
 @pytest.mark.parametrize("command", [
