@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,9 @@ from worker.service import build_prompt_ids
 BACKENDS = ("engine", "transformers-cb")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def in_process_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the in-process engine benchmarks (this one and benchmarks.engine_ab)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true",
                         help="the tiny test model, 8 jobs of 8 tokens, one round: checks the "
                              "script works, measures nothing")
@@ -54,26 +56,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="as CHATQUEUE_DTYPE (default auto)")
     parser.add_argument("--jobs", type=int, help="concurrent jobs per round (default 32)")
     parser.add_argument("--max-new-tokens", type=int, help="new tokens per job (default 64)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per backend (default 2)")
-    return parser.parse_args(argv)
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 2)")
+    return parser
+
+
+@dataclass
+class Workload:
+    """The model loaded as the worker loads it and the benchmark's prompts cycled to N jobs."""
+
+    args: argparse.Namespace
+    model_dir: Path
+    loaded: LoadedModel
+    jobs: int
+    new_tokens: int
+    rounds: int
+    prompts: list[list[int]]
+    started: float = field(default_factory=time.time)
+    load_average_start: list[float] = field(default_factory=lambda: list(os.getloadavg()))
+
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> Workload:
+        jobs = args.jobs or (8 if args.quick else 32)
+        model_dir = prepare_model_dir(args)
+        started, load_average_start = time.time(), list(os.getloadavg())
+        loaded = load_model(model_dir, read_manifest(model_dir),
+                            device=resolve_device(args.device), dtype=args.dtype)
+        return cls(args, model_dir, loaded, jobs,
+                   new_tokens=args.max_new_tokens or (8 if args.quick else 64),
+                   rounds=args.rounds or (1 if args.quick else 2),
+                   prompts=[_prompt_ids(loaded, i) for i in range(jobs)],
+                   started=started, load_average_start=load_average_start)
+
+    def write(self, results: dict[str, Any], suffix: str) -> Path:
+        """Adds the machine to `results` and writes <out>/<model>-<suffix>.json."""
+        results["machine"] = machine_info(
+            self.loaded.device, self.loaded.dtype, datetime.fromtimestamp(self.started, UTC),
+            self.load_average_start)
+        self.args.out.mkdir(parents=True, exist_ok=True)
+        path = Path(self.args.out) / f"{results['model_id'].rsplit('/', 1)[-1]}-{suffix}.json"
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    jobs = args.jobs or (8 if args.quick else 32)
-    new_tokens = args.max_new_tokens or (8 if args.quick else 64)
-    rounds = args.rounds or (1 if args.quick else 2)
-    model_dir = prepare_model_dir(args)
-    device = resolve_device(args.device)
-    started = time.time()
-    load_average_start = list(os.getloadavg())
-    loaded = load_model(model_dir, read_manifest(model_dir), device=device, dtype=args.dtype)
-    prompts = [_prompt_ids(loaded, i) for i in range(jobs)]
+    work = Workload.load(in_process_parser(__doc__.split("\n\n")[0]).parse_args(argv))
+    loaded, jobs, new_tokens, prompts = work.loaded, work.jobs, work.new_tokens, work.prompts
     runners = {"engine": EngineRunner(loaded, jobs), "transformers-cb": BatchRunner(loaded)}
     try:
         outputs = {name: runner.run(prompts[:2], 2) for name, runner in runners.items()}  # warm
         seconds: dict[str, list[float]] = {name: [] for name in BACKENDS}
-        for _ in range(rounds):
+        for _ in range(work.rounds):
             for name, runner in runners.items():
                 began = time.perf_counter()
                 outputs[name] = runner.run(prompts, new_tokens)
@@ -81,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 _check_lengths(name, outputs[name], new_tokens)
     finally:
         runners["engine"].close()
-    results = _summarise(loaded, model_dir, jobs, new_tokens, prompts, seconds, outputs)
-    results["machine"] = machine_info(device, loaded.dtype, datetime.fromtimestamp(started, UTC),
-                                      load_average_start)
-    _report(results, args.out, results["model_id"].rsplit("/", 1)[-1])
+    results = _summarise(loaded, work.model_dir, jobs, new_tokens, prompts, seconds, outputs)
+    _report(results, work.write(results, "backends"))
     return 0
 
 
@@ -156,10 +186,7 @@ def _summarise(loaded: LoadedModel, model_dir: Path, jobs: int, new_tokens: int,
     }
 
 
-def _report(results: dict[str, Any], out: Path, model_name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{model_name}-backends.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+def _report(results: dict[str, Any], path: Path) -> None:
     print(f"{results['model_id']} ({results['dtype']} on {results['device']}), "
           f"{results['jobs']} jobs x {results['max_new_tokens']} new tokens, greedy, EOS ignored")
     for name, row in results["backends"].items():

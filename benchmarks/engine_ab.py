@@ -16,25 +16,19 @@ of `worker/engine/native` against the pure-torch gather + matmuls). Writes
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.backends import _prompt_ids
-from benchmarks.run import REPO_ROOT, machine_info, prepare_model_dir
+from benchmarks.backends import Workload, in_process_parser
 from worker.engine import Engine, EngineLimits, EngineRequest
 from worker.engine.runner import ModelRunner
 from worker.engine.scheduler import ScheduledRow
 from worker.manifest import read_manifest
-from worker.model import load_model, resolve_device
 from worker.pipeline.sampling import SamplingParams
 
 # name -> how to switch a runner to it before a step
@@ -44,50 +38,26 @@ VARIANTS: dict[str, Callable[[ModelRunner], None]] = {
 }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="the tiny test model, 8 jobs of 8 tokens: checks the script works")
-    parser.add_argument("--model-dir", type=Path, help="default: the demo model's folder")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
-    parser.add_argument("--device", default="auto", help="as CHATQUEUE_DEVICE (default auto)")
-    parser.add_argument("--dtype", default="auto", help="as CHATQUEUE_DTYPE (default auto)")
-    parser.add_argument("--jobs", type=int, help="concurrent jobs per round (default 32)")
-    parser.add_argument("--max-new-tokens", type=int, help="new tokens per job (default 64)")
-    parser.add_argument("--rounds", type=int, help="rounds of --jobs jobs (default 2)")
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    jobs = args.jobs or (8 if args.quick else 32)
-    new_tokens = args.max_new_tokens or (8 if args.quick else 64)
-    rounds = args.rounds or (1 if args.quick else 2)
-    model_dir = prepare_model_dir(args)
-    device = resolve_device(args.device)
-    started = time.time()
-    load_average_start = list(os.getloadavg())
-    loaded = load_model(model_dir, read_manifest(model_dir), device=device, dtype=args.dtype)
-    prompts = [_prompt_ids(loaded, i) for i in range(jobs)]
+    work = Workload.load(in_process_parser(__doc__.split("\n\n")[0]).parse_args(argv))
+    loaded = work.loaded
     engine = Engine(loaded.model, pad_id=loaded.pad_id, think=loaded.think,
-                    limits=EngineLimits(max_batch_size=jobs, prefix_caching=False))
+                    limits=EngineLimits(max_batch_size=work.jobs, prefix_caching=False))
     if not engine.runner.native_decode:
         raise SystemExit("the native kernel is not available here (a CPU device, bf16 or "
                          "float32, a C compiler): nothing to compare")
     timings = _Alternating(engine.runner, list(VARIANTS))
     engine.start()
     try:
-        _run(engine, prompts[:2], 2)  # warm-up, both variants
+        _run(engine, work.prompts[:2], 2)  # warm-up, both variants
         timings.reset()
-        for _ in range(rounds):
-            _run(engine, prompts, new_tokens)
+        for _ in range(work.rounds):
+            _run(engine, work.prompts, work.new_tokens)
     finally:
         engine.stop()
-    results = _summarise(read_manifest(model_dir).repo_id, loaded, jobs, new_tokens, rounds,
-                         timings.seconds)
-    results["machine"] = machine_info(device, loaded.dtype, datetime.fromtimestamp(started, UTC),
-                                      load_average_start)
-    _report(results, args.out, results["model_id"].rsplit("/", 1)[-1])
+    results = _summarise(read_manifest(work.model_dir).repo_id, loaded, work.jobs,
+                         work.new_tokens, work.rounds, timings.seconds)
+    _report(results, work.write(results, "engine-ab"))
     return 0
 
 
@@ -133,11 +103,10 @@ def _summarise(model_id: str, loaded: Any, jobs: int, new_tokens: int, rounds: i
         for name, kinds in seconds.items()
     }
     first, second = list(rows)
-    ratios = {
-        kind: (rows[second][kind]["median_ms"] / rows[first][kind]["median_ms"]
-               if rows[first][kind]["median_ms"] and rows[second][kind]["median_ms"] else None)
-        for kind in ("decode", "prefill")
-    }
+    ratios: dict[str, float | None] = {}
+    for kind in ("decode", "prefill"):
+        a, b = rows[first][kind]["median_ms"], rows[second][kind]["median_ms"]
+        ratios[kind] = b / a if a and b else None
     return {
         "model_id": model_id,
         "device": str(loaded.device),
@@ -150,10 +119,7 @@ def _summarise(model_id: str, loaded: Any, jobs: int, new_tokens: int, rounds: i
     }
 
 
-def _report(results: dict[str, Any], out: Path, model_name: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{model_name}-engine-ab.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+def _report(results: dict[str, Any], path: Path) -> None:
     print(f"{results['model_id']} ({results['dtype']} on {results['device']}), "
           f"{results['jobs']} jobs x {results['max_new_tokens']} new tokens, "
           f"{results['rounds']} rounds, variants alternating step by step")
