@@ -339,7 +339,14 @@ def test_a_worker_killed_mid_batch_loses_no_line_and_counts_each_once(
                 wait_until(victim_holds_an_unfinished_line, timeout=60,
                            what="the victim to hold a line it has not finished")
                 victim.process.send_signal(signal.SIGKILL)
-                batch = batches.wait(report.batch_id, timeout=120)
+                try:
+                    batch = batches.wait(report.batch_id, timeout=120)
+                except TimeoutError as exc:  # seen once in CI: keep what explains it
+                    missing = [j for j in job_ids if client.fetch(j) is None]
+                    raise AssertionError(
+                        f"{exc}; lines without a result: {missing}; victim log tail:\n"
+                        f"{''.join(victim.lines)[-4000:]}\nsurvivor log tail:\n"
+                        f"{''.join(workers[1].lines)[-8000:]}") from exc
                 results = list(batches.results(report.batch_id))
                 # Lines the victim had taken but the survivor ran: redelivered after the kill.
                 survivor = workers[1].name.split("@")[0]
