@@ -275,14 +275,7 @@ def test_sentinel_with_tls_nodes_flows_verifies_and_follows_a_failover(
                 with pytest.raises(redis_py.ConnectionError, match=VERIFY_FAILED):
                     redis_py.Redis(host="127.0.0.1", port=port, **other.sentinel_kwargs()).ping()
             no_primary = "No master found"
-            with ChatQueueClient(other) as client:
-                with pytest.raises(redis_py.ConnectionError, match=no_primary):
-                    client._redis.ping()
-                with client.app.connection_for_write() as connection, \
-                        pytest.raises(OperationalError, match=no_primary):
-                    connection.default_channel.client.ping()
-                with pytest.raises(redis_py.ConnectionError, match=no_primary):
-                    client.app.backend.client.ping()
+            _each_sync_path_fails(other, no_primary)
 
             async def ask_with_wrong_ca() -> None:
                 async with AsyncChatQueueClient(other) as aclient:
@@ -294,14 +287,7 @@ def test_sentinel_with_tls_nodes_flows_verifies_and_follows_a_failover(
             # The sentinels verified (their CA only), the primary is not: each client refuses it.
             wrong = ProducerSettings(broker_url=url, redis_sentinels=setup["addresses"],
                                      redis_ca_file=sentinel_tls.ca, queue=queue, _env_file=None)
-            with ChatQueueClient(wrong) as client:
-                with pytest.raises(redis_py.ConnectionError, match=VERIFY_FAILED):
-                    client._redis.ping()
-                with client.app.connection_for_write() as connection, \
-                        pytest.raises(OperationalError, match=VERIFY_FAILED):
-                    connection.default_channel.client.ping()
-                with pytest.raises(redis_py.ConnectionError, match=VERIFY_FAILED):
-                    client.app.backend.client.ping()
+            _each_sync_path_fails(wrong, VERIFY_FAILED)
 
             # The primary dies; the sentinels promote the replica; jobs flow on over TLS.
             old = setup["primary_port"]()
@@ -314,3 +300,16 @@ def test_sentinel_with_tls_nodes_flows_verifies_and_follows_a_failover(
             assert VERIFY_FAILED not in worker.log()
         finally:
             worker.stop()
+
+
+def _each_sync_path_fails(settings: ProducerSettings, match: str) -> None:
+    """The producer's own Redis client, Celery's broker (kombu) and its result backend all
+    fail to reach the primary, with `match` in the error."""
+    with ChatQueueClient(settings) as client:
+        with pytest.raises(redis_py.ConnectionError, match=match):
+            client._redis.ping()
+        with client.app.connection_for_write() as connection, \
+                pytest.raises(OperationalError, match=match):
+            connection.default_channel.client.ping()
+        with pytest.raises(redis_py.ConnectionError, match=match):
+            client.app.backend.client.ping()
