@@ -7,13 +7,16 @@ step's keys and values into the paged KV pool and computes each row's attention 
 blocks only. Everything a layer needs (slots to write, gather indices, masks) is computed once
 per step (`StepContext`) and shared by all layers:
 
-- decoding rows, sorted by context length and cut into groups of similar lengths: a group's
-  keys/values are gathered from the head-major pool (one index_select) into a tensor padded to
-  its longest row, [kv_heads, rows, longest, head_dim], and attended at once, the query heads
-  of a KV head folded into the query length (no repeat of K/V for grouped-query attention):
-  SDPA on CUDA, two batched matmuls and a float32 softmax on CPU (`_decode_attention`); one
-  group for all rows padded everything to the longest context, and gathering plus attending
-  over that padding cost more than the rest of the step;
+- decoding rows on CPU: one call per layer of the native kernel (`worker/engine/native`),
+  which reads every row's blocks in place through its block table (no gather, no padding);
+- decoding rows elsewhere (CUDA, or the kernel off or unbuilt), sorted by context length and
+  cut into groups of similar lengths: a group's keys/values are gathered from the head-major
+  pool (one index_select) into a tensor padded to its longest row, [kv_heads, rows, longest,
+  head_dim], and attended at once, the query heads of a KV head folded into the query length
+  (no repeat of K/V for grouped-query attention): SDPA on CUDA, two batched matmuls and a
+  float32 softmax on CPU (`_decode_attention`); one group for all rows padded everything to
+  the longest context, and gathering plus attending over that padding cost more than the rest
+  of the step;
 - prefill chunks: one SDPA call each, causal; a chunk with nothing before it attends to its
   own keys directly (is_causal), a later chunk to its row's gathered context.
 
@@ -262,7 +265,7 @@ def _decode_group(rows: list[ScheduledRow], tables: list[list[int]], start: int,
     and the mask hides what lies past its length."""
     lengths = [row.start + 1 for row in rows]
     width = -(-max(lengths) // block)
-    padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables])
+    padded = torch.tensor(_padded_tables(tables, width))
     # Row r's block b of KV head h is row h * num_blocks + block of the pool seen as
     # [kv_heads * num_blocks, block * head_dim].
     index = (torch.arange(kv_heads).view(-1, 1, 1) * num_blocks + padded).reshape(-1)
@@ -276,10 +279,14 @@ def _decode_group(rows: list[ScheduledRow], tables: list[list[int]], start: int,
 def _native_decode(kernel: native.DecodeKernel, rows: list[ScheduledRow],
                    tables: list[list[int]], block: int) -> _NativeDecode:
     lengths = [row.start + 1 for row in rows]
-    width = -(-max(lengths) // block)
-    padded = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
+    padded = _padded_tables(tables, -(-max(lengths) // block))
     return _NativeDecode(kernel, len(rows), torch.tensor(padded, dtype=torch.int32),
                          torch.tensor(lengths, dtype=torch.int32))
+
+
+def _padded_tables(tables: list[list[int]], width: int) -> list[list[int]]:
+    """Each row's first `width` block ids, padded with block 0 (never read: past its length)."""
+    return [table[:width] + [0] * (width - len(table[:width])) for table in tables]
 
 
 def _chunk(row: ScheduledRow, table: list[int], start: int, block: int,
