@@ -102,15 +102,25 @@ async def first_text_written(redis: Any, job_id: str) -> float | None:
     return None
 
 
-async def tally(client: AsyncChatQueueClient, n: int, results: list[Any]) -> dict[str, Any]:
+async def tally(client: AsyncChatQueueClient, n: int, results: list[Any], start_at: float,
+                cpu_s: float) -> dict[str, Any]:
     """A path's numbers. `path`: each job's time to first token less the time from its
     submission (the producer's submitted_at, which the result keeps as timings.queued_at) to
     its first text's write -- what is left is the path's own: the request's way in up to its
     submission, and the first event's way out (its `lag`). Unlike the time to first token it
     does not depend on where in the queue the job landed, which on a saturated worker decides
-    seconds."""
+    seconds.
+
+    `burst_*`: the same from the round's common start instant (`start_at`) instead of each
+    request's own start. A client that starts N requests from one event loop runs them one
+    after another, so each request's own start is later than the burst's by what the requests
+    before it cost the client; from the common start, that cost counts on both paths (the
+    producer's validation and planning of the jobs before it; the gateway client's writes, then
+    the gateway's own work on the requests before it).
+
+    `client_cpu_ms_per_request`: the client process's CPU over the round, per request."""
     done = [r for r in results if isinstance(r, tuple)]
-    lags, paths = [], []
+    lags, paths, burst_paths = [], [], []
     for ttft, job_id, read_at in done:
         written = await first_text_written(client.redis, job_id)
         if written is None:
@@ -121,9 +131,16 @@ async def tally(client: AsyncChatQueueClient, n: int, results: list[Any]) -> dic
         queued_at = result.timings.queued_at
         if queued_at is not None:
             paths.append(ttft - (written - queued_at.timestamp()))
+            burst_paths.append((read_at - start_at) - (written - queued_at.timestamp()))
     errors = [r for r in results if isinstance(r, str)][:3]
-    return {"n": n, "completed": len(done), **summary([r[0] for r in done], lags, paths),
-            "errors": errors}
+    out = {"n": n, "completed": len(done), **summary([r[0] for r in done], lags, paths),
+           "client_cpu_ms_per_request": 1000 * cpu_s / n, "errors": errors}
+    if burst_paths:
+        burst = [r[2] - start_at for r in done]
+        out |= {"burst_p50_ms": 1000 * statistics.median(burst),
+                "burst_path_p50_ms": 1000 * statistics.median(burst_paths),
+                "burst_path_p95_ms": 1000 * percentile(burst_paths, 0.95)}
+    return out
 
 
 def producer_job(client: AsyncChatQueueClient, max_new_tokens: int
@@ -215,10 +232,11 @@ def gateway_job(url: str, max_new_tokens: int, connections: list[Connection] | N
 
 
 def run_path(path: str, n: int, max_new_tokens: int, settings: dict[str, Any], url: str,
-             start_at: float, cold: bool = False) -> list[Outcome | str | None]:
+             start_at: float, cold: bool = False) -> tuple[list[Outcome | str | None], float]:
     """One path's N jobs, all started at `start_at` (time.time()), in a process of its own:
     the two paths' clients never share an event loop or a GIL (the producer's publish threads
-    held up the gateway client's sends by seconds when they did)."""
+    held up the gateway client's sends by seconds when they did). Also returns the process's
+    CPU seconds from the start to the last request's end."""
     global _CLIENT
     if _CLIENT is None:  # one warm client per process, as a backend keeps one
         _CLIENT = _LOOP.run_until_complete(_new_client(settings))
@@ -233,14 +251,18 @@ def run_path(path: str, n: int, max_new_tokens: int, settings: dict[str, Any], u
         one = producer_job(client, max_new_tokens) if path == "producer" else \
             gateway_job(url, max_new_tokens, connections)
         await asyncio.sleep(max(0.0, start_at - time.time()))
+        cpu[0] = time.process_time()
         try:
             return await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
         finally:
+            cpu[0] = time.process_time() - cpu[0]
             for _, writer in connections or ():
                 writer.close()
 
-    return [r if r is None or isinstance(r, tuple) else repr(r)
-            for r in _LOOP.run_until_complete(run())]
+    cpu = [0.0]
+    outcomes = [r if r is None or isinstance(r, tuple) else repr(r)
+                for r in _LOOP.run_until_complete(run())]
+    return outcomes, cpu[0]
 
 
 # A path process's loop and client, kept from round to round (a client made anew each round
@@ -253,10 +275,29 @@ async def _new_client(settings: dict[str, Any]) -> AsyncChatQueueClient:
     return AsyncChatQueueClient(ProducerSettings(**settings))
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its descendants alive now (uvicorn's
+    worker processes under --workers), from /proc (Linux)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        proc = Path(f"/proc/{current}")
+        try:
+            # Fields after the command's closing parenthesis; utime and stime are 14th, 15th.
+            fields = (proc / "stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in (proc / "task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it ended meanwhile
+    return total
+
+
 async def side_by_side(pools: dict[str, ProcessPoolExecutor], client: AsyncChatQueueClient,
-                       url: str, n: int, max_new_tokens: int, cold: bool = False
-                       ) -> dict[str, dict[str, Any]]:
-    """N jobs through each path, both paths started at the same instant from two processes."""
+                       url: str, n: int, max_new_tokens: int, cold: bool = False,
+                       gateway_pid: int | None = None) -> dict[str, dict[str, Any]]:
+    """N jobs through each path, both paths started at the same instant from two processes.
+    The gateway's row also has the gateway process's CPU over the round, per request."""
     settings = {"broker_url": client.settings.broker_url, "queue": client.settings.queue,
                 "wait_timeout_s": client.settings.wait_timeout_s}
     start_at = time.time() + 1.0
@@ -264,7 +305,15 @@ async def side_by_side(pools: dict[str, ProcessPoolExecutor], client: AsyncChatQ
     runs = {path: loop.run_in_executor(pool, run_path, path, n, max_new_tokens, settings, url,
                                        start_at, cold)
             for path, pool in pools.items()}
-    return {path: await tally(client, n, await run) for path, run in runs.items()}
+    gateway_cpu = None if gateway_pid is None else process_cpu_s(gateway_pid)
+    outcomes = {path: await run for path, run in runs.items()}
+    if gateway_pid is not None:
+        gateway_cpu = process_cpu_s(gateway_pid) - (gateway_cpu or 0.0)
+    rows = {path: await tally(client, n, results, start_at, cpu_s)
+            for path, (results, cpu_s) in outcomes.items()}
+    if gateway_cpu is not None and "gateway" in rows:
+        rows["gateway"]["gateway_cpu_ms_per_request"] = 1000 * gateway_cpu / n
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.n <= 1000:
         parser.error("--n: 1..1000")
 
+    started_utc = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    load_at_start = os.getloadavg()[0]
     model_dir = args.model_dir or tiny_model_dir()
     log_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"gateway-load-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                     for round_ in range(args.rounds):
                         measured = await side_by_side(pools, client, url, args.n,
                                                       args.max_new_tokens,
-                                                      args.cold_connections)
+                                                      args.cold_connections, gateway.pid)
                         for name, row in measured.items():
                             rows.append({"round": round_, "path": name, **row})
                             print(json.dumps(rows[-1]), flush=True)
@@ -353,24 +404,48 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_connections": "new per request, timed" if args.cold_connections else
         "kept alive, opened before each round",
         "n_per_path": args.n, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-        "cpu": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m": os.getloadavg()[0],
+        "commit": _commit(), "hiredis": _has_hiredis(), "started": started_utc,
+        "cpu": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m_start": load_at_start,
+        "load_avg_1m": os.getloadavg()[0],
         "lost": sum(r["n"] - r["completed"] for r in rows),
     }
-    for key in ("p50_ms", "p95_ms", "lag_p50_ms", "lag_p95_ms", "path_p50_ms", "path_p95_ms"):
+    for key in ("p50_ms", "p95_ms", "lag_p50_ms", "lag_p95_ms", "path_p50_ms", "path_p95_ms",
+                "burst_path_p50_ms", "burst_path_p95_ms", "client_cpu_ms_per_request"):
         pairs = paired(key)
         if not pairs:
             continue
-        name = key.removesuffix("_ms")
-        result[f"producer_{name}_ms"] = pooled("producer", key)
-        result[f"gateway_{name}_ms"] = pooled("gateway", key)
+        result[f"producer_{key}"] = pooled("producer", key)
+        result[f"gateway_{key}"] = pooled("gateway", key)
         # Per round, then the median of the rounds: each round's pair saw the same load.
-        result[f"gateway_overhead_{name}_ms"] = statistics.median(g - p for p, g in pairs)
-        result[f"gateway_over_producer_{name}"] = statistics.median(g / p for p, g in pairs)
+        result[f"gateway_overhead_{key}"] = statistics.median(g - p for p, g in pairs)
+        result[f"gateway_over_producer_{key.removesuffix('_ms')}"] = statistics.median(
+            g / p for p, g in pairs)
+    gateway_cpu = [r["gateway_cpu_ms_per_request"] for r in rows
+                   if "gateway_cpu_ms_per_request" in r]
+    if gateway_cpu:
+        # Its own CPU, whatever else the cores ran: less noisy than the latencies.
+        result["gateway_cpu_ms_per_request"] = statistics.median(gateway_cpu)
     result["rows"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
     return 0 if result["lost"] == 0 else 1
+
+
+def _commit() -> str:
+    """The commit measured, with "+changes" when the worktree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=False).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + (
+        "+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _has_hiredis() -> bool:
+    """Whether redis-py parses replies with hiredis here (the gateway's extra installs it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("hiredis") is not None
 
 
 def _get(url: str) -> str:
