@@ -222,6 +222,18 @@ class Gateway:
             return JobStream(self, job_id, model, options.include_usage, started)
         return await self._complete(request, job_id)
 
+    async def serve_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/chat/completions as an ASGI app of its own, called by the entry (_Observe)
+        without Starlette's middleware and routing: the route every request of a burst takes,
+        whose per-request cost queues the rest. An ApiError is answered here as Starlette's
+        handler answers it; anything else goes up to the entry's handler of the unexpected."""
+        request = Request(scope, receive)
+        try:
+            response = await self.chat_completions(request)
+        except ApiError as refused:
+            response = refused.response()
+        await response(scope, receive, send)
+
     async def _complete(self, request: Request, job_id: str) -> Response:
         result_task = asyncio.ensure_future(
             self.client.result(job_id, timeout=self.settings.request_timeout_s))
@@ -259,19 +271,27 @@ def _too_large(limit: int, size: int) -> ApiError:
 
 
 class _Observe:
-    """ASGI middleware: request counts, latencies and in-flight requests per route."""
+    """The ASGI entry: request counts, latencies and in-flight requests per route; POST
+    /v1/chat/completions goes straight to its handler (Gateway.serve_completions), everything
+    else through Starlette (`app`). The metrics' children are looked up once per route."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
-                 metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+                 gateway: Gateway) -> None:
+        self.app, self.gateway, self.metrics = app, gateway, gateway.metrics
+        self._routes = {route: (self.metrics.in_flight.labels(route),
+                                self.metrics.latency.labels(route))
+                        for route in (*_ROUTES, "other")}
+        self._counts: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        route = next((r for r in _ROUTES if path == r or path.startswith(f"{r}/")), "other")
-        status = [500]
+        completions = path == "/v1/chat/completions"
+        route = "/v1/chat/completions" if completions else next(
+            (r for r in _ROUTES if path == r or path.startswith(f"{r}/")), "other")
+        status = [0]  # 0: no response started
 
         async def observed(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -279,14 +299,48 @@ class _Observe:
             await send(message)
 
         started = time.perf_counter()
-        in_flight = self.metrics.in_flight.labels(route)
+        in_flight, latency = self._routes[route]
         in_flight.inc()
         try:
-            await self.app(scope, receive, observed)
+            if completions and scope["method"] == "POST":
+                await self._serve_completions(scope, receive, observed, status)
+            else:
+                await self.app(scope, receive, observed)
         finally:
             in_flight.dec()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(route, str(status[0])).inc()
+            latency.observe(time.perf_counter() - started)
+            key = (route, status[0] or 500)
+            count = self._counts.get(key)
+            if count is None:
+                count = self._counts[key] = self.metrics.requests.labels(route, str(key[1]))
+            count.inc()
+
+    async def _serve_completions(self, scope: Scope, receive: Receive, send: Send,
+                                 status: list[int]) -> None:
+        try:
+            await self.gateway.serve_completions(scope, receive, send)
+        except Exception as exc:
+            # As Starlette's ServerErrorMiddleware does for the other routes: the handler's
+            # answer if no response has started, and the error raised on for the server to log.
+            if not status[0]:
+                response = await unexpected(Request(scope, receive), exc)
+                await response(scope, receive, send)
+            raise
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    """The answer to an error no handler expected. Redis away past the clients' retries (kombu
+    raises OperationalError for a publish): a retryable 503; anything else a 500 -- both in
+    OpenAI's shape, with no traceback."""
+    if isinstance(exc, redis.RedisError | OperationalError):
+        log.warning("%s %s: the queue is unreachable: %s", request.method, request.url.path,
+                    exc)
+        return JSONResponse(error_body("the queue is unreachable; retry later",
+                                       type_="service_unavailable",
+                                       code="queue_unavailable"), status_code=503)
+    log.exception("%s %s failed", request.method, request.url.path)
+    return JSONResponse(error_body("internal error", type_="server_error",
+                                   code="internal_error"), status_code=500)
 
 
 def create_app(settings: GatewaySettings, producer: ProducerSettings | None = None,
@@ -306,21 +360,9 @@ def create_app(settings: GatewaySettings, producer: ProducerSettings | None = No
                             status_code=exc.status_code)
 
     batches = Batches(gateway, settings.files_dir, settings.max_file_bytes)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        # Redis away past the clients' retries (kombu raises OperationalError for a publish):
-        # a retryable 503; anything else a 500 -- both in OpenAI's shape, with no traceback.
-        if isinstance(exc, redis.RedisError | OperationalError):
-            log.warning("%s %s: the queue is unreachable: %s", request.method, request.url.path,
-                        exc)
-            return JSONResponse(error_body("the queue is unreachable; retry later",
-                                           type_="service_unavailable",
-                                           code="queue_unavailable"), status_code=503)
-        log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse(error_body("internal error", type_="server_error",
-                                       code="internal_error"), status_code=500)
-
     app = Starlette(
         routes=[
+            # POST is served by the entry (_Observe) before Starlette: here for its 405s.
             Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
             Route("/v1/models", gateway.models, methods=["GET"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),
@@ -332,4 +374,4 @@ def create_app(settings: GatewaySettings, producer: ProducerSettings | None = No
         lifespan=gateway.lifespan,
     )
     app.state.gateway = gateway
-    return _Observe(app, gateway.metrics)
+    return _Observe(app, gateway)

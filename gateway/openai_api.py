@@ -3,8 +3,10 @@ contract, a result to a completion, stream events to chunks, errors to OpenAI's 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from json.encoder import encode_basestring  # json's C string encoder
 from typing import Any
 
 from producer.batches import _FINISH as FINISH_REASONS  # one mapping with batch output
@@ -76,12 +78,35 @@ def completion(result: ChatResult) -> dict[str, Any]:
     return completion_body(result, result.job_id)
 
 
+def sse(payload: dict[str, Any]) -> bytes:
+    """A server-sent event carrying `payload` as compact JSON."""
+    return b"data: %b\n\n" % json.dumps(payload, ensure_ascii=False,
+                                         separators=(",", ":")).encode()
+
+
 class ChunkWriter:
     """A job's stream events as chat.completion.chunk objects."""
 
     def __init__(self, job_id: str, model: str) -> None:
         self.id, self.model, self.created = completion_id(job_id), model, int(time.time())
         self.started = False
+        # A text chunk's bytes around its delta, formatted once: the events of every token are
+        # framed without building and encoding the whole chunk (the same bytes as
+        # sse(self.event(event)): tests/unit/test_gateway_unit.py).
+        head = sse(self.chunk({}))
+        self._head = head[:head.index(b'"delta":') + len(b'"delta":')]
+        self._tail = b',"finish_reason":null,"logprobs":null}]}\n\n'
+
+    def event_bytes(self, event: StreamEvent) -> bytes | None:
+        """The server-sent event of a stream event, or None for an event that sends none."""
+        if event.text and event.type in ("thinking", "content"):
+            text = encode_basestring(event.text).encode()
+            if event.type == "content":
+                return b"%b{\"content\":%b}%b" % (self._head, text, self._tail)
+            return b"%b{\"reasoning\":%b,\"reasoning_content\":%b}%b" % (
+                self._head, text, text, self._tail)
+        chunk = self.event(event)
+        return None if chunk is None else sse(chunk)
 
     def chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 from starlette.types import Receive, Scope, Send
 
-from gateway.openai_api import ChunkWriter, error_body, job_error_body, job_error_status
+from gateway.openai_api import ChunkWriter, error_body, job_error_body, job_error_status, sse
 from producer import core
 from producer.aio import AsyncChatQueueClient
 from producer.errors import JobFailed, JobNotFound
@@ -266,7 +266,7 @@ class JobStream:
                 if not writer.started:
                     await start(send, 200, "text/event-stream",
                                 {"x-chatqueue-job-id": self.job_id})
-                    out.append(event_bytes(writer.first()))
+                    out.append(sse(writer.first()))
                 for event in events:
                     if event.type == "start" and wrote_text:
                         # The job runs again from its start (its worker died): what was sent
@@ -277,13 +277,13 @@ class JobStream:
                             "the job restarted after a worker failure; its output so far is "
                             "void"))
                         return
-                    chunk = writer.event(event)
+                    chunk = writer.event_bytes(event)
                     if chunk is not None:
                         if event.type in ("thinking", "content") and not wrote_text:
                             wrote_text = True
                             self.gateway.metrics.first_token.observe(
                                 time.perf_counter() - self.started)
-                        out.append(event_bytes(chunk))
+                        out.append(chunk)
                     if event.type == "end":
                         self.finished = True
                 # What arrived in one read goes out in one write.
@@ -293,7 +293,7 @@ class JobStream:
             if self.include_usage:
                 # Stored right after the end event: waited for with the client's own waiter.
                 result = await client.result(self.job_id, timeout=timeout)
-                await send_body(send, [event_bytes(writer.usage(result))])
+                await send_body(send, [sse(writer.usage(result))])
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
                         "more_body": False})
         finally:
@@ -316,7 +316,7 @@ class JobStream:
             await start(send, status, "application/json", {"x-chatqueue-job-id": self.job_id})
             await send({"type": "http.response.body", "body": payload, "more_body": False})
             return
-        await send_body(send, [event_bytes(body)])  # OpenAI's clients raise on an error event
+        await send_body(send, [sse(body)])  # OpenAI's clients raise on an error event
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
                     "more_body": False})
 
@@ -325,11 +325,6 @@ async def start(send: Send, status: int, media_type: str, headers: dict[str, str
     raw = [(b"content-type", media_type.encode()), (b"cache-control", b"no-cache")]
     raw += [(name.encode(), value.encode()) for name, value in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
-
-
-def event_bytes(payload: dict[str, Any]) -> bytes:
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
 
 
 async def send_body(send: Send, parts: list[bytes]) -> None:

@@ -226,6 +226,39 @@ def test_a_queue_over_its_bound_is_shed_with_429(redis):
     assert (error["code"], error["limit"], error["value"]) == ("queue_full", 2, 3)
 
 
+def test_the_completions_route_answers_what_no_handler_expects_as_the_other_routes_do():
+    """POST /v1/chat/completions is served before Starlette's middleware and routing (the hot
+    route): with Redis away it still answers OpenAI's 503 queue_unavailable, a GET still gets
+    Starlette's 405, and both are counted under the route."""
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    nothing_listens = f"redis://127.0.0.1:{free_port()}/0"
+    app = create_app(GatewaySettings(), ProducerSettings(broker_url=nothing_listens),
+                     key_digests=())
+
+    async def calls() -> tuple[httpx.Response, httpx.Response, dict[str, float]]:
+        gateway = app.app.state.gateway
+        # The error is raised on after the answer, as Starlette does, for the server to log.
+        async with gateway.lifespan(app.app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+                base_url="http://gw") as http:
+            away = await http.post("/v1/chat/completions",
+                                   json={"model": TINY_MODEL_ID, "messages": TINY_MESSAGES})
+            wrong_method = await http.get("/v1/chat/completions")
+        counted = {sample.labels["status"]: sample.value
+                   for metric in gateway.metrics.requests.collect() for sample in metric.samples
+                   if sample.name.endswith("_total")
+                   and sample.labels["route"] == "/v1/chat/completions"}
+        return away, wrong_method, counted
+
+    away, wrong_method, counted = asyncio.run(calls())
+    assert away.status_code == 503
+    assert away.json()["error"]["code"] == "queue_unavailable"
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "405"
+    assert counted == {"503": 1.0, "405": 1.0}
+
+
 def test_what_lives_at_startup_is_kept_out_of_the_collectors_full_passes(redis):
     """A full garbage collection over the imported libraries took ~40-65 ms, a pause that
     could land inside a burst: the gateway freezes what is alive once it has started."""

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from gateway.cli import main
-from gateway.openai_api import to_job
+from gateway.openai_api import ChunkWriter, sse, to_job
 from gateway.settings import GatewaySettings, key_matches
 from gateway.streaming import ResultWatch
 from producer.batches import LineError
 from producer.errors import JobFailed
-from producer.schemas import MODEL_ID_PATTERN
+from producer.schemas import MODEL_ID_PATTERN, StreamEvent
 
 MESSAGES = [{"role": "developer", "content": "Be brief."},
             {"role": "user", "content": [{"type": "text", "text": "Hi "},
@@ -214,3 +214,54 @@ def test_a_failed_background_read_keeps_the_value_and_a_stale_value_raises():
             await shared.get()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param("Hello", id="plain"),
+    pytest.param('say "hi"\\n', id="quotes-backslash"),
+    pytest.param("line\nbreak\ttab\x00\x1f", id="control"),
+    pytest.param("ünïcödé 中文 🙂 \u2028", id="unicode"),
+    pytest.param("</script>{}[],:", id="json-punctuation"),
+])
+@pytest.mark.parametrize("kind", ["thinking", "content"])
+def test_a_text_chunk_framed_once_is_the_chunk_as_json(kind, text):
+    """ChunkWriter frames each token's chunk around a head and tail formatted once: the same
+    bytes as encoding the whole chunk object, which OpenAI's client parses."""
+    writer = ChunkWriter("job-1", 'org/m"odel')
+    event = StreamEvent(type=kind, text=text)
+
+    framed = writer.event_bytes(event)
+
+    assert framed == sse(writer.event(event))
+    assert framed is not None and framed.startswith(b"data: ") and framed.endswith(b"\n\n")
+    chunk = json.loads(framed[len(b"data: "):])
+    delta = chunk["choices"][0]["delta"]
+    assert (delta.get("content") if kind == "content" else delta["reasoning_content"]) == text
+    assert chunk["model"] == 'org/m"odel' and chunk["choices"][0]["finish_reason"] is None
+
+
+def test_the_end_and_empty_events_keep_their_chunks():
+    writer = ChunkWriter("job-1", "org/m")
+
+    assert writer.event_bytes(StreamEvent(type="content", text="")) is None
+    end = StreamEvent(type="end", finish_reason="length")
+    assert writer.event_bytes(end) == sse(writer.event(end))
+    assert json.loads(writer.event_bytes(end)[6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_the_gateway_reads_redis_replies_with_hiredis():
+    """The gateway extra installs hiredis, which redis-py then parses every reply with (in C,
+    not its pure-Python parser): the stream relay parses an XREAD reply per decode step."""
+    from redis._parsers import _AsyncHiredisParser
+
+    from producer.aio import AsyncChatQueueClient
+    from producer.settings import ProducerSettings
+
+    async def parser() -> object:
+        client = AsyncChatQueueClient(ProducerSettings(broker_url="redis://127.0.0.1:1/0"))
+        try:
+            return client.redis.connection_pool.make_connection()._parser
+        finally:
+            await client.aclose()
+
+    assert isinstance(asyncio.run(parser()), _AsyncHiredisParser)
