@@ -1,6 +1,7 @@
 """Two engine variants side by side in one process, switched step by step.
 
     .venv/bin/python -m benchmarks.engine_ab [--quick] [--model-dir DIR] [--jobs 32]
+        [--variants generic,fast]
 
 On a shared VM two runs of the same workload differ by 10-15%, more than most single changes
 gain, so whole runs one after the other cannot decide a change. Here one engine serves the
@@ -9,16 +10,18 @@ variants every step: each variant's steps see the same machine, the same batch s
 same contexts, and their medians compare. Steps are split by kind: decode-only steps (every
 row one token) and steps that also prefill.
 
-Variants (`VARIANTS`): `native` / `torch`, the decode attention path on CPU (the native kernel
-of `worker/engine/native` against the pure-torch gather + matmuls). Writes
-<out>/<model>-engine-ab.json and prints the medians and their ratio.
+Variants (`VARIANTS`, two compared per run): `fast`, the Llama family's own forward with
+prepacked weights (`worker/engine/fast_path.py`) and the native decode attention kernel;
+`generic`, transformers' forward with the same kernel; `torch`, transformers' forward with the
+pure-torch gather + matmuls for decode attention. Writes <out>/<model>-engine-ab-<a>-<b>.json
+and prints the medians and their ratio.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +34,35 @@ from worker.engine.scheduler import ScheduledRow
 from worker.manifest import read_manifest
 from worker.pipeline.sampling import SamplingParams
 
-# name -> how to switch a runner to it before a step
-VARIANTS: dict[str, Callable[[ModelRunner], None]] = {
-    "native": lambda runner: setattr(runner, "native_decode", True),
-    "torch": lambda runner: setattr(runner, "native_decode", False),
+# name -> (use the fast path, use the native decode kernel)
+VARIANTS: dict[str, tuple[bool, bool]] = {
+    "fast": (True, True),
+    "generic": (False, True),
+    "torch": (False, False),
 }
 
 
+def _switch(runner: ModelRunner, name: str) -> None:
+    runner.use_fast_path, runner.native_decode = VARIANTS[name]
+
+
 def main(argv: list[str] | None = None) -> int:
-    work = Workload.load(in_process_parser(__doc__.split("\n\n")[0]).parse_args(argv))
+    parser = in_process_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", default="generic,fast",
+                        help=f"the two compared, of {', '.join(VARIANTS)} (default generic,fast)")
+    work = Workload.load(parser.parse_args(argv))
+    names = work.args.variants.split(",")
+    if len(names) != 2 or not set(names) <= set(VARIANTS):
+        raise SystemExit(f"--variants: two of {', '.join(VARIANTS)}, got {work.args.variants!r}")
     loaded = work.loaded
     engine = Engine(loaded.model, pad_id=loaded.pad_id, think=loaded.think,
                     limits=EngineLimits(max_batch_size=work.jobs, prefix_caching=False))
     if not engine.runner.native_decode:
         raise SystemExit("the native kernel is not available here (a CPU device, bf16 or "
                          "float32, a C compiler): nothing to compare")
-    timings = _Alternating(engine.runner, list(VARIANTS))
+    if "fast" in names and engine.runner.fast_path is None:
+        raise SystemExit("the fast path does not run this model here: nothing to compare")
+    timings = _Alternating(engine.runner, names)
     engine.start()
     try:
         _run(engine, work.prompts[:2], 2)  # warm-up, both variants
@@ -57,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.stop()
     results = _summarise(read_manifest(work.model_dir).repo_id, loaded, work.jobs,
                          work.new_tokens, work.rounds, timings.seconds)
-    _report(results, work.write(results, "engine-ab"))
+    _report(results, work.write(results, "engine-ab-" + "-".join(names)))
     return 0
 
 
@@ -72,7 +88,7 @@ class _Alternating:
         def timed(rows: Sequence[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
             name = names[self._step % len(names)]
             self._step += 1
-            VARIANTS[name](runner)
+            _switch(runner, name)
             began = time.perf_counter()
             result = execute(rows)
             kind = "decode" if all(row.count == 1 for row in rows) else "prefill"

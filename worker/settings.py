@@ -136,6 +136,12 @@ class WorkerSettings(ConnectionSettings):
         description="CPU: decode attention by a C kernel compiled on this machine at start "
         "(reads the paged KV pool in place); off, or no C compiler: the pure-torch path.",
     )
+    fast_path: bool = Field(
+        default=True,
+        description="CPU, Llama-family models (Llama, Mistral, Qwen2, Qwen3): the engine's own "
+        "forward with weights prepacked for oneDNN (a second copy of the linear weights); off: "
+        "transformers' forward.",
+    )
     kernel_cache_dir: Path | None = Field(
         default=None,
         description="Where native kernel builds are kept; unset: ~/.cache/chatqueue/kernels "

@@ -54,6 +54,7 @@ class WorkerRuntime:
             kv_cache_bytes=settings.kv_cache_bytes,
             kv_cache_memory_fraction=settings.kv_cache_memory_fraction,
             native_kernels=settings.native_kernels,
+            fast_path=settings.fast_path,
             kernel_cache_dir=settings.kernel_cache_dir,
         )
         engine = Engine(loaded.model, pad_id=loaded.pad_id, limits=limits,

@@ -97,12 +97,12 @@ def test_quick_engine_ab_alternates_the_variants_and_writes_their_medians(
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
-    (path,) = tmp_path.glob("*-engine-ab.json")
+    (path,) = tmp_path.glob("*-engine-ab-generic-fast.json")
     results = json.loads(path.read_text())
     variants = results["variants"]
-    assert set(variants) == {"native", "torch"}
+    assert set(variants) == {"generic", "fast"}
     # Steps alternate, so each variant ran about half of the decode steps (warm-up excluded).
-    decode = [variants[name]["decode"]["steps"] for name in ("native", "torch")]
+    decode = [variants[name]["decode"]["steps"] for name in ("generic", "fast")]
     assert min(decode) >= 4 and abs(decode[0] - decode[1]) <= 2
-    assert results["torch_over_native"]["decode"] > 0
-    assert "torch_over_native: decode" in completed.stdout
+    assert results["fast_over_generic"]["decode"] > 0
+    assert "fast_over_generic: decode" in completed.stdout

@@ -55,7 +55,8 @@ class Engine:
                                  prefix_caching=limits.prefix_caching)
         self.scheduler = Scheduler(self.kv, limits)
         self.runner = ModelRunner(model, self.kv, native_kernels=limits.native_kernels,
-                                  kernel_cache_dir=limits.kernel_cache_dir)
+                                  kernel_cache_dir=limits.kernel_cache_dir,
+                                  fast_path=limits.fast_path)
         self._inbox: queue.Queue[EngineJob] = queue.Queue()
         self._stop = threading.Event()
         self._stop_requested = False

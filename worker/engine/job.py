@@ -62,6 +62,7 @@ class EngineLimits:
     kv_cache_memory_fraction: float = 0.8  # CUDA: share of free device memory after load
     native_kernels: bool = True  # CPU: the C decode attention kernel, when it builds
     kernel_cache_dir: Path | None = None  # where its builds are kept (None: native.cache_dirs())
+    fast_path: bool = True  # CPU, Llama family: the engine's own forward (engine/fast_path.py)
 
 
 @dataclass(eq=False)  # compared and hashed by identity: a job is one thing in flight

@@ -21,7 +21,9 @@ per step (`StepContext`) and shared by all layers:
   own keys directly (is_causal), a later chunk to its row's gathered context.
 
 Only each sampling row's last hidden state goes through the LM head (`logits_to_keep` as
-indices). The model's own attention implementation is restored after every forward, so other
+indices). On CPU, Llama-family models run the engine's own forward instead of transformers'
+(`fast_path.py`: the same math, weights prepacked for oneDNN), attending through the same
+`paged_attention`. The model's own attention implementation is restored after every forward, so other
 users of the same model object (HF `generate`) are untouched; `paged_attention` also falls back
 to SDPA when called outside an engine step.
 """
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from worker.engine import fast_path as fast
 from worker.engine import native
 from worker.engine.kv_cache import KVCacheManager, KVStorage, head_dim_of, kv_heads_of
 from worker.engine.scheduler import ScheduledRow
@@ -175,7 +178,7 @@ AttentionInterface.register(ATTENTION_NAME, paged_attention)
 
 class ModelRunner:
     def __init__(self, model: Any, kv: KVCacheManager, *, native_kernels: bool = True,
-                 kernel_cache_dir: Path | None = None) -> None:
+                 kernel_cache_dir: Path | None = None, fast_path: bool = True) -> None:
         self.model = model
         self.device = model.device
         self.kv = kv
@@ -191,6 +194,11 @@ class ModelRunner:
         self.native_decode = self.kernel is not None
         log.info("decode attention: %s", "native CPU kernel" if self.native_decode else
                  "torch (SDPA on CUDA, gathered matmuls on CPU)")
+        # The Llama family's own forward on CPU (worker/engine/fast_path.py), when it applies.
+        self.fast_path, how = fast.build(model, paged_attention) if fast_path else (
+            None, "transformers' forward (the fast path is turned off)")
+        self.use_fast_path = self.fast_path is not None
+        log.info("model forward: %s", how)
 
     @torch.inference_mode()
     def execute(self, rows: Sequence[ScheduledRow]) -> tuple[list[ScheduledRow], torch.Tensor]:
@@ -201,6 +209,8 @@ class ModelRunner:
         step, input_ids, positions, keep = self._prepare(ordered)
         sampling = [row for row in ordered if row.samples]
         with _running(step), _attention(self.model.config):
+            if self.use_fast_path and self.fast_path is not None:
+                return sampling, self.fast_path(input_ids[0], positions[0], keep)
             out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False,
                              logits_to_keep=keep)
         return sampling, out.logits[0]
