@@ -162,12 +162,13 @@ def test_a_worker_whose_engine_dies_stops_consuming_and_gives_its_jobs_back(
     assert [r.content for r in results] == [TINY_CONTENT] * WAITING_JOBS
 
 
-def test_a_worker_without_a_c_compiler_says_so_and_serves_on_the_torch_path(
+def test_a_worker_without_a_c_compiler_or_the_fast_path_says_so_and_serves_on_torch_paths(
     tiny_model_dir, tmp_path, redis, queue_with_jobs
 ):
     queue, jobs, client = queue_with_jobs
     env = worker_env(redis.url, tiny_model_dir, queue, concurrency="4",
-                     default_max_new_tokens="64", kernel_cache_dir=str(tmp_path / "kernels"))
+                     default_max_new_tokens="64", kernel_cache_dir=str(tmp_path / "kernels"),
+                     fast_path="false")
     env["CC"] = str(tmp_path / "no-such-compiler")
     worker = spawn_worker(env, tmp_path)
     try:
@@ -176,6 +177,7 @@ def test_a_worker_without_a_c_compiler_says_so_and_serves_on_the_torch_path(
         log = worker.log()
         assert "native CPU attention kernel unavailable" in log and "no-such-compiler" in log
         assert "decode attention: torch" in log
+        assert "model forward: transformers' forward (the fast path is turned off)" in log
     finally:
         worker.stop()
 
@@ -188,4 +190,5 @@ def test_a_worker_with_a_c_compiler_decodes_with_the_native_kernel(
     results = [client.result(job, timeout=120) for job in jobs]
     assert [r.content for r in results] == [TINY_CONTENT] * WAITING_JOBS
     assert "decode attention: native CPU kernel" in worker.log()
+    assert "model forward: fast path for qwen3" in worker.log()  # the tiny model is a Qwen3
     assert list((tmp_path / "kernels").glob("paged_decode-*.so"))  # built where it was told
