@@ -70,6 +70,10 @@ class LevelRun:
     # process reading it (one reader streaming every job of the level).
     stream_lags_s: list[float] = field(default_factory=list)
 
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(job.completion_tokens for job in self.jobs) / self.wall_s
+
 
 @contextmanager
 def running_product(

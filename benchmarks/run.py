@@ -8,14 +8,16 @@
    baseline request alone through the product, alternating with the baseline (request i in
    the tutorial, then the same request as a job): on a shared machine both sides of a pair see
    the same load. Then N concurrent jobs for each N, each level (N > 1) followed by one
-   left-padded `model.generate` over the same prompts in this process; at 32 jobs also a
-   sampled run (Qwen3's defaults); then the decode-heavy mix (256 new tokens, 32 and 64 jobs,
-   each against padded generate). One client streams every job of the sweep and notes how long
-   after its pick each token arrived (`summary.stream_lag_p95_ms`); at 32 and 64 jobs (and the
-   largest level) the worker's engine alone, in this process, runs the same jobs right after
-   the product (`summary.engine_tok_s_32`, `summary.product_over_engine_32`, and for 64).
-   This worker runs with prefix caching off, so that it
-   computes every prompt token as padded generate does (the fixed prompts repeat).
+   left-padded `model.generate` over the same prompts in this process; at 32 jobs also
+   sampled runs (Qwen3's defaults) alternating with greedy runs of the same jobs, none
+   streamed (`summary.sampled_over_greedy_32`: the fastest of each); then the decode-heavy
+   mix (256 new tokens, 32 and 64 jobs, each against padded generate). One client streams
+   every job of the sweep and notes how long after its pick each token arrived
+   (`summary.stream_lag_p95_ms`); at 32 and 64 jobs (and the largest level) the worker's
+   engine alone, in this process, runs the same jobs right after the product
+   (`summary.engine_tok_s_32`, `summary.product_over_engine_32`, and for 64). This worker runs
+   with prefix caching off, so that it computes every prompt token as padded generate does
+   (the fixed prompts repeat).
 4. shared system prompt: 32 jobs that open with the same ~400-token system prompt, on that
    worker (prefix caching off), then on a restarted one with prefix caching on.
 5. results: <out>/<model>-<mode>.json (with a flat `summary` object) and .png, and a table on
@@ -265,6 +267,7 @@ class Sweep:
     levels: dict[int, product.LevelRun]
     padded: dict[int, baseline.PaddedRun]
     sampled: product.LevelRun
+    greedy_beside_sampled: list[float]  # tok/s of the greedy runs alternating with the sampled
     decode: dict[int, tuple[product.LevelRun, baseline.PaddedRun]]
     engine: dict[int, dict[str, float]]  # the engine alone on a level's jobs, right after it
 
@@ -322,7 +325,7 @@ def measure_sweep(
     the same load on a shared machine); the sampled run beside the greedy one; the decode-heavy
     mix."""
     levels, padded, engine = {}, {}, {}
-    sampled = None
+    sampled: tuple[product.LevelRun, list[float]] | None = None
     for n in mode.levels:
         levels[n], padded_run = measure_level(tutorial, client, n, mode.max_new_tokens)
         if padded_run is not None:
@@ -342,7 +345,8 @@ def measure_sweep(
                                         padded_always=True)
         assert padded_run is not None
         decode[n] = (run, padded_run)
-    return Sweep(levels=levels, padded=padded, sampled=sampled, decode=decode, engine=engine)
+    return Sweep(levels=levels, padded=padded, sampled=sampled[0],
+                 greedy_beside_sampled=sampled[1], decode=decode, engine=engine)
 
 
 def engine_alone_levels(mode: Mode) -> set[int]:
@@ -365,12 +369,27 @@ def measure_level(
                                          enable_thinking=ENABLE_THINKING)
 
 
-def measure_sampled(client: ChatQueueClient, mode: Mode) -> product.LevelRun:
+# Sampled and greedy runs alternate this many times each: one run of each, a minute apart, moved
+# their ratio from 1.19 to 0.86 between two benchmark runs on one machine.
+SAMPLED_PAIRS = 2
+
+
+def measure_sampled(client: ChatQueueClient,
+                    mode: Mode) -> tuple[product.LevelRun, list[float]]:
+    """The sampled runs (Qwen3's defaults on every job) alternating with greedy runs of the same
+    jobs, neither streamed: the fastest sampled run, and the greedy runs' tok/s."""
     n = mode.workload_jobs
-    progress(f"product: N={n} jobs sampled with Qwen3's defaults {product.QWEN3_SAMPLING}")
-    return product.run_level(client, [prompt_for(i) for i in range(n)],
-                             max_new_tokens=mode.max_new_tokens,
-                             enable_thinking=ENABLE_THINKING, sampled=True)
+    prompts = [prompt_for(i) for i in range(n)]
+    sampled: list[product.LevelRun] = []
+    greedy: list[float] = []
+    for _ in range(1 if mode is QUICK else SAMPLED_PAIRS):
+        progress(f"product: N={n} jobs greedy, beside the sampled run")
+        greedy.append(product.run_level(client, prompts, max_new_tokens=mode.max_new_tokens,
+                                        enable_thinking=ENABLE_THINKING).tokens_per_s)
+        progress(f"product: N={n} jobs sampled with Qwen3's defaults {product.QWEN3_SAMPLING}")
+        sampled.append(product.run_level(client, prompts, max_new_tokens=mode.max_new_tokens,
+                                         enable_thinking=ENABLE_THINKING, sampled=True))
+    return max(sampled, key=lambda run: run.tokens_per_s), greedy
 
 
 def measure_shared_prefix(client: ChatQueueClient, mode: Mode, caching: str) -> product.LevelRun:
@@ -440,7 +459,8 @@ def build_results(
         "padded_generate": [report.summarise_padded(run, limits)
                             for run in sweep.padded.values()],
         "sampled": {"sampling": {**product.QWEN3_SAMPLING, "seed": "the job's index"},
-                    **report.summarise_run(sweep.sampled, limits)},
+                    **report.summarise_run(sweep.sampled, limits),
+                    "greedy_beside_tokens_per_s": sweep.greedy_beside_sampled},
         "decode_heavy": {"max_new_tokens": mode.decode_max_new_tokens, "levels": decode_levels},
         "shared_prefix": {
             "jobs": mode.workload_jobs,

@@ -54,6 +54,10 @@ def test_quick_benchmark_writes_its_results(tiny_model_dir: Path, tmp_path: Path
     (decode,) = results["decode_heavy"]["levels"]
     assert decode["product"]["tokens_per_s"] > 0 and decode["padded"]["tokens_per_s"] > 0
     assert results["sampled"]["jobs"] == 8 and results["sampled"]["tokens_per_s"] > 0
+    # Its ratio is taken against the greedy run that alternated with it.
+    (greedy,) = results["sampled"]["greedy_beside_tokens_per_s"]
+    assert results["summary"]["sampled_over_greedy_32"] is None  # --quick runs 8 jobs
+    assert greedy > 0
     assert results["shared_prefix"]["on"]["tokens_per_s"] > 0
     assert results["shared_prefix"]["off"]["tokens_per_s"] > 0
 
