@@ -118,9 +118,13 @@ async def tally(client: AsyncChatQueueClient, n: int, results: list[Any], start_
     producer's validation and planning of the jobs before it; the gateway client's writes, then
     the gateway's own work on the requests before it).
 
-    `client_cpu_ms_per_request`: the client process's CPU over the round, per request."""
+    `client_cpu_ms_per_request`: the client process's CPU over the round, per request.
+
+    `submitted_p50_ms` / `submit_spread_ms`: the jobs' submission stamps from the common start
+    (median) and from the first to the last: how long the path took to take in the whole burst,
+    whatever the worker did."""
     done = [r for r in results if isinstance(r, tuple)]
-    lags, paths, burst_paths = [], [], []
+    lags, paths, burst_paths, stamps = [], [], [], []
     for ttft, job_id, read_at in done:
         written = await first_text_written(client.redis, job_id)
         if written is None:
@@ -131,6 +135,7 @@ async def tally(client: AsyncChatQueueClient, n: int, results: list[Any], start_
         queued_at = result.timings.queued_at
         if queued_at is not None:
             paths.append(ttft - (written - queued_at.timestamp()))
+            stamps.append(queued_at.timestamp() - start_at)
             burst_paths.append((read_at - start_at) - (written - queued_at.timestamp()))
     errors = [r for r in results if isinstance(r, str)][:3]
     out = {"n": n, "completed": len(done), **summary([r[0] for r in done], lags, paths),
@@ -139,7 +144,9 @@ async def tally(client: AsyncChatQueueClient, n: int, results: list[Any], start_
         burst = [r[2] - start_at for r in done]
         out |= {"burst_p50_ms": 1000 * statistics.median(burst),
                 "burst_path_p50_ms": 1000 * statistics.median(burst_paths),
-                "burst_path_p95_ms": 1000 * percentile(burst_paths, 0.95)}
+                "burst_path_p95_ms": 1000 * percentile(burst_paths, 0.95),
+                "submitted_p50_ms": 1000 * statistics.median(stamps),
+                "submit_spread_ms": 1000 * (max(stamps) - min(stamps))}
     return out
 
 
@@ -326,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-connections", action="store_true",
                         help="a new HTTP connection per gateway request, opened in the timed "
                              "path (default: kept-alive connections opened before each round)")
+    parser.add_argument("--gateway-workers", type=int, default=1,
+                        help="gateway processes (CHATQUEUE_GATEWAY_WORKERS)")
     parser.add_argument("--note", default="", help="written into the results: what else ran")
     parser.add_argument("--out", type=Path,
                         default=REPO_ROOT / "benchmarks" / "results" / "gateway_load.json")
@@ -347,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         env.update({"CHATQUEUE_BROKER_URL": redis.url, "CHATQUEUE_QUEUE": QUEUE,
                     "CHATQUEUE_DEFAULT_MODEL": TINY_MODEL_ID,
                     "CHATQUEUE_GATEWAY_PORT": str(port),
-                    "CHATQUEUE_GATEWAY_MAX_QUEUE_LENGTH": str(10 * args.n)})
+                    "CHATQUEUE_GATEWAY_MAX_QUEUE_LENGTH": str(10 * args.n),
+                    "CHATQUEUE_GATEWAY_WORKERS": str(args.gateway_workers)})
         gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli"], cwd=REPO_ROOT,
                                    env=env, stdout=(log_dir / "gateway.log").open("w"),
                                    stderr=subprocess.STDOUT)
@@ -404,13 +414,15 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_connections": "new per request, timed" if args.cold_connections else
         "kept alive, opened before each round",
         "n_per_path": args.n, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+        "gateway_workers": args.gateway_workers,
         "commit": _commit(), "hiredis": _has_hiredis(), "started": started_utc,
         "cpu": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m_start": load_at_start,
         "load_avg_1m": os.getloadavg()[0],
         "lost": sum(r["n"] - r["completed"] for r in rows),
     }
     for key in ("p50_ms", "p95_ms", "lag_p50_ms", "lag_p95_ms", "path_p50_ms", "path_p95_ms",
-                "burst_path_p50_ms", "burst_path_p95_ms", "client_cpu_ms_per_request"):
+                "burst_path_p50_ms", "burst_path_p95_ms", "submitted_p50_ms",
+                "submit_spread_ms", "client_cpu_ms_per_request"):
         pairs = paired(key)
         if not pairs:
             continue

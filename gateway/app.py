@@ -10,14 +10,23 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import redis
 from kombu.exceptions import OperationalError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -69,7 +78,16 @@ class ApiError(ChatQueueError):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The gateway's metrics. With `multiprocess_dir` (several gateway processes: gateway/cli.py
+    sets PROMETHEUS_MULTIPROC_DIR for them, so prometheus_client keeps every value in a file
+    there), what /metrics exposes is every process's, added up (`exposed`)."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        if multiprocess_dir is not None and values.ValueClass is values.MutexValue:
+            # prometheus_client chose where values live when it was imported: in memory.
+            raise ValueError(f"metrics in {multiprocess_dir}: PROMETHEUS_MULTIPROC_DIR must "
+                             "name it before prometheus_client is imported")
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         self.requests = Counter("chatqueue_gateway_requests_total", "HTTP requests answered",
                                 ["route", "status"], registry=self.registry)
@@ -78,8 +96,9 @@ class Metrics:
                                  ["route"], registry=self.registry,
                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30,
                                           60, 120, 300))
+        # Summed over the processes alive (a process that ends drops its own: release()).
         self.in_flight = Gauge("chatqueue_gateway_in_flight", "Requests being answered",
-                               ["route"], registry=self.registry)
+                               ["route"], registry=self.registry, multiprocess_mode="livesum")
         self.first_token = Histogram("chatqueue_gateway_first_token_seconds",
                                      "Request start -> first generated text sent (streams)",
                                      registry=self.registry,
@@ -87,14 +106,24 @@ class Metrics:
         self.cancelled = Counter("chatqueue_gateway_disconnect_cancels_total",
                                  "Jobs cancelled because their client went away",
                                  registry=self.registry)
+        self.exposed = self.registry
+        if multiprocess_dir is not None:
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+
+    def release(self) -> None:
+        """This process stops serving: its live gauges no longer count (its counters and
+        histograms keep what it served)."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]
 
 
 class Gateway:
     def __init__(self, settings: GatewaySettings, producer: ProducerSettings,
-                 key_digests: tuple[bytes, ...]) -> None:
+                 key_digests: tuple[bytes, ...], metrics_dir: str | None = None) -> None:
         self.settings, self.producer_settings = settings, producer
         self.digests = key_digests
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics_dir)
         self._client: AsyncChatQueueClient | None = None
         self._watch: ResultWatch | None = None
         self._hub: StreamHub | None = None
@@ -135,11 +164,12 @@ class Gateway:
         gc.freeze()
         # Batch progress, read from Redis at each scrape (a scrape runs in a thread).
         collector = BatchCollector(self._client.blocking.redis)
-        self.metrics.registry.register(collector)
+        self.metrics.exposed.register(collector)
         try:
             yield
         finally:
-            self.metrics.registry.unregister(collector)
+            self.metrics.exposed.unregister(collector)
+            self.metrics.release()
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
             await self._watch.aclose()
@@ -184,7 +214,7 @@ class Gateway:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         self.authorize(request)
-        body = await asyncio.to_thread(generate_latest, self.metrics.registry)  # reads Redis
+        body = await asyncio.to_thread(generate_latest, self.metrics.exposed)  # reads Redis
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:
@@ -344,9 +374,13 @@ async def unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: GatewaySettings, producer: ProducerSettings | None = None,
-               key_digests: tuple[bytes, ...] | None = None) -> Any:
+               key_digests: tuple[bytes, ...] | None = None, metrics_dir: str | None = None
+               ) -> Any:
+    """The gateway's ASGI app. `metrics_dir`: one of several gateway processes, whose metrics
+    are kept there (prometheus_client's multiprocess mode; gateway/cli.py)."""
     gateway = Gateway(settings, producer or ProducerSettings(),
-                      settings.key_digests() if key_digests is None else key_digests)
+                      settings.key_digests() if key_digests is None else key_digests,
+                      metrics_dir)
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

@@ -38,6 +38,10 @@ class GatewaySettings(BaseSettings):
                                 description="Largest batch input file accepted (413 above).")
     models_cache_s: float = Field(
         default=1.0, ge=0, description="How long a read of the live workers is reused.")
+    workers: int = Field(
+        default=1, ge=1, le=64,
+        description="Gateway processes serving the port, each with its own event loop "
+                    "(uvicorn's workers); above 1, /metrics counts what all of them served.")
     queue_length_cache_s: float = Field(
         default=0.25, ge=0,
         description="How long a read of a queue's length is reused (with the jobs this gateway "

@@ -4,12 +4,14 @@ clients) against a real uvicorn process, a real Redis and a real worker on the t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -190,6 +192,112 @@ def test_metrics_count_requests(gateway, sync_openai):
     assert "chatqueue_gateway_in_flight" in text
     # Batch progress, read from Redis by the scrape on the gateway's (producer) login.
     assert 'chatqueue_batches{status="completed"}' in text
+
+
+def test_several_gateway_processes_share_the_port_and_metrics_count_them_all(
+        redis, tiny_queue, tmp_path):
+    """CHATQUEUE_GATEWAY_WORKERS=2: the real chatqueue-gateway serves the port from two
+    processes; connections land on both, and /metrics -- whichever process answers it -- counts
+    the requests that every process served (prometheus_client's multiprocess mode)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATQUEUE_", "PROMETHEUS"))}
+    env.update({"CHATQUEUE_BROKER_URL": redis.url, "CHATQUEUE_QUEUE": tiny_queue,
+                "CHATQUEUE_DEFAULT_MODEL": TINY_MODEL_ID, "CHATQUEUE_GATEWAY_PORT": str(port),
+                "CHATQUEUE_GATEWAY_WORKERS": "2", "CHATQUEUE_GATEWAY_MODELS_CACHE_S": "0",
+                "CHATQUEUE_GATEWAY_FILES_DIR": str(tmp_path / "files"),
+                "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "gateway.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "gateway.cli"], cwd=REPO_ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
+    clients: list[httpx.Client] = []  # each holds one connection
+    served: dict[int, int] = {}  # gateway process -> completions it answered
+    scrapes: dict[int, dict[str, float]] = {}  # gateway process -> what its /metrics said
+    try:
+        def listed() -> bool:
+            assert process.poll() is None, f"gateway exited with {process.returncode}"
+            try:
+                return TINY_MODEL_ID in httpx.get(f"{url}/v1/models", timeout=5).text
+            except httpx.TransportError:
+                return False
+
+        wait_until(listed, timeout=60, what="the gateway to list the tiny model", interval=0.1)
+
+        def on_a_new_connection(call: Callable[[httpx.Client], httpx.Response]
+                                ) -> tuple[int, httpx.Response]:
+            """`call` over a new connection, and the gateway process that answered it."""
+            client = httpx.Client(base_url=url, timeout=60,
+                                  limits=httpx.Limits(max_connections=1))
+            clients.append(client)
+            response = call(client)
+            _, client_port = response.extensions["network_stream"].get_extra_info("client_addr")
+            return _serving_process(process.pid, port, client_port), response
+
+        def complete(client: httpx.Client) -> httpx.Response:
+            # Not closed here: that would close `client`, whose connection says who answered.
+            openai_client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused",
+                                          max_retries=0, http_client=client)
+            reply = openai_client.chat.completions.with_raw_response.create(
+                model=TINY_MODEL_ID, messages=TINY_MESSAGES, temperature=0)
+            assert reply.parse().choices[0].message.content == TINY_CONTENT
+            return reply.http_response
+
+        def completed_on_both() -> bool:
+            pid, _ = on_a_new_connection(complete)
+            served[pid] = served.get(pid, 0) + 1
+            return len(served) == 2
+
+        # Which process accepts a connection is the kernel's choice: new ones until both have.
+        wait_until(completed_on_both, timeout=120, what="completions on both processes",
+                   interval=0)
+
+        def scraped_on_both() -> bool:
+            pid, response = on_a_new_connection(lambda client: client.get("/metrics"))
+            scrapes[pid] = {
+                f"{sample.name}{sample.labels.get('status', '')}": sample.value
+                for family in text_string_to_metric_families(response.text)
+                for sample in family.samples
+                if sample.labels.get("route") == "/v1/chat/completions"
+                and sample.name in ("chatqueue_gateway_requests_total",
+                                    "chatqueue_gateway_in_flight")}
+            return len(scrapes) == 2
+
+        wait_until(scraped_on_both, timeout=60, what="a scrape from each process", interval=0)
+    finally:
+        for client in clients:
+            client.close()
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+    assert len(served) == 2 and set(scrapes) == set(served)
+    for pid, scrape in scrapes.items():
+        assert scrape == {"chatqueue_gateway_requests_total200": float(sum(served.values())),
+                          "chatqueue_gateway_in_flight": 0.0}, (pid, scrape, served)
+
+
+def _serving_process(gateway_pid: int, port: int, client_port: int) -> int:
+    """The gateway process (the CLI's or one of its children) holding the server end of the
+    loopback TCP connection from `client_port` to `port` (Linux: /proc)."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = (int(end.rpartition(":")[2], 16) for end in fields[1:3])
+            if (local, remote) == (port, client_port):
+                inode = fields[9]
+    assert inode is not None, f"no connection from port {client_port} to {port}"
+    pending = [gateway_pid]
+    while pending:
+        pid = pending.pop()
+        proc = Path(f"/proc/{pid}")
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if any(os.readlink(fd) == f"socket:[{inode}]" for fd in (proc / "fd").iterdir()):
+                return pid
+        for task in (proc / "task").iterdir():
+            pending += [int(child) for child in (task / "children").read_text().split()]
+    raise AssertionError(f"no gateway process holds socket {inode}")
 
 
 def test_a_queue_over_its_bound_is_shed_with_429(redis):

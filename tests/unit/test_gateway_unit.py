@@ -265,3 +265,21 @@ def test_the_gateway_reads_redis_replies_with_hiredis():
             await client.aclose()
 
     assert isinstance(asyncio.run(parser()), _AsyncHiredisParser)
+
+
+def test_metrics_kept_in_a_directory_need_prometheus_told_before_it_is_imported(tmp_path):
+    """Several gateway processes add up their metrics through files (gateway/cli.py names the
+    directory in PROMETHEUS_MULTIPROC_DIR before they import prometheus_client); a process
+    whose prometheus_client keeps its values in memory would expose only its own."""
+    from gateway.app import Metrics
+
+    with pytest.raises(ValueError, match="PROMETHEUS_MULTIPROC_DIR"):
+        Metrics(str(tmp_path))
+    alone = Metrics()
+    assert alone.exposed is alone.registry
+
+
+def test_the_number_of_gateway_processes_is_bounded():
+    assert GatewaySettings().workers == 1
+    with pytest.raises(ValueError, match="workers"):
+        GatewaySettings(workers=0)
