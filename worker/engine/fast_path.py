@@ -19,7 +19,7 @@ changes:
 
 Attention is the engine's `paged_attention`, as on the generic path. Everything else follows
 transformers' LlamaDecoderLayer (and Qwen3's per-head q/k norms; Qwen2's q/k/v biases): RMSNorm
-in float32 then cast, rotary from the model's own `rotary_emb` (so every RoPE scaling it knows
+(torch's own op, computed in float32), rotary from the model's own `rotary_emb` (so every RoPE scaling it knows
 is right), SiLU-gated MLP, residual adds. The prepacked weights are a second copy of the linear
 layers' weights (the model's own stay for HF `generate` and the generic path), logged at start.
 
@@ -201,9 +201,9 @@ class FastForward:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalised in float32, cast back, then scaled."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    return weight * normed.to(x.dtype)
+    """transformers' LlamaRMSNorm in one op: the same in float32; in bf16 it rounds once where
+    transformers rounds before and after the scale (within one bf16 step of it)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
