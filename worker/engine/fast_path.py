@@ -201,9 +201,10 @@ class FastForward:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm in one op: the same in float32; in bf16 it rounds once where
-    transformers rounds before and after the scale (within one bf16 step of it)."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)
+    """transformers' LlamaRMSNorm, rounding included: normalised in float32 inside torch's op,
+    cast back, then scaled in the input's dtype (with the weight inside the op, bf16 outputs
+    differed from transformers' on 5 of 8 demo prompts within 32 tokens)."""
+    return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
