@@ -16,9 +16,11 @@ is stored). What they leave open, and this module and worker/result_store.py clo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import time
 from typing import Any
 
 import redis
@@ -28,6 +30,7 @@ from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
@@ -43,6 +46,68 @@ _JOB_ID = re.compile(JOB_ID_PATTERN)
 log = logging.getLogger(__name__)
 
 
+# KEYS: the queue's lists in the order kombu pops them, then the unacked hash and its index;
+# ARGV: now (the index's score, as kombu's QoS.append writes it), the largest entry to record
+# (0: any). Pops the first entry, as BRPOP would, and records it in the unacked hash in the same
+# step: there is no moment when a job is neither in a queue nor where a dead worker's jobs are
+# restored from. Returns {list, entry, delivery tag}, the tag "" for an entry not recorded (too
+# large to decode here, or not a kombu envelope: the worker refuses and drops those), or nil.
+CLAIM = r"""
+local lists = #KEYS - 2
+for i = 1, lists do
+  local item = redis.call('RPOP', KEYS[i])
+  if item then
+    local limit = tonumber(ARGV[2])
+    if limit > 0 and #item > limit then return {KEYS[i], item, ''} end
+    -- The envelope without its body (base64: no quote inside), so a large job is not parsed.
+    local envelope
+    local _, open = string.find(item, '"body": "', 1, true)
+    if open then
+      local close = string.find(item, '"', open + 1, true)
+      if close and string.sub(item, close - 1, close - 1) ~= '\\' then
+        local head = string.sub(item, 1, open) .. string.sub(item, close)
+        local ok, decoded = pcall(cjson.decode, head)
+        if ok then envelope = decoded end
+      end
+    end
+    if envelope == nil then
+      local ok, decoded = pcall(cjson.decode, item)
+      if ok then envelope = decoded end
+    end
+    local properties = type(envelope) == 'table' and envelope['properties']
+    local tag = type(properties) == 'table' and properties['delivery_tag']
+    if type(tag) ~= 'string' or tag == '' then return {KEYS[i], item, ''} end
+    local info = properties['delivery_info']
+    local exchange, routing_key = '', ''
+    if type(info) == 'table' then
+      exchange, routing_key = info['exchange'] or '', info['routing_key'] or ''
+    end
+    redis.call('ZADD', KEYS[lists + 2], ARGV[1], tag)
+    redis.call('HSET', KEYS[lists + 1], tag, '[' .. item .. ', ' .. cjson.encode(exchange) ..
+               ', ' .. cjson.encode(routing_key) .. ']')
+    return {KEYS[i], item, tag}
+  end
+end
+return nil
+"""
+CLAIM_SHA = hashlib.sha1(CLAIM.encode()).hexdigest()
+
+# An idle worker waits this long (at most) for a job in its queue's first list before it looks
+# at all its lists again: jobs there (interactive priority) wake it at once, lower-priority ones
+# within this.
+IDLE_WAIT_S = 0.5
+
+
+class ClaimingQoS(kombu_redis.QoS):
+    """kombu's QoS, except that a message CLAIM already recorded is not written again."""
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        if delivery_tag is not None and delivery_tag == self.channel._claimed_tag:
+            virtual.QoS.append(self, message, delivery_tag)  # this worker's own bookkeeping
+            return
+        super().append(message, delivery_tag)
+
+
 class TolerantChannel(kombu_redis.Channel):
     """kombu's Redis channel, except that one bad queue entry costs that entry, not the worker.
 
@@ -56,13 +121,53 @@ class TolerantChannel(kombu_redis.Channel):
     check saw it (a 51 MB request took a worker from 72 to 390 MB). Its task id is read from
     the envelope with the body cut out, its job fails with limit_exceeded (`refuse_oversized`),
     and it is dropped: off the queue, never in the unacked hash, so never delivered again.
+
+    And a job taken off the queue is in the unacked hash from that moment (`CLAIM`). kombu pops
+    with BRPOP and records the message in the unacked hash only once its reply has been read:
+    a worker killed in between (SIGKILL, the OOM killer, a lost node) took the job with it, and
+    no visibility timeout ever brought it back (tests/integration/test_batches.py kills a worker
+    there). Here one Lua script pops and records; an idle worker waits on its queue's first
+    list without taking anything (BLMOVE of a list onto itself), then claims again. A Redis
+    that refuses the script or BLMOVE (an ACL without them) gets kombu's BRPOP, with a warning.
     """
 
+    QoS = ClaimingQoS
     from_transport_options = (*kombu_redis.Channel.from_transport_options, "max_message_bytes")
     max_message_bytes: int | None = None
+    _claimed_tag: str | None = None  # the message being delivered, if CLAIM recorded it
+    _claiming = True  # False once Redis refused CLAIM or BLMOVE: kombu's BRPOP from then on
+    _idle = False  # the last CLAIM found nothing: wait before the next
+    _sent: str | None = None  # the command whose reply the connection awaits
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if not self._claiming:
+            self._sent = "BRPOP"
+            return super()._brpop_start(timeout)
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return None
+        prefix = self.global_keyprefix or ""
+        lists = [prefix + self._q_for_pri(queue, pri) for pri in self.priority_steps
+                 for queue in queues]
+        if self._idle:
+            wait = min(IDLE_WAIT_S, timeout or self.brpop_timeout or IDLE_WAIT_S)
+            command: list[Any] = ["BLMOVE", lists[0], lists[0], "RIGHT", "RIGHT", wait]
+            self._sent = "BLMOVE"
+        else:
+            command = ["EVALSHA", CLAIM_SHA, len(lists) + 2, *lists,
+                       prefix + self.unacked_key, prefix + self.unacked_index_key,
+                       repr(time.time()), self.max_message_bytes or 0]
+            self._sent = "EVALSHA"
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()
+        self.client.connection.send_command(*command)
+        return None
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
+            sent, self._sent = self._sent, None
+            if sent in ("EVALSHA", "BLMOVE"):
+                return self._claim_read(sent, **options)
             return self._checked_brpop_read(**options)
         except (kombu_redis.Empty, *self.connection_errors):
             raise
@@ -91,6 +196,50 @@ class TolerantChannel(kombu_redis.Channel):
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _claim_read(self, sent: str, **options: Any) -> Any:
+        """The reply to CLAIM (a job, already in the unacked hash, or nothing) or to the idle
+        wait (whatever it says, claim next)."""
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, sent, **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except redis.ResponseError as exc:
+                self._refused(sent, exc)
+                raise kombu_redis.Empty() from None
+            if sent == "BLMOVE" or not reply:
+                self._idle = sent == "EVALSHA"
+                raise kombu_redis.Empty()
+            self._idle = False
+            dest, item, tag = reply
+            dest = bytes_to_str(dest)[len(self.global_keyprefix or ""):].rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            self._claimed_tag = bytes_to_str(tag) or None
+            try:
+                if self._fits(item, dest):
+                    self.connection._deliver(loads(bytes_to_str(item)), dest)
+            except Exception:
+                if self._claimed_tag is not None:  # never delivered: not to be restored either
+                    self.qos._remove_from_indices(self._claimed_tag).execute()
+                raise
+            finally:
+                self._claimed_tag = None
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _refused(self, sent: str, exc: redis.ResponseError) -> None:
+        if sent == "EVALSHA" and isinstance(exc, redis.exceptions.NoScriptError):
+            # First use on this Redis (or it restarted): load it, claim on the next turn.
+            self.client.execute_command("SCRIPT", "LOAD", CLAIM)
+            return
+        self._claiming = False
+        log.warning("Redis refused %s (%s): this worker takes jobs with BRPOP, and one it is "
+                    "killed while taking is lost; allow EVALSHA, SCRIPT LOAD and BLMOVE on the "
+                    "queues (deploy/redis/acl.sh)", sent, exc)
 
     def _get(self, queue: str) -> Any:
         """kombu's polling read (used without Celery's event loop), with the same check."""
@@ -274,6 +423,11 @@ def broker_options(settings: WorkerSettings) -> dict[str, Any]:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.redelivery_check_s,
             "unacked_restore_throttle": 1,
+            # The lock a worker holds while it restores (so that two do not scan at once) is
+            # kombu's for 300 s: a worker killed while holding it stopped every worker from
+            # restoring anything for five minutes. Each restore is its own transaction
+            # (WATCH), so two at once still put a job back once: hold it one check at most.
+            "unacked_mutex_expire": max(settings.redelivery_check_s, 1.0),
             "priority_steps": list(PRIORITY_STEPS),  # higher-priority jobs are popped first
             # Refused before kombu decodes it (TolerantChannel).
             "max_message_bytes": settings.message_byte_limit,

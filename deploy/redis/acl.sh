@@ -75,12 +75,14 @@ echo "user producer on #$producer resetkeys resetchannels -@all $session $script
   "(+hset +hsetnx +hget +hmget +hgetall +hincrby +expire +zadd +zrevrange +evalsha +set" \
   "~chatqueue:batch:* ~chatqueue:batches)"
 
-# Workers: consume their queue (kombu's redis transport: BRPOP, the unacked hash and index,
+# Workers: consume their queue (a Lua script that pops and records in the unacked hash, BLMOVE
+# of a list onto itself to wait, BRPOP if those are refused: worker/delivery.py; the unacked index,
 # restoring dead workers' jobs), store results, write streams and leases, listen for cancels
 # and for Celery's remote control; they answer control requests (LPUSH to the reply queue) but
 # cannot send any: mingle (a broadcast at start) is off for chatqueue workers.
 echo "user worker on #$worker resetkeys resetchannels -@all $session $scripts" \
-  "+brpop +rpop +lpush +rpush +llen +del +pexpire +expire +multi +exec +discard +watch +unwatch" \
+  "+brpop +blmove +rpop +lpush +rpush +llen +del +pexpire +expire +multi +exec +discard +watch" \
+  "+unwatch" \
   "+sadd +srem +smembers +zadd +zrem +zrange +zrangebyscore +hset +hget +hdel" \
   "+set +setex +get +mget +exists +xadd +time +hincrby +hmget +hsetnx" \
   "+subscribe +unsubscribe +psubscribe +punsubscribe" \

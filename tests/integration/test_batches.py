@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openai.types.chat import ChatCompletion
@@ -20,7 +21,7 @@ from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES, TINY_THINKING
 from producer import ChatQueueClient, JobFailed, ProducerSettings
 from producer.batches import BatchClient, batch_lines_key, line_job_id
 from producer.celery_app import PRIORITY_STEPS
-from producer.settings import accepted_key
+from producer.settings import accepted_key, lease_key
 from tests.support.servers import (
     REPO_ROOT,
     redis_server,
@@ -308,6 +309,35 @@ def test_cancel_ends_the_batch_and_keeps_what_finished(tiny_client, tmp_path):
     assert sum(kind == "output" for kind, _ in results) == counts["completed"]
 
 
+def delivery_state(redis_client: Any, queue: str, job_ids: list[str]) -> dict[str, Any]:
+    """Where each job's message is (one of the queue's priority lists, kombu's unacked hash,
+    or nowhere: popped and lost), with its unacked_index age, its lease and job record, and
+    kombu's restore mutex -- what tells a message lost between BRPOP and kombu's unacked
+    bookkeeping from one that sits in the unacked hash while nobody restores it."""
+    lists = [queue] + [f"{queue}\x06\x16{p}" for p in PRIORITY_STEPS[1:]]
+    queued = {key: [bytes(m) for m in redis_client.lrange(key, 0, -1)] for key in lists}
+    unacked = {bytes(tag): bytes(raw) for tag, raw in redis_client.hgetall("unacked").items()}
+    index = {bytes(tag): score for tag, score in
+             redis_client.zrange("unacked_index", 0, -1, withscores=True)}
+    now = time.time()
+    state: dict[str, Any] = {"unacked_mutex": (redis_client.get("unacked_mutex"),
+                                               redis_client.pttl("unacked_mutex")),
+                             "unacked": len(unacked), "queued": sum(map(len, queued.values()))}
+    for job_id in job_ids:
+        needle = job_id.encode()
+        where = [key for key, messages in queued.items() if any(needle in m for m in messages)]
+        tags = [tag for tag, raw in unacked.items() if needle in raw]
+        state[job_id] = {
+            "queued_in": where,
+            "unacked_for_s": [round(now - index[tag], 1) if tag in index else None
+                              for tag in tags],
+            "lease": (redis_client.get(lease_key(job_id)),
+                      redis_client.pttl(lease_key(job_id))),
+            "record": redis_client.get(accepted_key(job_id)),
+        }
+    return state
+
+
 def test_a_worker_killed_mid_batch_loses_no_line_and_counts_each_once(
         tiny_model_dir, tmp_path):
     # Its own Redis: the short visibility timeout would hand other tests' long jobs out again.
@@ -344,7 +374,8 @@ def test_a_worker_killed_mid_batch_loses_no_line_and_counts_each_once(
                 except TimeoutError as exc:  # seen once in CI: keep what explains it
                     missing = [j for j in job_ids if client.fetch(j) is None]
                     raise AssertionError(
-                        f"{exc}; lines without a result: {missing}; victim log tail:\n"
+                        f"{exc}; lines without a result: {missing}; where they are in Redis: "
+                        f"{delivery_state(server.client(), queue, missing)}; victim log tail:\n"
                         f"{''.join(victim.lines)[-4000:]}\nsurvivor log tail:\n"
                         f"{''.join(workers[1].lines)[-8000:]}") from exc
                 results = list(batches.results(report.batch_id))
@@ -362,6 +393,55 @@ def test_a_worker_killed_mid_batch_loses_no_line_and_counts_each_once(
     assert all(kind == "output" for kind, _ in results)
     print(f"{len(moved)} line(s) taken by the killed worker ran again on the other")
     assert moved  # the kill did hit lines the victim held
+
+
+@pytest.mark.parametrize("holding_the_restore_lock", [
+    pytest.param(False, id="as it takes a line"),
+    pytest.param(True, id="as it takes a line, holding the restore lock"),
+])
+def test_a_worker_killed_as_it_takes_a_line_off_the_queue_does_not_lose_it(
+        tiny_model_dir, tmp_path, holding_the_restore_lock):
+    """SIGKILL between the broker's reply that hands a worker a job and anything the worker
+    does with it: the job still runs, on another worker, after the visibility timeout. kombu
+    popped first and recorded the job for redelivery after: the job was gone. And a worker
+    killed while it held kombu's restore lock kept every other worker from restoring any job
+    for the lock's 300 s."""
+    fast = {"max_job_seconds": "5", "visibility_timeout_s": "8", "redelivery_check_s": "1",
+            "job_lease_ttl_s": "3", "job_lease_renew_s": "1", "concurrency": "2"}
+    queue = f"pop-{uuid.uuid4().hex[:6]}"
+    with redis_server() as server:
+        env = worker_env(server.url, tiny_model_dir, queue, **fast)
+        dying = spawn_worker({**env, "CHATQUEUE_TEST_KILL_ON_DELIVERY": queue,
+                              "CHATQUEUE_TEST_KILL_HOLDING_RESTORE_LOCK":
+                                  str(int(holding_the_restore_lock))},
+                             tmp_path, module="tests.support.killed_on_delivery_worker")
+        survivor = None
+        try:
+            wait_ready(dying)
+            with ChatQueueClient(ProducerSettings(broker_url=server.url, queue=queue,
+                                                  wait_timeout_s=60)) as client:
+                batches = BatchClient(client)
+                report = batches.submit(write_file(tmp_path, [line("p0", max_tokens=8)]))
+                job_id = line_job_id(report.batch_id, "p0")
+                assert dying.process.wait(timeout=60) == -signal.SIGKILL
+                assert queued(client) == 0  # it died with the line taken off the queue
+                # It runs within visibility timeout + checks (+ the restore lock's expiry)
+                # of its delivery; 60 s leaves room for the survivor's start on a slow machine.
+                survivor = spawn_worker(env, tmp_path)
+                wait_ready(survivor)
+                try:
+                    batch = batches.wait(report.batch_id, timeout=60)
+                except TimeoutError as exc:
+                    raise AssertionError(
+                        f"{exc}; where the line is in Redis: "
+                        f"{delivery_state(server.client(), queue, [job_id])}") from exc
+                result = client.result(job_id)
+        finally:
+            for worker in (dying, survivor):
+                if worker is not None:
+                    worker.stop()
+    assert batch["request_counts"] == {"total": 1, "completed": 1, "failed": 0}
+    assert (result.worker_name or "").startswith(survivor.name.split("@")[0])
 
 
 def test_the_batch_commands(redis, tiny_queue, tmp_path):

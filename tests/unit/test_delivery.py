@@ -36,6 +36,7 @@ def test_redelivery_settings_reach_kombu():
                                              job_lease_renew_s=1))
     assert options["broker_transport_options"] == {
         "visibility_timeout": 8, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": 1,
         "priority_steps": [0, 3, 6, 9],
         # Refused before kombu decodes it: 4 x max_request_bytes + 64 KiB by default.
         "max_message_bytes": 4 * 1_048_576 + 65_536,
