@@ -11,10 +11,11 @@ same contexts, and their medians compare. Steps are split by kind: decode-only s
 row one token) and steps that also prefill.
 
 Variants (`VARIANTS`, two compared per run): `fast`, the Llama family's own forward with
-prepacked weights (`worker/engine/fast_path.py`) and the native decode attention kernel;
-`generic`, transformers' forward with the same kernel; `torch`, transformers' forward with the
-pure-torch gather + matmuls for decode attention. Writes <out>/<model>-engine-ab-<a>-<b>.json
-and prints the medians and their ratio.
+prepacked weights (`worker/engine/fast_path.py`) and the native attention kernels for decoding
+rows and prefill chunks; `fast-sdpa`, the same with SDPA for prefill chunks; `generic`,
+transformers' forward with the native kernels; `torch`, transformers' forward with pure-torch
+attention (gather + matmuls for decoding rows, SDPA for chunks). Writes
+<out>/<model>-engine-ab-<a>-<b>.json and prints the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ from worker.engine.scheduler import ScheduledRow
 from worker.manifest import read_manifest
 from worker.pipeline.sampling import SamplingParams
 
-# name -> (use the fast path, use the native decode kernel)
-VARIANTS: dict[str, tuple[bool, bool]] = {
-    "fast": (True, True),
-    "generic": (False, True),
-    "torch": (False, False),
+# name -> the runner's switches: (fast path, native decode kernel, native prefill kernel)
+VARIANTS: dict[str, tuple[bool, bool, bool]] = {
+    "fast": (True, True, True),
+    "fast-sdpa": (True, True, False),
+    "generic": (False, True, True),
+    "torch": (False, False, False),
 }
 
 
 def _switch(runner: ModelRunner, name: str) -> None:
-    runner.use_fast_path, runner.native_decode = VARIANTS[name]
+    runner.use_fast_path, runner.native_decode, runner.native_prefill = VARIANTS[name]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,8 +40,8 @@ def loaded(tiny_model_dir):
 @pytest.fixture(params=["fast", "native", "torch"])
 def engine(loaded, request):
     """Each test runs on the three CPU paths: the Llama family's fast path with the native
-    decode kernel (what a CPU worker on this model uses), transformers' forward with that
-    kernel, and transformers' forward with pure-torch attention (CUDA's shape of the code, and
+    attention kernels (what a CPU worker on this model uses), transformers' forward with those
+    kernels, and transformers' forward with pure-torch attention (CUDA's shape of the code, and
     the fallback)."""
     # A generous wait lets every submitted request land in one batch.
     engine = Engine(loaded.model, pad_id=loaded.pad_id,
@@ -49,7 +49,7 @@ def engine(loaded, request):
     assert engine.runner.fast_path is not None, "the fast path does not take the tiny Qwen3"
     assert engine.runner.native_decode, "the native CPU attention kernel did not build"
     engine.runner.use_fast_path = request.param == "fast"
-    engine.runner.native_decode = request.param != "torch"
+    engine.runner.native_decode = engine.runner.native_prefill = request.param != "torch"
     engine.start()
     yield engine
     engine.stop()

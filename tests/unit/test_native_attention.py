@@ -136,6 +136,78 @@ def test_shapes_it_cannot_take_are_refused_not_guessed():
     assert not native.DecodeKernel.takes(torch.float32, torch.device("cuda"), 64)
 
 
+# --- prefill chunks: causal attention of a chunk's tokens over their row's blocks
+
+def _chunk_case(dtype, *, tokens, start, heads, kv_heads, dim, block, seed=0):
+    """A row whose positions 0..start+tokens-1 are in the pool (in shuffled blocks) and a chunk
+    of `tokens` queries at positions start.., as transformers hands them: [tokens, heads, dim]
+    seen through a transpose."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = -(-(start + tokens) // block)
+    num_blocks = blocks + 3
+    table = torch.randperm(num_blocks, generator=generator)[:blocks].to(torch.int32)
+    pool = (kv_heads, num_blocks * block, dim)
+    keys = torch.randn(pool, generator=generator).to(dtype)
+    values = torch.randn(pool, generator=generator).to(dtype)
+    query = torch.randn(heads, tokens, dim, generator=generator).to(dtype).transpose(0, 1)
+    return query, keys, values, table
+
+
+def _chunk_reference(query, keys, values, table, start, block, scale):
+    """Float64, straight from the definition: token t attends positions 0..start + t."""
+    tokens, heads, _ = query.shape
+    group = heads // keys.shape[0]
+    positions = torch.arange(start + tokens)
+    slots = table[positions // block].long() * block + positions % block
+    future = positions.unsqueeze(0) > (start + torch.arange(tokens)).unsqueeze(1)
+    out = torch.empty(query.shape, dtype=torch.float64)
+    for h in range(heads):
+        k, v = keys[h // group, slots].double(), values[h // group, slots].double()
+        scores = (query[:, h].double() @ k.T * scale).masked_fill(future, float("-inf"))
+        out[:, h] = torch.softmax(scores, dim=-1) @ v
+    return out
+
+
+@pytest.mark.parametrize(("tokens", "start", "heads", "kv_heads", "dim", "block"), [
+    (37, 0, 9, 3, 64, 16),  # the demo model, a first chunk shorter than a tile
+    (100, 300, 9, 3, 64, 16),  # a later chunk of a long prompt
+    (40, 23, 16, 8, 128, 4),  # Qwen3-0.6B's heads; a start inside a block
+    (16, 16, 4, 4, 32, 16),  # whole tiles, no grouping
+    (1, 0, 8, 1, 80, 1),  # one token alone; one KV head; a block per position
+    (50, 7, 12, 2, 16, 8),  # six query heads per KV head (padded tile rows)
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_prefill_kernel_equals_causal_attention_from_its_definition(
+        tokens, start, heads, kv_heads, dim, block, dtype):
+    query, keys, values, table = _chunk_case(dtype, tokens=tokens, start=start, heads=heads,
+                                             kv_heads=kv_heads, dim=dim, block=block)
+    kernel = native.load()
+    assert kernel is not None, "the native kernel did not build"
+    out = torch.full((tokens + 2, heads, dim), 7.0, dtype=dtype)
+    kernel.prefill(query, keys, values, table, start, out[1:-1], block, dim ** -0.5)
+    expected = _chunk_reference(query, keys, values, table, start, block, dim ** -0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[1:-1].double(), expected, atol=tolerance, rtol=tolerance)
+    # Its own rows of out and nothing else.
+    assert (out[0] == 7).all() and (out[-1] == 7).all()
+
+
+def test_the_prefill_kernel_refuses_what_it_cannot_take():
+    kernel = native.load()
+    assert kernel is not None
+    query, keys, values, table = _chunk_case(torch.float32, tokens=4, start=2, heads=4,
+                                             kv_heads=2, dim=8, block=2)
+    out = torch.empty(4, 4, 8)
+    with pytest.raises(ValueError, match="layouts or dtypes"):  # the table ends too soon
+        kernel.prefill(query, keys, values, table[:2], 2, out, 2, 1.0)
+    with pytest.raises(ValueError, match="layouts or dtypes"):
+        kernel.prefill(query.half(), keys.half(), values.half(), table, 2, out.half(), 2, 1.0)
+    many, keys1, values1, table1 = _chunk_case(torch.float32, tokens=4, start=0, heads=34,
+                                               kv_heads=2, dim=8, block=2)
+    with pytest.raises(ValueError, match="refused"):  # 17 query heads per KV head
+        kernel.prefill(many, keys1, values1, table1, 0, torch.empty(4, 34, 8), 2, 1.0)
+
+
 def test_loading_the_kernel_leaves_the_process_floating_point_state_alone():
     # A shared library linked with -ffast-math by GCC < 13 sets flush-to-zero and
     # denormals-are-zero for the whole process when loaded: subnormals would vanish everywhere.

@@ -19,9 +19,10 @@ changes:
 
 Attention is the engine's `paged_attention`, as on the generic path. Everything else follows
 transformers' LlamaDecoderLayer (and Qwen3's per-head q/k norms; Qwen2's q/k/v biases): RMSNorm
-(torch's own op, computed in float32), rotary from the model's own `rotary_emb` (so every RoPE scaling it knows
-is right), SiLU-gated MLP, residual adds. The prepacked weights are a second copy of the linear
-layers' weights (the model's own stay for HF `generate` and the generic path), logged at start.
+(torch's own op, computed in float32, rounded as transformers rounds), rotary from the model's
+own `rotary_emb` (so every RoPE scaling it knows is right), SiLU-gated MLP, residual adds.
+The prepacked weights are a second copy of the linear layers' weights (the model's own stay for
+HF `generate` and the generic path), logged at start.
 
 Families: model types in `FAMILIES` whose modules have exactly that shape (`supports` checks
 the modules, not only the name). Anything else, and CUDA, runs the generic path. Tests check

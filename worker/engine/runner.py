@@ -17,15 +17,17 @@ per step (`StepContext`) and shared by all layers:
   float32 softmax on CPU (`_decode_attention`); one group for all rows padded everything to
   the longest context, and gathering plus attending over that padding cost more than the rest
   of the step;
-- prefill chunks: one SDPA call each, causal; a chunk with nothing before it attends to its
-  own keys directly (is_causal), a later chunk to its row's gathered context.
+- prefill chunks on CPU: one call each of the native prefill kernel, causal over the row's
+  blocks in place (the chunk's own keys are written first), tiled as flash attention is;
+- prefill chunks elsewhere: one SDPA call each, causal; a chunk with nothing before it attends
+  to its own keys directly (is_causal), a later chunk to its row's gathered context.
 
 Only each sampling row's last hidden state goes through the LM head (`logits_to_keep` as
 indices). On CPU, Llama-family models run the engine's own forward instead of transformers'
 (`fast_path.py`: the same math, weights prepacked for oneDNN), attending through the same
-`paged_attention`. The model's own attention implementation is restored after every forward, so other
-users of the same model object (HF `generate`) are untouched; `paged_attention` also falls back
-to SDPA when called outside an engine step.
+`paged_attention`. The model's own attention implementation is restored after every forward,
+so other users of the same model object (HF `generate`) are untouched; `paged_attention` also
+falls back to SDPA when called outside an engine step.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class _Chunk:
     end: int
     context: torch.Tensor | None  # slots of its row's positions 0..last (None: starts at 0)
     mask: torch.Tensor | None  # [tokens, context]: True where a query may attend
+    # The native kernel's way (CPU): the row's block table (int32) and its first position.
+    native: tuple[native.DecodeKernel, torch.Tensor, int] | None = None
 
 
 @dataclass
@@ -135,6 +139,12 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         o = _decode_attention(q, k, v, group.mask, scale)  # [kv_heads, rows, group_size, dim]
         out[group.start:group.end] = o.permute(1, 0, 2, 3).reshape(rows, heads, dim)
     for chunk in step.chunks:
+        if chunk.native is not None:
+            kernel, table, position = chunk.native
+            kernel.prefill(query[0, :, chunk.start:chunk.end].transpose(0, 1), key_pool,
+                           value_pool, table, position, out[chunk.start:chunk.end],
+                           step.storage.block_size, scale)
+            continue
         q = query[:, :, chunk.start:chunk.end]
         if chunk.context is None:
             k, v = key[:, :, chunk.start:chunk.end], value[:, :, chunk.start:chunk.end]
@@ -192,8 +202,11 @@ class ModelRunner:
                                                         head_dim_of(model.config)):
             self.kernel = native.load(kernel_cache_dir)
         self.native_decode = self.kernel is not None
+        self.native_prefill = self.kernel is not None  # prefill chunks through it too
         log.info("decode attention: %s", "native CPU kernel" if self.native_decode else
                  "torch (SDPA on CUDA, gathered matmuls on CPU)")
+        log.info("prefill attention: %s", "native CPU kernel" if self.native_prefill else
+                 "SDPA")
         # The Llama family's own forward on CPU (worker/engine/fast_path.py), when it applies.
         self.fast_path, how = fast.build(model, paged_attention) if fast_path else (
             None, "transformers' forward (the fast path is turned off)")
@@ -246,7 +259,12 @@ class ModelRunner:
                 start = end
         start = decode_rows
         for row, table in zip(rows[start:], tables[start:], strict=True):
-            step.chunks.append(_chunk(row, table, start, block, device))
+            if self.native_prefill and self.kernel is not None:
+                used = table[: -(-(row.start + row.count) // block)]
+                step.chunks.append(_Chunk(start, start + row.count, None, None, (
+                    self.kernel, torch.tensor(used, dtype=torch.int32), row.start)))
+            else:
+                step.chunks.append(_chunk(row, table, start, block, device))
             start += row.count
         return (step, _tensor(ids, device).unsqueeze(0), _tensor(positions, device).unsqueeze(0),
                 _tensor(keep or [len(ids) - 1], device))

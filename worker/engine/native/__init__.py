@@ -135,20 +135,32 @@ _ARGTYPES = [
     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # rows, heads, kv heads
     ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,  # dim, block, scale, threads
 ]
+_PREFILL_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # q, its row and head strides
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # key pool, value pool, slots
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # the row's block table, start, tokens
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # out, its row and head strides
+    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # heads, kv heads, dim
+    ctypes.c_int64, ctypes.c_float, ctypes.c_int,  # block, scale, threads
+]
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 MAX_HEAD_DIM = 512  # as MAX_DIM in paged_decode.c
 
 
 class DecodeKernel:
-    """The loaded decode attention kernel."""
+    """The loaded attention kernels: decode rows (`__call__`) and a prefill chunk (`prefill`)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._functions: dict[torch.dtype, ctypes._CFunctionType] = {}
+        self._prefill: dict[torch.dtype, ctypes._CFunctionType] = {}
         for dtype, suffix in _SUFFIX.items():
-            function = getattr(library, f"chatqueue_decode_attention_{suffix}")
-            function.argtypes = _ARGTYPES
-            function.restype = ctypes.c_int
-            self._functions[dtype] = function
+            for table, name, argtypes in (
+                    (self._functions, "decode", _ARGTYPES),
+                    (self._prefill, "prefill", _PREFILL_ARGTYPES)):
+                function = getattr(library, f"chatqueue_{name}_attention_{suffix}")
+                function.argtypes = argtypes
+                function.restype = ctypes.c_int
+                table[dtype] = function
 
     @staticmethod
     def takes(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
@@ -179,6 +191,33 @@ class DecodeKernel:
             torch.get_num_threads())
         if status != 0:
             raise ValueError(f"decode_attention refused rows={rows} heads={heads} "
+                             f"kv_heads={kv_heads} dim={dim} block_size={block_size}")
+
+    def prefill(self, q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor,
+                table: torch.Tensor, start: int, out: torch.Tensor, block_size: int,
+                scale: float) -> None:
+        """out[t] = causal attention of q[t] ([tokens, heads, dim]), the row's position
+        start + t, over its positions 0..start + t, read from the pools through `table` (the
+        row's blocks, int32), where the chunk's own keys and values already are. Raises
+        ValueError on what the kernel does not take."""
+        tokens, heads, dim = q.shape
+        kv_heads, slots, _ = key_pool.shape
+        if q.stride(2) != 1:
+            q = q.contiguous()
+        function = self._prefill.get(q.dtype)
+        if (function is None or out.stride(2) != 1 or out.shape[0] != tokens
+                or not key_pool.is_contiguous() or not value_pool.is_contiguous()
+                or table.dtype != torch.int32 or not table.is_contiguous()
+                or table.numel() * block_size < start + tokens
+                or key_pool.dtype != q.dtype or value_pool.dtype != q.dtype
+                or out.dtype != q.dtype):
+            raise ValueError("prefill_attention: layouts or dtypes the kernel does not take")
+        status = function(
+            q.data_ptr(), q.stride(0), q.stride(1), key_pool.data_ptr(), value_pool.data_ptr(),
+            slots, table.data_ptr(), start, tokens, out.data_ptr(), out.stride(0),
+            out.stride(1), heads, kv_heads, dim, block_size, scale, torch.get_num_threads())
+        if status != 0:
+            raise ValueError(f"prefill_attention refused tokens={tokens} heads={heads} "
                              f"kv_heads={kv_heads} dim={dim} block_size={block_size}")
 
 

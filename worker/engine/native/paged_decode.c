@@ -173,3 +173,178 @@ int NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_
 
 DEFINE_ENTRY(chatqueue_decode_attention_bf16, uint16_t, unit_bf16)
 DEFINE_ENTRY(chatqueue_decode_attention_f32, float, unit_f32)
+
+/* Prefill attention for one row's chunk, read in place from the pool as decode is.
+ *
+ * The chunk's tokens t = 0..tokens-1 sit at positions start + t of the row, whose keys and
+ * values (the chunk's own included) are already in the pool; token t attends positions
+ * 0..start + t (causal). Work is cut into (KV head, tile of QT tokens) units: a unit holds its
+ * QT x group query vectors and walks the row's positions KT at a time, each key/value tile
+ * loaded (and converted to float32) once for all of them; scores are computed 16 keys at a
+ * time (vectorised across keys, no horizontal sums) with an online softmax, as flash attention
+ * does. Scratch per thread: the tile's queries and accumulators, one key and one value tile.
+ */
+#define QT 16
+#define KT 16
+#define RB 4
+#define MAX_GROUP 16
+
+#define DEFINE_PREFILL_UNIT(NAME, T, LOAD, STORE)                                               \
+static inline __attribute__((always_inline)) void NAME##_body(                                  \
+        const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_pool,            \
+        int64_t num_slots, const int32_t *table, int64_t start, int64_t first, int64_t count,   \
+        T *out, int64_t out_row, int64_t out_head, int64_t kv_head, int64_t group,              \
+        const int64_t dim, int64_t block_size, float scale, float *scratch) {                   \
+    /* The unit's query vectors, token-major then head, padded to a multiple of RB rows. */     \
+    int64_t rows = count * group, padded = (rows + RB - 1) / RB * RB;                           \
+    float *qf = scratch, *acc = qf + (QT * MAX_GROUP + RB) * dim;                               \
+    float *kt = acc + (QT * MAX_GROUP + RB) * dim, *vt = kt + dim * KT;                         \
+    float top[QT * MAX_GROUP + RB], total[QT * MAX_GROUP + RB];                                 \
+    for (int64_t r = 0; r < padded; r++) {                                                      \
+        if (r < rows) {                                                                         \
+            int64_t t = r / group, g = r % group;                                               \
+            LOAD(q + (first + t) * q_row + (kv_head * group + g) * q_head, qf + r * dim, dim);  \
+        }                                                                                       \
+        for (int64_t d = 0; d < dim; d++) {                                                     \
+            qf[r * dim + d] = r < rows ? qf[r * dim + d] * scale : 0.0f;                        \
+            acc[r * dim + d] = 0.0f;                                                            \
+        }                                                                                       \
+        top[r] = -1e30f;                                                                        \
+        total[r] = 0.0f;                                                                        \
+    }                                                                                           \
+    const T *keys = k_pool + kv_head * num_slots * dim;                                         \
+    const T *values = v_pool + kv_head * num_slots * dim;                                       \
+    int64_t last = start + first + count; /* positions the unit's last token attends */         \
+    for (int64_t p0 = 0; p0 < last; p0 += KT) {                                                 \
+        int64_t n = last - p0 < KT ? last - p0 : KT;                                            \
+        float kv[MAX_DIM];                                                                      \
+        for (int64_t j = 0; j < KT; j++) {                                                      \
+            if (j < n) {                                                                        \
+                int64_t p = p0 + j;                                                             \
+                int64_t slot = (int64_t)table[p / block_size] * block_size + p % block_size;    \
+                LOAD(keys + slot * dim, kv, dim);                                               \
+                LOAD(values + slot * dim, vt + j * dim, dim);                                   \
+            } else {                                                                            \
+                for (int64_t d = 0; d < dim; d++) kv[d] = vt[j * dim + d] = 0.0f;               \
+            }                                                                                   \
+            for (int64_t d = 0; d < dim; d++) kt[d * KT + j] = kv[d];                           \
+        }                                                                                       \
+        /* RB query vectors at a time: RB independent score accumulators per key tile. */       \
+        for (int64_t r0 = 0; r0 < padded; r0 += RB) {                                           \
+            int64_t seen[RB];                                                                   \
+            int any = 0;                                                                        \
+            for (int64_t i = 0; i < RB; i++) {                                                  \
+                int64_t r = r0 + i;                                                             \
+                int64_t m = r < rows ? start + first + r / group + 1 - p0 : 0;                  \
+                seen[i] = m < 0 ? 0 : m > n ? n : m;                                            \
+                any |= seen[i] > 0;                                                             \
+            }                                                                                   \
+            if (!any) continue;                                                                 \
+            float s[RB][KT];                                                                    \
+            for (int64_t i = 0; i < RB; i++)                                                    \
+                for (int64_t j = 0; j < KT; j++) s[i][j] = 0.0f;                                \
+            for (int64_t d = 0; d < dim; d++) {                                                 \
+                const float *k = kt + d * KT;                                                   \
+                for (int64_t i = 0; i < RB; i++) {                                              \
+                    float qd = qf[(r0 + i) * dim + d];                                          \
+                    _Pragma("omp simd")                                                         \
+                    for (int64_t j = 0; j < KT; j++) s[i][j] += qd * k[j];                      \
+                }                                                                               \
+            }                                                                                   \
+            float fade[RB];                                                                     \
+            for (int64_t i = 0; i < RB; i++) {                                                  \
+                int64_t r = r0 + i;                                                             \
+                float best = top[r];                                                            \
+                for (int64_t j = 0; j < seen[i]; j++) best = s[i][j] > best ? s[i][j] : best;   \
+                fade[i] = expf(top[r] - best);                                                  \
+                float sum = 0.0f;                                                               \
+                _Pragma("omp simd reduction(+:sum)")                                            \
+                for (int64_t j = 0; j < KT; j++) {                                              \
+                    s[i][j] = j < seen[i] ? expf(s[i][j] - best) : 0.0f;                        \
+                    sum += s[i][j];                                                             \
+                }                                                                               \
+                top[r] = best;                                                                  \
+                total[r] = total[r] * fade[i] + sum;                                            \
+            }                                                                                   \
+            /* Local accumulators: the compiler keeps them in registers across the tile. */     \
+            float la[RB][dim];                                                                  \
+            for (int64_t i = 0; i < RB; i++)                                                    \
+                for (int64_t d = 0; d < dim; d++) la[i][d] = acc[(r0 + i) * dim + d] * fade[i];  \
+            for (int64_t j = 0; j < n; j++) {                                                   \
+                const float *v = vt + j * dim;                                                  \
+                for (int64_t i = 0; i < RB; i++) {                                              \
+                    float w = s[i][j];                                                          \
+                    _Pragma("omp simd")                                                         \
+                    for (int64_t d = 0; d < dim; d++) la[i][d] += w * v[d];                     \
+                }                                                                               \
+            }                                                                                   \
+            for (int64_t i = 0; i < RB; i++)                                                    \
+                for (int64_t d = 0; d < dim; d++) acc[(r0 + i) * dim + d] = la[i][d];           \
+        }                                                                                       \
+    }                                                                                           \
+    for (int64_t r = 0; r < rows; r++) {                                                        \
+        int64_t t = r / group, g = r % group;                                                   \
+        float inv = 1.0f / total[r];                                                            \
+        for (int64_t d = 0; d < dim; d++) acc[r * dim + d] *= inv;                              \
+        STORE(acc + r * dim, out + (first + t) * out_row + (kv_head * group + g) * out_head,     \
+              dim);                                                                             \
+    }                                                                                           \
+}                                                                                               \
+static void NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_pool,   \
+                 int64_t num_slots, const int32_t *table, int64_t start, int64_t first,         \
+                 int64_t count, T *out, int64_t out_row, int64_t out_head, int64_t kv_head,     \
+                 int64_t group, int64_t dim, int64_t block_size, float scale, float *scratch) { \
+    switch (dim) {                                                                              \
+    case 64:                                                                                    \
+        NAME##_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, start, first, count,    \
+                    out, out_row, out_head, kv_head, group, 64, block_size, scale, scratch);    \
+        break;                                                                                  \
+    case 128:                                                                                   \
+        NAME##_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, start, first, count,    \
+                    out, out_row, out_head, kv_head, group, 128, block_size, scale, scratch);   \
+        break;                                                                                  \
+    default:                                                                                    \
+        NAME##_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, start, first, count,    \
+                    out, out_row, out_head, kv_head, group, dim, block_size, scale, scratch);   \
+    }                                                                                           \
+}
+
+DEFINE_PREFILL_UNIT(prefill_unit_bf16, uint16_t, load_bf16, store_bf16)
+DEFINE_PREFILL_UNIT(prefill_unit_f32, float, load_f32, store_f32)
+
+/* q, out: [tokens, heads, dim] (strided rows and heads); table: the row's block table. Returns
+ * 0, or -1 when a shape is out of what this kernel handles (the caller falls back). */
+#define DEFINE_PREFILL_ENTRY(NAME, T, UNIT)                                                     \
+int NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_pool,           \
+         int64_t num_slots, const int32_t *table, int64_t start, int64_t tokens, T *out,        \
+         int64_t out_row, int64_t out_head, int64_t heads, int64_t kv_heads, int64_t dim,       \
+         int64_t block_size, float scale, int threads) {                                        \
+    if (dim > MAX_DIM || kv_heads < 1 || heads % kv_heads != 0 || block_size < 1                \
+            || heads / kv_heads > MAX_GROUP || start < 0 || tokens < 1) return -1;              \
+    int64_t group = heads / kv_heads, tiles = (tokens + QT - 1) / QT;                           \
+    int failed = 0;                                                                             \
+    _Pragma("omp parallel num_threads(threads)")                                                \
+    {                                                                                           \
+        float *scratch = malloc((size_t)(2 * (QT * MAX_GROUP + RB) * dim + 2 * dim * KT)        \
+                                * sizeof(float));                                               \
+        /* Later tiles attend more positions: hand them out first, one at a time. */            \
+        _Pragma("omp for schedule(dynamic, 1)")                                                 \
+        for (int64_t unit = 0; unit < tiles * kv_heads; unit++) {                               \
+            if (scratch == NULL) {                                                              \
+                _Pragma("omp atomic write")                                                     \
+                failed = 1;                                                                     \
+                continue;                                                                       \
+            }                                                                                   \
+            int64_t tile = tiles - 1 - unit / kv_heads, kv_head = unit % kv_heads;              \
+            int64_t first = tile * QT;                                                          \
+            int64_t count = tokens - first < QT ? tokens - first : QT;                          \
+            UNIT(q, q_row, q_head, k_pool, v_pool, num_slots, table, start, first, count, out,  \
+                 out_row, out_head, kv_head, group, dim, block_size, scale, scratch);           \
+        }                                                                                       \
+        free(scratch);                                                                          \
+    }                                                                                           \
+    return failed ? -1 : 0;                                                                     \
+}
+
+DEFINE_PREFILL_ENTRY(chatqueue_prefill_attention_bf16, uint16_t, prefill_unit_bf16)
+DEFINE_PREFILL_ENTRY(chatqueue_prefill_attention_f32, float, prefill_unit_f32)
