@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                              "path (default: kept-alive connections opened before each round)")
     parser.add_argument("--gateway-workers", type=int, default=1,
                         help="gateway processes (CHATQUEUE_GATEWAY_WORKERS)")
+    parser.add_argument("--gateway-path", default="",
+                        help="directories put first on the gateway process's import path "
+                             "(os.pathsep-separated): e.g. another checkout's gateway package, "
+                             "to compare two versions on the same worker and clients")
     parser.add_argument("--note", default="", help="written into the results: what else ran")
     parser.add_argument("--out", type=Path,
                         default=REPO_ROOT / "benchmarks" / "results" / "gateway_load.json")
@@ -358,7 +362,12 @@ def main(argv: list[str] | None = None) -> int:
                     "CHATQUEUE_GATEWAY_PORT": str(port),
                     "CHATQUEUE_GATEWAY_MAX_QUEUE_LENGTH": str(10 * args.n),
                     "CHATQUEUE_GATEWAY_WORKERS": str(args.gateway_workers)})
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway.cli"], cwd=REPO_ROOT,
+        command = [sys.executable, "-m", "gateway.cli"]
+        if args.gateway_path:
+            command = [sys.executable, "-c", "import sys; sys.path[:0] = sys.argv.pop(1).split("
+                       f"{os.pathsep!r}); from gateway.cli import main; raise SystemExit(main())",
+                       args.gateway_path]
+        gateway = subprocess.Popen(command, cwd=REPO_ROOT,
                                    env=env, stdout=(log_dir / "gateway.log").open("w"),
                                    stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
@@ -414,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_connections": "new per request, timed" if args.cold_connections else
         "kept alive, opened before each round",
         "n_per_path": args.n, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-        "gateway_workers": args.gateway_workers,
-        "commit": _commit(), "hiredis": _has_hiredis(), "started": started_utc,
+        "gateway_workers": args.gateway_workers, "gateway_path": args.gateway_path,
+        "commit": _commit(), "gateway_hiredis": _has_hiredis(args.gateway_path),
+        "started": started_utc,
         "cpu": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m_start": load_at_start,
         "load_avg_1m": os.getloadavg()[0],
         "lost": sum(r["n"] - r["completed"] for r in rows),
@@ -430,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         result[f"gateway_{key}"] = pooled("gateway", key)
         # Per round, then the median of the rounds: each round's pair saw the same load.
         result[f"gateway_overhead_{key}"] = statistics.median(g - p for p, g in pairs)
-        result[f"gateway_over_producer_{key.removesuffix('_ms')}"] = statistics.median(
-            g / p for p, g in pairs)
+        if ratios := [g / p for p, g in pairs if p > 0]:
+            result[f"gateway_over_producer_{key.removesuffix('_ms')}"] = statistics.median(
+                ratios)
     gateway_cpu = [r["gateway_cpu_ms_per_request"] for r in rows
                    if "gateway_cpu_ms_per_request" in r]
     if gateway_cpu:
@@ -453,11 +464,15 @@ def _commit() -> str:
         "+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def _has_hiredis() -> bool:
-    """Whether redis-py parses replies with hiredis here (the gateway's extra installs it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("hiredis") is not None
+def _has_hiredis(gateway_path: str) -> bool:
+    """Whether redis-py parses the gateway's replies with hiredis (its extra installs it), on
+    the gateway process's import path."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path[:0] = sys.argv[1].split("
+         f"{os.pathsep!r}) if sys.argv[1] else []; import redis.utils; "
+         "print(redis.utils.HIREDIS_AVAILABLE)", gateway_path],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return done.stdout.strip() == "True"
 
 
 def _get(url: str) -> str:
