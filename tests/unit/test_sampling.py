@@ -216,8 +216,9 @@ def test_top_k_keeps_tokens_tied_with_the_kth_best_as_hf_does():
     assert drawn == {1, 2, 3, 5, 9, 20, 33}
 
 
-def test_ties_past_the_largest_k_in_the_batch_are_fetched_too():
-    logits = torch.zeros(2, 300)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_past_the_largest_k_in_the_batch_are_fetched_too(dtype):
+    logits = torch.zeros(2, 300, dtype=dtype)
     logits[0, 100:200] = 1.0  # a hundred-way tie at the top, k=2
     params = [SamplingParams(do_sample=True, top_k=2), SamplingParams(do_sample=True, top_k=4)]
     drawn = {tuple(sample_batch(logits, params, seeded([i, i + 5000]))) for i in range(400)}

@@ -106,8 +106,11 @@ def _top_k_candidates(
     """Scaled scores and token ids of each row's best candidates, best first, and the mask of
     those within the row's own top-k (every token tied with its k-th best included)."""
     vocab = logits.shape[-1]
-    # One topk with the largest k for all rows; one spare column shows whether ties run past it.
-    width = min(int(ks.max()) + 1, vocab)
+    # One topk with twice the largest k for all rows: its last column shows whether ties with a
+    # k-th best run past it. bf16 logits tie often (8 bits of mantissa): with k + 1 columns,
+    # the demo's 32 rows at top-k 20 ran into the spare column at nearly every step, and the
+    # second pass over the whole vocabulary cost 10x the sampling itself.
+    width = min(2 * int(ks.max()) + 1, vocab)
     while True:
         # Dividing by a positive temperature keeps the order, so only candidates get scaled.
         raw, candidates = _canonical_order(*torch.topk(logits, width, dim=-1))
@@ -115,9 +118,11 @@ def _top_k_candidates(
         kth_best = values.gather(1, (ks - 1).unsqueeze(1))
         if width == vocab or not bool((values[:, -1:] >= kth_best).any()):
             return values, candidates, values >= kth_best
-        # Rare: ties with a k-th best reach the spare column. Fetch every tied token.
-        tied = (logits.float() / temperatures >= kth_best).sum(dim=-1)
-        width = min(int(tied.max()) + 1, vocab)
+        # Rare: ties with a k-th best reach the last column. Fetch every tied token, counted on
+        # the raw logits (dividing by a positive temperature keeps their order; it may round two
+        # float32 neighbours into a tie, so the width also at least doubles: the loop ends).
+        tied = (logits >= raw.gather(1, (ks - 1).unsqueeze(1))).sum(dim=-1)
+        width = min(max(int(tied.max()) + 1, 2 * width), vocab)
 
 
 def _canonical_order(values: torch.Tensor,
