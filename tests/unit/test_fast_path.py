@@ -158,3 +158,24 @@ def test_the_fast_path_attends_through_the_engines_paged_attention():
     forward = fast.FastForward(model, paged_attention)
     assert forward.attention is paged_attention
     assert [layer.attention.layer_idx for layer in forward.layers] == [0, 1]
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (MistralConfig(**SHAPE, head_dim=16, sliding_window=64), "no sliding window"),
+    (Qwen3Config(**SHAPE, head_dim=16, layer_types=["full_attention", "sliding_attention"],
+                 sliding_window=64, use_sliding_window=True), "full-attention layers only"),
+])
+def test_attention_the_engine_cannot_compute_is_refused_at_start(config, message):
+    """Neither path has a sliding window: a model that needs one fails to start, clearly,
+    instead of attending past its window."""
+    model = {"mistral": MistralForCausalLM, "qwen3": Qwen3ForCausalLM}[config.model_type](config)
+    with pytest.raises(NotImplementedError, match=message):
+        Engine(model, pad_id=0, limits=EngineLimits())
+
+
+def test_a_window_as_long_as_the_context_or_switched_off_is_no_window():
+    as_long = MistralConfig(**SHAPE, head_dim=16, sliding_window=256)  # = max positions
+    switched_off = Qwen2Config(**SHAPE, sliding_window=64, use_sliding_window=False)
+    for model in (MistralForCausalLM(as_long), Qwen2ForCausalLM(switched_off)):
+        assert Engine(model, pad_id=0, limits=EngineLimits()).runner.use_fast_path
+

@@ -65,6 +65,8 @@ def supports(model: Any) -> str | None:
         return f"activation {getattr(config, 'hidden_act', None)!r} (silu only)"
     if getattr(config, "mlp_bias", False):
         return "an MLP with biases"
+    if not isinstance(getattr(model, "lm_head", None), torch.nn.Linear):
+        return "no linear LM head (not a causal LM)"
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
         needed = (attention, ("q_proj", "k_proj", "v_proj", "o_proj")), (
@@ -74,6 +76,9 @@ def supports(model: Any) -> str | None:
                 return f"layer {attention.layer_idx}'s projections are not plain linear layers"
         if attention.o_proj.bias is not None:
             return "an output projection with a bias"
+        if len({p.bias is None for p in (attention.q_proj, attention.k_proj,
+                                          attention.v_proj)}) > 1:
+            return "biases on some of q, k and v only"
     return None
 
 

@@ -363,3 +363,11 @@ def _check_attention_layers(config: Any) -> None:
             f"{sorted(kinds)}")
     if getattr(text, "attn_logit_softcapping", None):
         raise NotImplementedError("the engine's paged attention has no logit soft-capping")
+    # A window set without layer_types (Mistral 7B v0.1: 4096 of 32768 positions) applies to
+    # every layer; Qwen2 keeps one in its config with use_sliding_window off.
+    window = getattr(text, "sliding_window", None)
+    if (window and getattr(text, "use_sliding_window", True)
+            and window < getattr(text, "max_position_embeddings", 0)):
+        raise NotImplementedError(
+            f"the engine's paged attention has no sliding window; this model attends {window} "
+            f"positions back in a context of {text.max_position_embeddings}")
