@@ -282,6 +282,18 @@ async def _new_client(settings: dict[str, Any]) -> AsyncChatQueueClient:
     return AsyncChatQueueClient(ProducerSettings(**settings))
 
 
+def gateway_env(broker_url: str, queue: str, port: int, max_queue_length: int, workers: int
+                ) -> dict[str, str]:
+    """The gateway process's environment: this one's without its CHATQUEUE_* settings, and the
+    benchmark's Redis, queue, port, queue bound and number of gateway processes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHATQUEUE_")}
+    env.update({"CHATQUEUE_BROKER_URL": broker_url, "CHATQUEUE_QUEUE": queue,
+                "CHATQUEUE_DEFAULT_MODEL": TINY_MODEL_ID, "CHATQUEUE_GATEWAY_PORT": str(port),
+                "CHATQUEUE_GATEWAY_MAX_QUEUE_LENGTH": str(max_queue_length),
+                "CHATQUEUE_GATEWAY_WORKERS": str(workers)})
+    return env
+
+
 def process_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of a process and its descendants alive now (uvicorn's
     worker processes under --workers), from /proc (Linux)."""
@@ -356,12 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                                          concurrency=str(min(args.n, 64)),
                                          max_batch_size=str(min(args.n, 64))), log_dir)
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CHATQUEUE_")}
-        env.update({"CHATQUEUE_BROKER_URL": redis.url, "CHATQUEUE_QUEUE": QUEUE,
-                    "CHATQUEUE_DEFAULT_MODEL": TINY_MODEL_ID,
-                    "CHATQUEUE_GATEWAY_PORT": str(port),
-                    "CHATQUEUE_GATEWAY_MAX_QUEUE_LENGTH": str(10 * args.n),
-                    "CHATQUEUE_GATEWAY_WORKERS": str(args.gateway_workers)})
+        env = gateway_env(redis.url, QUEUE, port, 10 * args.n, args.gateway_workers)
         command = [sys.executable, "-m", "gateway.cli"]
         if args.gateway_path:
             command = [sys.executable, "-c", "import sys; sys.path[:0] = sys.argv.pop(1).split("
