@@ -216,13 +216,24 @@ class TolerantChannel(kombu_redis.Channel):
             dest, item, tag = reply
             dest = bytes_to_str(dest)[len(self.global_keyprefix or ""):].rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            self._claimed_tag = bytes_to_str(tag) or None
+            tag = bytes_to_str(tag) or None
+            message = None
             try:
                 if self._fits(item, dest):
-                    self.connection._deliver(loads(bytes_to_str(item)), dest)
+                    message = loads(bytes_to_str(item))
+            finally:
+                if message is None and tag is not None:  # refused here: never to be restored
+                    self.qos._remove_from_indices(tag).execute()
+            if message is None:
+                return True
+            # In the unacked hash as long as kombu's own bookkeeping has it, as with BRPOP:
+            # from there Celery acks it, rejects it, or it is restored once its worker died.
+            self._claimed_tag = tag
+            try:
+                self.connection._deliver(message, dest)
             except Exception:
-                if self._claimed_tag is not None:  # never delivered: not to be restored either
-                    self.qos._remove_from_indices(self._claimed_tag).execute()
+                if tag is not None and tag not in self.qos._delivered:
+                    self.qos._remove_from_indices(tag).execute()
                 raise
             finally:
                 self._claimed_tag = None

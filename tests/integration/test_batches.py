@@ -475,15 +475,21 @@ def test_the_batch_commands(redis, tiny_queue, tmp_path):
     assert missing.returncode == 4
 
 
-def test_batches_run_on_the_producer_and_worker_logins_of_the_acl(tiny_model_dir, tmp_path):
-    """deploy/redis/acl.sh's users: the producer login submits, follows, reads and cancels a
-    batch; the worker login counts its lines; Redis refuses nothing (ACL LOG stays empty)."""
+def acl_users() -> tuple[str, dict[str, str]]:
+    """deploy/redis/acl.sh's ACL file, and each role's password."""
     roles = ("admin", "producer", "worker", "flower")
     passwords = {role: f"{role}-{uuid.uuid4().hex}" for role in roles}
     env = {"PATH": os.environ["PATH"],
            **{f"REDIS_{role.upper()}_PASSWORD": pw for role, pw in passwords.items()}}
     acl = subprocess.run(["sh", str(REPO_ROOT / "deploy" / "redis" / "acl.sh")], env=env,
                          capture_output=True, text=True, check=True, timeout=30).stdout
+    return acl, passwords
+
+
+def test_batches_run_on_the_producer_and_worker_logins_of_the_acl(tiny_model_dir, tmp_path):
+    """deploy/redis/acl.sh's users: the producer login submits, follows, reads and cancels a
+    batch; the worker login counts its lines; Redis refuses nothing (ACL LOG stays empty)."""
+    acl, passwords = acl_users()
     queue = f"chatqueue.acl-{uuid.uuid4().hex[:6]}"
     with redis_server(acl=acl, username="admin", password=passwords["admin"]) as server:
         worker = spawn_worker(worker_env(server.url, tiny_model_dir, queue,
@@ -507,7 +513,36 @@ def test_batches_run_on_the_producer_and_worker_logins_of_the_acl(tiny_model_dir
         finally:
             worker.stop()
         denied = server.client().acl_log()
+    assert "Redis refused" not in worker.log()  # it claims its jobs (worker/delivery.py)
     assert batch["status"] == "completed"
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
     assert [(kind, r["custom_id"]) for kind, r in results] == [("output", "a"), ("error", "b")]
     assert denied == []
+
+
+def test_a_worker_whose_login_may_not_claim_takes_jobs_with_brpop(tiny_model_dir, tmp_path):
+    """A worker login from an ACL older than the claim (no BLMOVE): the worker says so and
+    takes its jobs as kombu does."""
+    acl, passwords = acl_users()
+    assert " +blmove" in acl
+    queue = f"chatqueue.old-acl-{uuid.uuid4().hex[:6]}"
+    with redis_server(acl=acl.replace(" +blmove", ""), username="admin",
+                      password=passwords["admin"]) as server:
+        worker = spawn_worker(worker_env(server.url, tiny_model_dir, queue,
+                                         redis_username="worker",
+                                         redis_password=passwords["worker"]), tmp_path)
+        try:
+            wait_ready(worker)
+            settings = ProducerSettings(broker_url=server.url, redis_username="producer",
+                                        redis_password=passwords["producer"], queue=queue,
+                                        wait_timeout_s=60)
+            with ChatQueueClient(settings) as client:
+                first = client.result(client.submit({"messages": TINY_MESSAGES,
+                                                     "params": {**GREEDY, "max_new_tokens": 4}}))
+                time.sleep(1)  # idle: it waits for the next job as BRPOP does
+                second = client.result(client.submit({"messages": TINY_MESSAGES,
+                                                      "params": {**GREEDY, "max_new_tokens": 4}}))
+        finally:
+            worker.stop()
+    assert (first.finish_reason, second.finish_reason) == ("length", "length")
+    assert "Redis refused BLMOVE" in worker.log()
