@@ -248,8 +248,11 @@ class TolerantChannel(kombu_redis.Channel):
     def _refused(self, sent: str, exc: redis.ResponseError) -> None:
         if sent == "EVALSHA" and isinstance(exc, redis.exceptions.NoScriptError):
             # First use on this Redis (or it restarted): load it, claim on the next turn.
-            self.client.execute_command("SCRIPT", "LOAD", CLAIM)
-            return
+            try:
+                self.client.execute_command("SCRIPT", "LOAD", CLAIM)
+                return
+            except redis.ResponseError as refused:  # an ACL without SCRIPT LOAD
+                exc = refused
         self._claiming = False
         log.warning("Redis refused %s (%s): this worker takes jobs with BRPOP, and one it is "
                     "killed while taking is lost; allow EVALSHA, SCRIPT LOAD and BLMOVE on the "
