@@ -7,6 +7,7 @@ hostile client would; messages are written with kombu or redis-py directly.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import threading
@@ -266,12 +267,15 @@ def test_a_50_mb_request_costs_the_worker_no_lasting_memory(hostile, redis):
     print(f"worker RSS: before {before / 2**20:.0f} MiB, after each of three "
           f"{', '.join(mib)} MiB, peak {peak / 2**20:.0f} MiB (message {error.value / 2**20:.0f} "
           "MiB)")
-    # Decoded, one cost ~320 MB that stayed. Refused, what stays after the first (measured +86
-    # MiB for a 65 MiB message) is the BRPOP connection's read buffer, which redis-py keeps at
-    # its largest size; it does not add up from one message to the next. The peak is redis-py
-    # reading the reply (that buffer and the bytes it returns), before any hook of kombu's: in
+    # Decoded, one cost ~320 MB that stayed. Refused, what stays after the first (measured +61
+    # to +86 MiB for a 65 MiB message) is the connection's read buffer, which redis-py keeps at
+    # its largest size; it does not add up from one message to the next. With hiredis installed
+    # (the gateway extra; redis-py then parses with it in every process) hiredis' own reader
+    # buffer stays allocated beside it: +112 to +139 MiB measured. The peak is redis-py reading
+    # the reply (those buffers and the bytes it returns), before any hook of kombu's: in
     # deployment Redis's proto-max-bulk-len (compose: 8mb) refuses such a value at the push.
-    assert after[0] - before < 1.5 * error.value
+    buffers = 2.5 if importlib.util.find_spec("hiredis") else 1.5
+    assert after[0] - before < buffers * error.value
     # Not cumulative: a decoded message would add ~5x its size each time; what the allocator
     # keeps between the first and the last refusal stays under one message.
     assert after[-1] - after[0] < error.value
