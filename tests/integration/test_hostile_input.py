@@ -73,6 +73,13 @@ def pending(redis: RedisServer, queue: str) -> int:
     return client.llen(queue) + sum(1 for _, _, routing_key in unacked if routing_key == queue)
 
 
+def wait_until_nothing_pending(redis: RedisServer, queue: str) -> None:
+    """A job's result is stored before its message is acknowledged: a client that has its
+    result may look before the ack, so wait for it rather than assert at once."""
+    wait_until(lambda: pending(redis, queue) == 0, timeout=30,
+               what="every message of the queue to be acknowledged")
+
+
 @pytest.mark.parametrize(
     ("request_", "code", "field", "limit", "value"),
     [
@@ -199,8 +206,7 @@ def test_malformed_message_in_redis_is_refused_and_the_worker_serves_on(hostile,
 
     wait_until(lambda: logged in worker.log(), timeout=60, what=f"the worker to log {logged!r}")
     still_serving(client, worker)
-    wait_until(lambda: pending(redis, client.settings.queue) == 0, timeout=30,
-               what="nothing left to deliver")
+    wait_until_nothing_pending(redis, client.settings.queue)
     assert "Unrecoverable error" not in worker.log()
 
 
@@ -218,10 +224,8 @@ def test_oversized_payload_is_refused_before_it_is_decoded(hostile, redis):
     assert error.value > 4_000_000  # the message: base64 of the JSON body
     assert "refused before decoding" in error.message
     still_serving(client, worker)
-    # Never in the unacked hash, so never delivered again. (still_serving's own job is acked
-    # just after its result is stored: wait for that ack, as the 50 MB test does.)
-    wait_until(lambda: pending(redis, client.settings.queue) == 0, timeout=30,
-               what="nothing left to deliver")
+    # Never in the unacked hash, so never delivered again.
+    wait_until_nothing_pending(redis, client.settings.queue)
 
 
 def rss_bytes(pid: int) -> int:
@@ -282,9 +286,7 @@ def test_a_50_mb_request_costs_the_worker_no_lasting_memory(hostile, redis):
     assert peak - before < 4 * error.value
     assert "refused without decoding it" in worker.log()
     still_serving(client, worker)
-    # A job's result is stored before its message is acknowledged: wait for the ack.
-    wait_until(lambda: pending(redis, client.settings.queue) == 0, timeout=30,
-               what="every message of the queue to be acknowledged")
+    wait_until_nothing_pending(redis, client.settings.queue)
 
 
 def test_an_oversized_entry_that_is_not_a_job_is_dropped_and_logged(hostile, redis):
@@ -293,7 +295,7 @@ def test_an_oversized_entry_that_is_not_a_job_is_dropped_and_logged(hostile, red
     wait_until(lambda: "(not a chatqueue job)" in worker.log(), timeout=60,
                what="the worker to drop the entry")
     still_serving(client, worker)
-    assert pending(redis, client.settings.queue) == 0
+    wait_until_nothing_pending(redis, client.settings.queue)
 
 
 def test_redis_with_compose_limits_refuses_a_value_over_proto_max_bulk_len():
