@@ -9,6 +9,7 @@ import pytest
 
 from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES, TINY_MULTI_TURN, TINY_THINKING
 from producer import ChatQueueClient, ChatRequest, ProducerSettings
+from tests.support.logs import wait_logged
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +59,9 @@ def test_mixed_lengths_batched_equal_each_alone(redis, start_worker, tiny_model_
             one.thinking, one.content, one.finish_reason, one.usage)
     assert together[0].usage.cached_prompt_tokens > 0
     # They did share the device: the long job decoded alongside at least one other.
-    sizes = batch_sizes(worker.log(), [r.job_id for r in together])
+    # Each "done" line is written before its result is stored, but reaches the log through a
+    # pipe: wait for the last ones.
+    log = wait_logged(worker, *(f"job {r.job_id} done:" for r in together))
+    sizes = batch_sizes(log, [r.job_id for r in together])
     assert sizes[long_id] >= 2, sizes
     assert all(r.timings.batch_wait_s is not None for r in together)

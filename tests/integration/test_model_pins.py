@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from producer import ChatQueueClient, ChatRequest, ProducerSettings
+from tests.support.logs import wait_logged
 from worker.exit_status import START_FAILED
 from worker.manifest import manifest_digest, read_manifest
 
@@ -70,9 +71,8 @@ def test_a_worker_refuses_a_model_folder_that_is_not_the_pinned_one(
         worker = start_worker(model_dir, queue, ready=False, concurrency="2", **settings)
         returncode = worker.process.wait(timeout=EXIT_TIMEOUT_S)
 
-        log = worker.log()
-        assert returncode == START_FAILED, log[-3000:]
-        assert message in log, log[-3000:]
-        assert "worker start failed, exiting before taking any job" in log
+        assert returncode == START_FAILED, worker.log()[-3000:]
+        # Its last lines come through the pipe after its exit: wait for them.
+        wait_logged(worker, message, "worker start failed, exiting before taking any job")
         assert int(redis.client().llen(queue)) == WAITING_JOBS
         assert [client.state(job) for job in jobs] == ["PENDING"] * WAITING_JOBS
