@@ -11,6 +11,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,8 @@ from producer.celery_app import PRIORITY_STEPS
 from producer.settings import accepted_key, lease_key
 from tests.support.servers import (
     REPO_ROOT,
+    RedisServer,
+    WorkerProcess,
     redis_server,
     spawn_worker,
     wait_ready,
@@ -486,11 +491,19 @@ def acl_users() -> tuple[str, dict[str, str]]:
     return acl, passwords
 
 
-def test_batches_run_on_the_producer_and_worker_logins_of_the_acl(tiny_model_dir, tmp_path):
-    """deploy/redis/acl.sh's users: the producer login submits, follows, reads and cancels a
-    batch; the worker login counts its lines; Redis refuses nothing (ACL LOG stays empty)."""
-    acl, passwords = acl_users()
-    queue = f"chatqueue.acl-{uuid.uuid4().hex[:6]}"
+@dataclass
+class AclRun:
+    server: RedisServer
+    worker: WorkerProcess
+    client: ChatQueueClient
+    denied: list[dict[str, Any]] = field(default_factory=list)  # ACL LOG, once the worker stopped
+
+
+@contextmanager
+def on_acl_logins(acl: str, passwords: dict[str, str], queue: str, tiny_model_dir: Path,
+                  tmp_path: Path) -> Iterator[AclRun]:
+    """A Redis on `acl`, a ready worker on its worker login and a client on its producer login,
+    both on `queue`; at the end the worker stops and `denied` holds what Redis refused."""
     with redis_server(acl=acl, username="admin", password=passwords["admin"]) as server:
         worker = spawn_worker(worker_env(server.url, tiny_model_dir, queue,
                                          redis_username="worker",
@@ -501,23 +514,59 @@ def test_batches_run_on_the_producer_and_worker_logins_of_the_acl(tiny_model_dir
                                         redis_password=passwords["producer"], queue=queue,
                                         wait_timeout_s=60)
             with ChatQueueClient(settings) as client:
-                batches = BatchClient(client)
-                report = batches.submit(write_file(tmp_path, [line("a", max_tokens=16),
-                                                              line("b", tools=[{}])]))
-                batch = batches.wait(report.batch_id, timeout=60)
-                results = list(batches.results(report.batch_id))
-                assert any(b["id"] == report.batch_id for b in batches.list())
-                batches.cancel(report.batch_id)
-                second = batches.submit(write_file(tmp_path, [line("c")], name="2.jsonl"))
-                assert batches.cancel(second.batch_id)["status"] in ("cancelling", "cancelled")
+                run = AclRun(server, worker, client)
+                yield run
         finally:
             worker.stop()
-        denied = server.client().acl_log()
-    assert "Redis refused" not in worker.log()  # it claims its jobs (worker/delivery.py)
+        run.denied = server.client().acl_log()
+
+
+def test_batches_run_on_the_producer_and_worker_logins_of_the_acl(tiny_model_dir, tmp_path):
+    """deploy/redis/acl.sh's users: the producer login submits, follows, reads and cancels a
+    batch; the worker login counts its lines; Redis refuses nothing (ACL LOG stays empty)."""
+    acl, passwords = acl_users()
+    queue = f"chatqueue.acl-{uuid.uuid4().hex[:6]}"
+    with on_acl_logins(acl, passwords, queue, tiny_model_dir, tmp_path) as run:
+        batches = BatchClient(run.client)
+        report = batches.submit(write_file(tmp_path, [line("a", max_tokens=16),
+                                                      line("b", tools=[{}])]))
+        batch = batches.wait(report.batch_id, timeout=60)
+        results = list(batches.results(report.batch_id))
+        assert any(b["id"] == report.batch_id for b in batches.list())
+        batches.cancel(report.batch_id)
+        second = batches.submit(write_file(tmp_path, [line("c")], name="2.jsonl"))
+        assert batches.cancel(second.batch_id)["status"] in ("cancelling", "cancelled")
+    assert "Redis refused" not in run.worker.log()  # it claims its jobs (worker/delivery.py)
     assert batch["status"] == "completed"
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
     assert [(kind, r["custom_id"]) for kind, r in results] == [("output", "a"), ("error", "b")]
-    assert denied == []
+    assert run.denied == []
+
+
+def brpop_calls(admin: Any) -> int:
+    return int(admin.info("commandstats").get("cmdstat_brpop", {}).get("calls", 0))
+
+
+def wait_idle_in_a_new_brpop(server: RedisServer, queue: str) -> None:
+    """Wait until the worker has acknowledged every job of `queue` (a job's result is stored
+    before its ack) and then sent a BRPOP in which it is blocked now: idle, waiting for the
+    next job. (Redis counts a blocking command's call when it is sent.)"""
+    admin = server.client()
+
+    def acknowledged() -> bool:
+        unacked = [json.loads(raw) for raw in admin.hvals("unacked")]
+        return admin.llen(queue) == 0 and not any(key == queue for _, _, key in unacked)
+
+    wait_until(acknowledged, timeout=30, what="the worker to acknowledge its job")
+    before = brpop_calls(admin)
+
+    def waiting_in_a_new_brpop() -> bool:
+        blocked = any(c.get("user") == "worker" and c.get("cmd") == "brpop"
+                      and "b" in c.get("flags", "") for c in admin.client_list())
+        return blocked and brpop_calls(admin) > before
+
+    wait_until(waiting_in_a_new_brpop, timeout=30,
+               what="the worker to wait for its next job in a BRPOP sent after the ack")
 
 
 def test_a_worker_whose_login_may_not_claim_takes_jobs_with_brpop(tiny_model_dir, tmp_path):
@@ -529,22 +578,10 @@ def test_a_worker_whose_login_may_not_claim_takes_jobs_with_brpop(tiny_model_dir
     assert " +blmove" in worker_rule
     acl = acl.replace(worker_rule, worker_rule.replace(" +blmove", ""))
     queue = f"chatqueue.old-acl-{uuid.uuid4().hex[:6]}"
-    with redis_server(acl=acl, username="admin", password=passwords["admin"]) as server:
-        worker = spawn_worker(worker_env(server.url, tiny_model_dir, queue,
-                                         redis_username="worker",
-                                         redis_password=passwords["worker"]), tmp_path)
-        try:
-            wait_ready(worker)
-            settings = ProducerSettings(broker_url=server.url, redis_username="producer",
-                                        redis_password=passwords["producer"], queue=queue,
-                                        wait_timeout_s=60)
-            with ChatQueueClient(settings) as client:
-                first = client.result(client.submit({"messages": TINY_MESSAGES,
-                                                     "params": {**GREEDY, "max_new_tokens": 4}}))
-                time.sleep(1)  # idle: it waits for the next job as BRPOP does
-                second = client.result(client.submit({"messages": TINY_MESSAGES,
-                                                      "params": {**GREEDY, "max_new_tokens": 4}}))
-        finally:
-            worker.stop()
+    request = {"messages": TINY_MESSAGES, "params": {**GREEDY, "max_new_tokens": 4}}
+    with on_acl_logins(acl, passwords, queue, tiny_model_dir, tmp_path) as run:
+        first = run.client.result(run.client.submit(request))
+        wait_idle_in_a_new_brpop(run.server, queue)  # it waits for the next job as BRPOP does
+        second = run.client.result(run.client.submit(request))
     assert (first.finish_reason, second.finish_reason) == ("length", "length")
-    assert worker.log().count("Redis refused BLMOVE") == 1
+    assert run.worker.log().count("Redis refused BLMOVE") == 1
