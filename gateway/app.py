@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import glob
 import json
 import logging
 import os
@@ -111,11 +112,32 @@ class Metrics:
             self.exposed = CollectorRegistry()
             MultiProcessCollector(self.exposed, path=multiprocess_dir)  # type: ignore[no-untyped-call]
 
+    def forget_dead_processes(self) -> None:
+        """Drop the live gauges of processes that ended without release() (killed: SIGKILL,
+        the OOM killer), which would otherwise count their requests in flight forever.
+        Called at each scrape; a process id is dead when no process has it."""
+        if self.multiprocess_dir is None:
+            return
+        for path in glob.glob(os.path.join(self.multiprocess_dir, "gauge_live*_*.db")):
+            pid = path.rpartition("_")[2].removesuffix(".db")
+            if pid.isdigit() and not _alive(int(pid)):
+                mark_process_dead(int(pid), self.multiprocess_dir)  # type: ignore[no-untyped-call]
+
     def release(self) -> None:
         """This process stops serving: its live gauges no longer count (its counters and
         histograms keep what it served)."""
         if self.multiprocess_dir is not None:
             mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class Gateway:
@@ -214,6 +236,7 @@ class Gateway:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         self.authorize(request)
+        self.metrics.forget_dead_processes()
         body = await asyncio.to_thread(generate_latest, self.metrics.exposed)  # reads Redis
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -201,36 +202,16 @@ def test_several_gateway_processes_share_the_port_and_metrics_count_them_all(
     the requests that every process served (prometheus_client's multiprocess mode)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATQUEUE_", "PROMETHEUS"))}
-    env.update({"CHATQUEUE_BROKER_URL": redis.url, "CHATQUEUE_QUEUE": tiny_queue,
-                "CHATQUEUE_DEFAULT_MODEL": TINY_MODEL_ID, "CHATQUEUE_GATEWAY_PORT": str(port),
-                "CHATQUEUE_GATEWAY_WORKERS": "2", "CHATQUEUE_GATEWAY_MODELS_CACHE_S": "0",
-                "CHATQUEUE_GATEWAY_FILES_DIR": str(tmp_path / "files"),
-                "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "gateway.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "gateway.cli"], cwd=REPO_ROOT, env=env,
-                               stdout=log, stderr=subprocess.STDOUT, text=True)
-    clients: list[httpx.Client] = []  # each holds one connection
     served: dict[int, int] = {}  # gateway process -> completions it answered
     scrapes: dict[int, dict[str, float]] = {}  # gateway process -> what its /metrics said
-    try:
-        def listed() -> bool:
-            assert process.poll() is None, f"gateway exited with {process.returncode}"
-            try:
-                return TINY_MODEL_ID in httpx.get(f"{url}/v1/models", timeout=5).text
-            except httpx.TransportError:
-                return False
-
-        wait_until(listed, timeout=60, what="the gateway to list the tiny model", interval=0.1)
-
+    with gateway_processes(redis.url, tiny_queue, tmp_path) as (process, url, port), \
+            contextlib.ExitStack() as connections:
         def on_a_new_connection(call: Callable[[httpx.Client], httpx.Response]
                                 ) -> tuple[int, httpx.Response]:
             """`call` over a new connection, and the gateway process that answered it."""
             client = httpx.Client(base_url=url, timeout=60,
                                   limits=httpx.Limits(max_connections=1))
-            clients.append(client)
+            connections.enter_context(client)
             response = call(client)
             _, client_port = response.extensions["network_stream"].get_extra_info("client_addr")
             return _serving_process(process.pid, port, client_port), response
@@ -265,16 +246,80 @@ def test_several_gateway_processes_share_the_port_and_metrics_count_them_all(
             return len(scrapes) == 2
 
         wait_until(scraped_on_both, timeout=60, what="a scrape from each process", interval=0)
-    finally:
-        for client in clients:
-            client.close()
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
     assert len(served) == 2 and set(scrapes) == set(served)
     for pid, scrape in scrapes.items():
         assert scrape == {"chatqueue_gateway_requests_total200": float(sum(served.values())),
                           "chatqueue_gateway_in_flight": 0.0}, (pid, scrape, served)
+
+
+@contextlib.contextmanager
+def gateway_processes(redis_url: str, queue: str, tmp_path: Path, **env_extra: str
+                      ) -> Iterator[tuple[subprocess.Popen[str], str, int]]:
+    """The real chatqueue-gateway serving a port from 2 processes, once it lists the tiny
+    model: (the CLI's process, its URL, its port)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATQUEUE_", "PROMETHEUS"))}
+    env.update({"CHATQUEUE_BROKER_URL": redis_url, "CHATQUEUE_QUEUE": queue,
+                "CHATQUEUE_DEFAULT_MODEL": TINY_MODEL_ID, "CHATQUEUE_GATEWAY_PORT": str(port),
+                "CHATQUEUE_GATEWAY_WORKERS": "2", "CHATQUEUE_GATEWAY_MODELS_CACHE_S": "0",
+                "CHATQUEUE_GATEWAY_FILES_DIR": str(tmp_path / "files"),
+                "PYTHONUNBUFFERED": "1", **env_extra})
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "gateway.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "gateway.cli"], cwd=REPO_ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        def listed() -> bool:
+            assert process.poll() is None, f"gateway exited with {process.returncode}"
+            try:
+                return TINY_MODEL_ID in httpx.get(f"{url}/v1/models", timeout=5).text
+            except httpx.TransportError:
+                return False
+
+        wait_until(listed, timeout=60, what="the gateway to list the tiny model", interval=0.1)
+        yield process, url, port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_a_killed_gateway_process_leaves_no_request_in_flight_in_the_metrics(redis, tmp_path):
+    """A gateway process killed with SIGKILL never marks itself dead (prometheus_client's
+    multiprocess files): the next scrape drops its live gauge, so /metrics stops counting the
+    request it held in flight. The request waits on a queue announced live that no worker
+    drains."""
+    import signal
+
+    import redis as redis_py
+
+    from producer.settings import PRESENCE_KEY, presence_member
+
+    queue = f"held-{os.getpid()}"
+    member = presence_member("celery@held", TINY_MODEL_ID, queue)
+    raw = redis_py.Redis.from_url(redis.url)
+    raw.zadd(PRESENCE_KEY, {member: 4e9})
+
+    def in_flight(url: str) -> float:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        line = next(line for line in text.splitlines() if line.startswith(
+            'chatqueue_gateway_in_flight{route="/v1/chat/completions"}'))
+        return float(line.split()[-1])
+
+    try:
+        with gateway_processes(redis.url, queue, tmp_path) as (process, url, port), \
+                socket.create_connection(("127.0.0.1", port)) as held:
+            body = json.dumps({"model": TINY_MODEL_ID, "messages": TINY_MESSAGES}).encode()
+            held.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                         % (len(body), body))  # answered only when its job ends: never
+            wait_until(lambda: in_flight(url) == 1.0, timeout=30, what="the request in flight")
+            os.kill(_serving_process(process.pid, port, held.getsockname()[1]), signal.SIGKILL)
+            wait_until(lambda: in_flight(url) == 0.0, timeout=30,
+                       what="the killed process's request to leave the in-flight gauge")
+    finally:
+        raw.zrem(PRESENCE_KEY, member)
+        raw.delete(queue)
 
 
 def _serving_process(gateway_pid: int, port: int, client_port: int) -> int:
