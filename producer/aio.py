@@ -1,14 +1,15 @@
 """The asyncio twin of `ChatQueueClient`: same calls, contract, errors and guarantees.
 
 Reads (results, streams, progress, cancel) use redis' asyncio client, and so does `submit`:
-it validates and plans the job, then publishes it on the event loop in two pipelined round
-trips -- the job record written with SET NX and the request's digest (what it found decides, by
-core.record_verdict as for the synchronous client: publish, nothing, or JobIdConflict), then
-Celery's message LPUSHed and the record marked queued. The message is the one send_task would
-push, built by the synchronous client's Celery app (`task_message`: Celery's task protocol,
-kombu's JSON and envelope; a test compares the two). Celery's send_task on a worker thread cost
-the gateway about a millisecond of CPU per job, three blocking round trips and a GIL contended
-with its event loop. With `submit_min_replicas` set, jobs still go through the synchronous
+it validates and plans the job, then publishes it on the event loop with one script
+(core.PUBLISH_JOBS) for every job submitted in that turn of the loop: each job's record claimed
+with the request's digest (found with another request's: JobIdConflict; found queued: nothing
+to do), its message LPUSHed and the record marked queued, all or nothing, in one command and
+one round trip. The message is the one send_task would push, built by the synchronous client's
+Celery app (`task_message`: Celery's task protocol, kombu's JSON and envelope, from a template
+per queue; a test compares the two). Celery's send_task on a worker thread cost the gateway
+about a millisecond of CPU per job, three blocking round trips and a GIL contended with its
+event loop. With `submit_min_replicas` set, jobs still go through the synchronous
 client's replicated publish (a WAIT on kombu's connection), in a thread.
 """
 
@@ -35,6 +36,9 @@ from producer.settings import CANCEL_CHANNEL, ProducerSettings, accepted_key, ca
 # Messages of up to this many jobs at once are built on the event loop (tens of microseconds
 # each); more (a batch's chunk of lines) in a thread.
 _BUILD_ON_LOOP = 128
+# One publish script takes at most this many jobs (a batch's chunk of lines goes in several,
+# one after another): Redis runs nothing else while a script runs.
+_SCRIPT_JOBS = 256
 
 # A result waiter reads the job's state at least this often: pub/sub only wakes it early, so a
 # message lost (Redis restarting) delays a result by at most this much.
@@ -133,6 +137,7 @@ class AsyncChatQueueClient:
         # I/O here.
         self._backend = self._publisher.app.backend
         self._cancel_script = self._redis.register_script(CANCEL_IF_KNOWN)
+        self._publish_script = self._redis.register_script(core.PUBLISH_JOBS)
         # Publishes called in this turn of the event loop, and the flushes under way.
         self._publishes: list[tuple[tuple[core.Submission, ...], asyncio.Future[None]]] = []
         self._flushes: set[asyncio.Future[None]] = set()
@@ -160,9 +165,10 @@ class AsyncChatQueueClient:
         pushed and their records marked queued. A job id that names another request raises
         JobIdConflict once the jobs before it are queued.
 
-        The jobs of every publish called in one turn of the event loop go out together, two
-        pipelined round trips for all of them: a burst of submits (the gateway's) costs a few
-        round trips and connections, not two each."""
+        The jobs of every publish called in one turn of the event loop go out together, in one
+        script call (up to _SCRIPT_JOBS jobs): a burst of submits (the gateway's) costs a round
+        trip or a few, not two each. No caller returns before the script that queued its jobs
+        has answered; if Redis stays away past the client's retries, every caller raises."""
         if not jobs:
             return
         if self.settings.submit_min_replicas > 0:
@@ -203,58 +209,32 @@ class AsyncChatQueueClient:
     async def _publish_together(self, calls: list[tuple[core.Submission, ...]]
                                 ) -> list[JobIdConflict | None]:
         """Each call's jobs, in order, up to a conflict (returned for that call): their
-        records claimed in one pipeline, their messages pushed (one LPUSH per list) and their
-        records marked queued in a second."""
-        jobs = [job for call in calls for job in call]
-        digests = [core.request_digest((), job.kwargs) for job in jobs]
-        pipe = self._redis.pipeline(transaction=False)
-        for job, digest in zip(jobs, digests, strict=True):
-            key = accepted_key(job.job_id)
-            pipe.set(key, core.job_record("pending", digest), nx=True,
-                     ex=self.settings.result_ttl_s)
-            pipe.get(key)
-        replies = await pipe.execute()
-        publish: list[tuple[core.Submission, str]] = []
-        again: list[list[core.Submission]] = [[] for _ in calls]
+        messages built, then claimed, pushed and marked queued by one script
+        (core.PUBLISH_JOBS) per up to _SCRIPT_JOBS jobs -- one command and one round trip
+        where a pipeline of three commands a job took two."""
+        jobs = [(number, job) for number, call in enumerate(calls) for job in call]
+        build = self._publisher.app.task_message
+        messages = [build(job) for _, job in jobs] if len(jobs) <= _BUILD_ON_LOOP \
+            else await asyncio.to_thread(lambda: [build(job) for _, job in jobs])
         failures: list[JobIdConflict | None] = [None] * len(calls)
-        index = 0
-        for number, call in enumerate(calls):
-            for job in call:
-                claimed, current = replies[2 * index], replies[2 * index + 1]
-                digest = digests[index]
-                index += 1
+        for first in range(0, len(jobs), _SCRIPT_JOBS):
+            keys: list[str] = []
+            args: list[Any] = [self.settings.result_ttl_s]
+            sent: list[tuple[int, core.Submission]] = []
+            for (number, job), (queue, message) in zip(jobs[first:first + _SCRIPT_JOBS],
+                                                       messages[first:first + _SCRIPT_JOBS],
+                                                       strict=True):
                 if failures[number] is not None:
-                    continue  # after its call's conflict: not published, as one by one
-                try:
-                    verdict = "publish" if claimed else core.record_verdict(current, digest,
-                                                                            job.job_id)
-                except JobIdConflict as exc:
-                    failures[number] = exc
-                    continue
-                if verdict == "claim":  # its record expired between the two commands
-                    again[number].append(job)
-                elif verdict == "publish":
-                    publish.append((job, digest))
-        if publish:
-            build = self._publisher.app.task_message
-            messages = [build(job) for job, _ in publish] if len(publish) <= _BUILD_ON_LOOP \
-                else await asyncio.to_thread(lambda: [build(job) for job, _ in publish])
-            # One LPUSH per list, its messages in order (LPUSH a b = LPUSH a; LPUSH b: the
-            # first in is the first a worker takes), then each record marked queued.
-            lists: dict[str, list[str]] = {}
-            for queue, message in messages:
-                lists.setdefault(queue, []).append(message)
-            pipe = self._redis.pipeline(transaction=False)
-            for queue, queued in lists.items():
-                pipe.lpush(queue, *queued)
-            for job, digest in publish:
-                pipe.set(accepted_key(job.job_id), core.job_record("queued", digest), xx=True,
-                         keepttl=True)
-            await pipe.execute()
-        if any(again):
-            retried = await self._publish_together([tuple(jobs) for jobs in again])
-            failures = [failure or later for failure, later in zip(failures, retried,
-                                                                   strict=True)]
+                    continue  # after its call's conflict (in an earlier script): not published
+                keys.append(accepted_key(job.job_id))
+                args += [core.request_digest((), job.kwargs), number, queue, message]
+                sent.append((number, job))
+            if not sent:
+                continue
+            verdicts = await self._publish_script(keys=keys, args=args)
+            for (number, job), verdict in zip(sent, verdicts, strict=True):
+                if verdict == core.CONFLICT:
+                    failures[number] = JobIdConflict(job.job_id)
         return failures
 
     def _publish_replicated(self, jobs: tuple[core.Submission, ...]) -> None:

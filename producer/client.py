@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -42,6 +43,53 @@ def queue_key(queue: str, step: int) -> str:
     return f"{queue}{RedisChannel.sep}{step}" if step else queue
 
 
+class _MessageTemplate:
+    """A job's Celery message as text, Celery's own message for a stand-in job with the
+    job's id (task id, root id, correlation id), body and delivery tag put in its place: the
+    same bytes send_task's message has (tests/unit/test_message_template.py compares them).
+    Only for messages whose headers do not carry the request (no log_content)."""
+
+    def __init__(self, app: _AcceptingCelery, queue: str, priority: int) -> None:
+        marker = f"chatqueue-template-{uuid.uuid4().hex}"
+        stand_in = core.Submission(job_id=f"{marker}-id", kwargs={"request": {}}, queue=queue)
+        text, (self._args, _, self._embed) = app._build_task_message(
+            stand_in, priority, f"{marker}-tag")
+        body = json.loads(text)["body"]
+        self._content_encoding = json.loads(text)["content-encoding"]
+        # The text split around each quoted stand-in value, and which value goes in each gap.
+        slots = {_quoted(stand_in.job_id): "id", _quoted(body): "body",
+                 _quoted(f"{marker}-tag"): "tag"}
+        self._parts: list[str] = []
+        self._slots: list[str] = []
+        rest = text
+        while True:
+            found = [(rest.find(quoted), quoted) for quoted in slots if quoted in rest]
+            if not found:
+                break
+            at, quoted = min(found)
+            self._parts.append(rest[:at])
+            self._slots.append(slots[quoted])
+            rest = rest[at + len(quoted):]
+        self._parts.append(rest)
+        assert self._slots.count("body") == 1 and self._slots.count("tag") == 1, self._slots
+
+    def fill(self, job: core.Submission) -> str:
+        data = kombu_json.dumps((self._args, job.kwargs, self._embed))  # type: ignore[no-untyped-call]
+        values = {"id": _quoted(job.job_id), "tag": _quoted(str(uuid.uuid4())),
+                  "body": _quoted(base64.b64encode(
+                      data.encode(self._content_encoding)).decode("ascii"))}
+        out = [self._parts[0]]
+        for slot, part in zip(self._slots, self._parts[1:], strict=True):
+            out.append(values[slot])
+            out.append(part)
+        return "".join(out)
+
+
+def _quoted(value: str) -> str:
+    """A string as kombu's JSON writes it."""
+    return str(kombu_json.dumps(value))  # type: ignore[no-untyped-call]
+
+
 class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hints
     """Records every chat job it publishes, whichever call publishes it: submit(), or
     send_task() by code that goes around the contract; and publishes a job id once.
@@ -59,6 +107,11 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
     log_content: bool = False
     min_replicas: int = 0  # submit_min_replicas: see _publish_replicated
     replica_timeout_s: float = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Message templates by (queue, priority, publishing thread): task_message.
+        self._templates: dict[tuple[str, int, str], _MessageTemplate] = {}
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None,
                   **options: Any) -> AsyncResult:
@@ -97,8 +150,26 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
         headers and body send_task makes), serialized as JSON by kombu, in the envelope kombu's
         Redis transport pushes (body base64, delivery info, priority, a delivery tag). For a
         publisher that pushes it itself (AsyncChatQueueClient, on its event loop).
-        tests/integration/test_clients.py compares it with what send_task pushes."""
+        tests/integration/test_clients.py compares it with what send_task pushes.
+
+        Celery builds one message per queue, priority and publishing thread (a template);
+        each job's message is that text with the job's id, body and delivery tag put in
+        (_MessageTemplate): building it through Celery and kombu took ~75 us a job, the
+        gateway's largest cost per request. With log_content the headers carry the request's
+        repr, so every message is built in full."""
         priority = broker_priority(job.kwargs["request"].get("priority", DEFAULT_PRIORITY))
+        key = queue_key(job.queue, priority)
+        if self.log_content:
+            return key, self._build_task_message(job, priority, str(uuid.uuid4()))[0]
+        slot = (job.queue, priority, self.thread_oid)
+        template = self._templates.get(slot)
+        if template is None:
+            template = self._templates[slot] = _MessageTemplate(self, job.queue, priority)
+        return key, template.fill(job)
+
+    def _build_task_message(self, job: core.Submission, priority: int, delivery_tag: str
+                            ) -> tuple[str, Any]:
+        """The message through Celery and kombu, and the (args, kwargs, embed) of its body."""
         options: dict[str, Any] = {}
         self._redact(options)
         headers, properties, body, _ = self.amqp.create_task_message(
@@ -111,13 +182,12 @@ class _AcceptingCelery(Celery):  # type: ignore[misc]  # celery ships no type hi
             delivery_mode=DELIVERY_MODES.get(self.conf.task_default_delivery_mode,
                                              self.conf.task_default_delivery_mode),
             delivery_info={"exchange": "", "routing_key": job.queue},
-            priority=priority, body_encoding="base64", delivery_tag=str(uuid.uuid4()))
+            priority=priority, body_encoding="base64", delivery_tag=delivery_tag)
         payload = data.encode(content_encoding) if isinstance(data, str) else data
         message = {"body": base64.b64encode(payload).decode("ascii"),
                    "content-encoding": content_encoding, "content-type": content_type,
                    "headers": headers, "properties": properties}
-        return queue_key(job.queue, priority), str(
-            kombu_json.dumps(message))  # type: ignore[no-untyped-call]
+        return str(kombu_json.dumps(message)), body  # type: ignore[no-untyped-call]
 
     def _publish_replicated(self, name: str, args: Any, kwargs: Any, options: dict[str, Any],
                             key: str, digest: str) -> AsyncResult:

@@ -48,6 +48,54 @@ return 1
 """
 
 
+# Publishes jobs as record_verdict and the synchronous client do -- claim each job's record
+# (job_record), push its message, mark it queued -- but all of them in one script, so nothing
+# is ever half done: a job is queued with its record "queued", or not touched. A job whose
+# record holds another request's digest is a conflict, and the jobs after it in its call are
+# not published (as one by one). Run again after a lost reply, it finds its jobs queued: it
+# queues nothing twice. Only the records are declared keys; the lists come in ARGV, as the
+# producer's ACL grants LPUSH on queues to its own selector (deploy/redis/acl.sh).
+# KEYS: each job's record; ARGV: ttl, then per job: digest, call number, list, message.
+# Returns per job: 1 queued now, 0 already there, -1 conflict, -2 after a conflict in its call.
+PUBLISH_JOBS = """
+local ttl = ARGV[1]
+local refused = {}
+local out = {}
+for i, record in ipairs(KEYS) do
+  local at = 2 + (i - 1) * 4
+  local digest, call, list, message = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local verdict = 1
+  if refused[call] then
+    verdict = -2
+  else
+    local current = redis.call('GET', record)
+    if current then
+      local space = string.find(current, ' ', 1, true)
+      local state, stored = current, ''
+      if space then
+        state, stored = string.sub(current, 1, space - 1), string.sub(current, space + 1)
+      end
+      if stored ~= '' and stored ~= digest then
+        verdict = -1
+        refused[call] = true
+      elseif state ~= 'pending' then
+        verdict = 0
+      end
+    end
+  end
+  if verdict == 1 then
+    redis.call('LPUSH', list, message)
+    if redis.call('SET', record, 'queued ' .. digest, 'XX', 'KEEPTTL') == false then
+      redis.call('SET', record, 'queued ' .. digest, 'EX', ttl)
+    end
+  end
+  out[i] = verdict
+end
+return out
+"""
+# Verdicts of PUBLISH_JOBS.
+PUBLISHED, ALREADY_THERE, CONFLICT, AFTER_CONFLICT = 1, 0, -1, -2
+
 def task_meta_key(job_id: str) -> str:
     """Where Celery's Redis result backend keeps a job's state and result (and the pub/sub
     channel it announces every write on)."""

@@ -394,6 +394,49 @@ def test_a_stream_rides_out_a_redis_restart(restartable):
     assert [e.type for e in read["events"]] == ["start", "content", "end"]
 
 
+def test_jobs_published_while_redis_restarts_are_each_queued_once(restartable):
+    """Redis goes away with a publish sent and not yet run (its writes paused: CLIENT PAUSE
+    WRITE), and comes back from its AOF. Every publish returns, and each of its jobs is in the
+    queue exactly once with its record queued. The asyncio client publishes the jobs of one turn
+    of its event loop together (one script call): nothing of that batch is lost or doubled."""
+    from producer.core import plan_submission
+    from producer.settings import accepted_key
+
+    server, client = restartable
+    jobs = [plan_submission(chat(), client.settings) for _ in range(20)]
+    admin = server.client()
+    admin.client_pause(60_000, all=False)  # writes wait; the admin's reads go on
+    done: dict[str, Any] = {}
+
+    def publish() -> None:
+        try:
+            if isinstance(client, BlockingAsyncClient):  # 20 publishes in one turn of its loop
+                client._run(_gathered(client.client.publish(job) for job in jobs))
+            else:
+                for job in jobs:
+                    client.publish(job)
+            done["ok"] = True
+        except Exception as exc:  # handed to the test's thread
+            done["error"] = exc
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    wait_until(lambda: any("b" in entry["flags"] and entry["cmd"] != "client|list"
+                           for entry in admin.client_list()),
+               timeout=30, what="the publish to wait on the paused Redis")
+    server.restart()
+    publisher.join(timeout=60)
+
+    assert done == {"ok": True}, done
+    raw = server.client()
+    queued = [json.loads(message)["headers"]["id"] for message in raw.lrange("no-worker", 0, -1)]
+    assert sorted(queued) == sorted(job.job_id for job in jobs)
+    assert all(raw.get(accepted_key(job.job_id)).startswith(b"queued ") for job in jobs)
+
+
+async def _gathered(calls: Any) -> list[Any]:
+    return await asyncio.gather(*calls)
+
 # --- batches: BatchClient and AsyncBatchClient
 
 
