@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +34,14 @@ import redis as redis_py
 from benchmarks.gateway_load import (
     _commit,
     _has_hiredis,
+    gateway_command,
     gateway_env,
     open_connections,
     process_cpu_s,
+    wait_listed,
 )
 from chatqueue_dev.models import TINY_MESSAGES, TINY_MODEL_ID
-from chatqueue_dev.servers import REPO_ROOT, free_port, redis_server, wait_until
+from chatqueue_dev.servers import REPO_ROOT, free_port, redis_server
 from producer import AsyncChatQueueClient, ProducerSettings
 from producer.settings import PRESENCE_KEY, presence_member
 
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gateway-workers", type=int, default=1,
                         help="gateway processes (CHATQUEUE_GATEWAY_WORKERS)")
+    parser.add_argument("--gateway-path", default="",
+                        help="directories put first on the gateway process's import path "
+                             "(another checkout's gateway and producer: an A/B on one machine)")
     parser.add_argument("--note", default="", help="written into the results: what else ran")
     parser.add_argument("--out", type=Path,
                         default=REPO_ROOT / "benchmarks" / "results" / "gateway_intake.json")
@@ -129,19 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         raw.zadd(PRESENCE_KEY, {presence_member("celery@intake", TINY_MODEL_ID, QUEUE): 4e9})
         port = free_port()
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli"], cwd=REPO_ROOT,
+            gateway_command(args.gateway_path), cwd=REPO_ROOT,
             env=gateway_env(server.url, QUEUE, port, 10 * args.n, args.gateway_workers),
             stdout=log.open("w"), stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            def listed() -> bool:
-                assert gateway.poll() is None, f"the gateway exited: {log}"
-                try:
-                    return TINY_MODEL_ID in httpx.get(f"{url}/v1/models", timeout=5).text
-                except httpx.TransportError:
-                    return False
-
-            wait_until(listed, timeout=60, what="the gateway to list the model", interval=0.1)
+            wait_listed(gateway, url)
             rows = asyncio.run(measure(url, gateway.pid,
                                        ProducerSettings(broker_url=server.url, queue=QUEUE),
                                        raw, args.n, args.rounds))
@@ -152,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.run import cpu_model  # here: it imports torch, which the clients need not
 
     result: dict[str, Any] = {
-        "note": args.note, "commit": _commit(), "gateway_hiredis": _has_hiredis(""),
+        "note": args.note, "commit": _commit(), "gateway_path": args.gateway_path,
+        "gateway_hiredis": _has_hiredis(args.gateway_path),
         "n": args.n, "rounds": args.rounds, "gateway_workers": args.gateway_workers,
         "cpu": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m_start": load_at_start,
         "load_avg_1m": os.getloadavg()[0],

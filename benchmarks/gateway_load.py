@@ -294,6 +294,17 @@ def gateway_env(broker_url: str, queue: str, port: int, max_queue_length: int, w
     return env
 
 
+def gateway_command(gateway_path: str = "") -> list[str]:
+    """The command that starts `chatqueue-gateway`; with `gateway_path`, those directories
+    (os.pathsep-separated) first on its import path: another checkout's gateway and producer,
+    to compare two versions on the same machine load."""
+    if not gateway_path:
+        return [sys.executable, "-m", "gateway.cli"]
+    return [sys.executable, "-c", "import sys; sys.path[:0] = sys.argv.pop(1).split("
+            f"{os.pathsep!r}); from gateway.cli import main; raise SystemExit(main())",
+            gateway_path]
+
+
 def process_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) of a process and its descendants alive now (uvicorn's
     worker processes under --workers), from /proc (Linux)."""
@@ -369,19 +380,13 @@ def main(argv: list[str] | None = None) -> int:
                                          max_batch_size=str(min(args.n, 64))), log_dir)
         port = free_port()
         env = gateway_env(redis.url, QUEUE, port, 10 * args.n, args.gateway_workers)
-        command = [sys.executable, "-m", "gateway.cli"]
-        if args.gateway_path:
-            command = [sys.executable, "-c", "import sys; sys.path[:0] = sys.argv.pop(1).split("
-                       f"{os.pathsep!r}); from gateway.cli import main; raise SystemExit(main())",
-                       args.gateway_path]
-        gateway = subprocess.Popen(command, cwd=REPO_ROOT,
+        gateway = subprocess.Popen(gateway_command(args.gateway_path), cwd=REPO_ROOT,
                                    env=env, stdout=(log_dir / "gateway.log").open("w"),
                                    stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(worker)
-            wait_until(lambda: TINY_MODEL_ID in _get(f"{url}/v1/models"), timeout=60,
-                       what="the gateway to list the model")
+            wait_listed(gateway, url)
             settings = ProducerSettings(broker_url=redis.url, queue=QUEUE, wait_timeout_s=300)
             rows: list[dict[str, Any]] = []
 
@@ -482,11 +487,17 @@ def _has_hiredis(gateway_path: str) -> bool:
     return done.stdout.strip() == "True"
 
 
-def _get(url: str) -> str:
-    try:
-        return httpx.get(url, timeout=2).text
-    except httpx.TransportError:
-        return ""
+def wait_listed(gateway: subprocess.Popen[Any], url: str) -> None:
+    """Until the gateway at `url` lists the tiny model (it is up, and sees the worker or the
+    presence entry); fails at once if its process exits."""
+    def listed() -> bool:
+        assert gateway.poll() is None, f"the gateway exited with {gateway.returncode}"
+        try:
+            return TINY_MODEL_ID in httpx.get(f"{url}/v1/models", timeout=5).text
+        except httpx.TransportError:
+            return False
+
+    wait_until(listed, timeout=60, what="the gateway to list the model", interval=0.1)
 
 
 if __name__ == "__main__":
