@@ -17,6 +17,7 @@ import pytest
 
 from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES
 from producer import ChatQueueClient, ChatRequest, ProducerSettings
+from tests.support.logs import wait_logged
 from tests.support.servers import (
     RedisServer,
     WorkerProcess,
@@ -104,10 +105,9 @@ def test_a_worker_that_cannot_become_ready_exits_and_takes_no_job(
     worker = spawn(model_dir, queue, **settings)
     returncode = worker.process.wait(timeout=EXIT_TIMEOUT_S)
 
-    log = worker.log()
-    assert returncode == START_FAILED, log[-3000:]
-    assert message in log, log[-3000:]
-    assert "worker start failed, exiting before taking any job" in log
+    assert returncode == START_FAILED, worker.log()[-3000:]
+    # Its last lines come through the pipe after its exit: wait for them.
+    log = wait_logged(worker, message, "worker start failed, exiting before taking any job")
     assert " ready." not in log
     assert _queued(redis, queue) == WAITING_JOBS
     assert [client.state(job) for job in jobs] == ["PENDING"] * WAITING_JOBS
@@ -146,9 +146,8 @@ def test_a_worker_whose_engine_dies_stops_consuming_and_gives_its_jobs_back(
             returncode = dying.process.wait(timeout=EXIT_TIMEOUT_S)
         finally:
             dying.stop()
-        log = dying.log()
-        assert returncode == ENGINE_DIED, log[-3000:]
-        assert "the engine thread died" in log
+        assert returncode == ENGINE_DIED, dying.log()[-3000:]
+        log = wait_logged(dying, "the engine thread died")  # read through a pipe, after the exit
         # Not one job failed: those it had taken went back to the queue.
         states = [client.state(job) for job in jobs]
         assert not {"SUCCESS", "FAILURE"} & set(states), (states, log[-3000:])
