@@ -24,6 +24,7 @@ from chatqueue_dev.models import TINY_MESSAGES
 from producer import ChatQueueClient, ChatRequest, JobFailed, JobNotFound, ProducerSettings
 from producer.celery_app import celery_config
 from producer.schemas import StreamEvent
+from tests.support.logs import wait_logged
 from tests.support.servers import (
     RedisServer,
     WorkerProcess,
@@ -279,7 +280,7 @@ def test_sigterm_finishes_running_jobs_within_the_grace_and_requeues_the_rest(fa
         assert finished.finish_reason == "length"
         assert client.state(long_job) not in FINAL
         assert fault_redis.client().llen(queue) == 2  # the long job is back, the queued one kept
-        assert "goes back to the queue" in first.log()
+        wait_logged(first, "goes back to the queue")  # logged before its exit, read through a pipe
 
         second = start(queue, concurrency="2", **patient)
         assert client.result(queued_job).worker_name.startswith(node(second))
