@@ -189,7 +189,8 @@ def test_resubmitting_a_running_then_finished_job_runs_it_once(server, pair):
         with pytest.raises(JobIdConflict):
             client.submit(request(job_id))
         assert client.result(job_id) == first
-    time.sleep(0.5)
+    # Its "done" line is written before its result is stored, but reaches us through a pipe.
+    wait_until(lambda: runs_of(workers, job_id) >= 1, timeout=30, what="the run's done line")
     received = sum(1 for w in workers for line in w.lines if f"[{job_id}] received" in line)
     assert received == 1 and runs_of(workers, job_id) == 1
 
@@ -214,6 +215,9 @@ def test_a_second_delivery_waits_for_the_running_one_and_the_stream_has_one_writ
                                for w in workers for line in w.lines),
                    timeout=60, what="the duplicate delivery to be skipped")
         wait_until(lambda: events and events[-1].type == "end", timeout=60, what="the end")
+        # The runner's "done" line (written before its result was stored) comes through its own
+        # pipe, not the one that brought the skip above: wait for it too.
+        wait_until(lambda: runs_of(workers, job_id) >= 1, timeout=30, what="the run's done line")
     raw.close()
     assert result.finish_reason == "length" and result.usage.completion_tokens == 400
     assert runs_of(workers, job_id) == 1
@@ -306,7 +310,9 @@ def test_a_waiting_delivery_takes_over_when_the_owner_dies(server, pair):
         job_id = f"heir-{uuid.uuid4().hex[:8]}"
         publish_raw(raw, queue, job_id, max_new_tokens=200, ignore_eos=True)
         generating(client, job_id)
-        running = next(w for w in (owner, heir) if f"[{job_id}] received" in w.log())
+        running = wait_until(  # logged before it ran, but read through a pipe
+            lambda: next((w for w in (owner, heir) if f"[{job_id}] received" in w.log()), None),
+            timeout=30, what="the worker that received the job")
         waiting = heir if running is owner else owner
         publish_raw(raw, queue, job_id, max_new_tokens=200, ignore_eos=True)
         wait_until(lambda: f"job {job_id} is running under lease" in waiting.log(),
