@@ -27,6 +27,7 @@ from chatqueue_dev.models import TINY_MESSAGES
 from producer import ChatQueueClient, JobFailed, ProducerSettings
 from producer.celery_app import create_celery
 from producer.settings import CANCEL_CHANNEL, TASK_NAME, lease_key
+from tests.support.logs import wait_logged
 from tests.support.servers import (
     REPO_ROOT,
     RedisServer,
@@ -269,7 +270,8 @@ def test_worker_runs_only_chatqueue_tasks_and_refuses_forged_job_ids(
     with pytest.raises(Exception) as caught:
         builtin.get(timeout=30, propagate=True)
     assert type(caught.value).__name__ == "NotRegistered"
-    assert "Received unregistered task of type 'celery.accumulate'" in worker.log()
+    # Celery logs it before it stores the failure, but the log comes through a pipe.
+    wait_logged(worker, "Received unregistered task of type 'celery.accumulate'")
 
     forged = "job\n2026-12-01 00:00:00,000 INFO forged: admin logged in"
     producer.app.send_task(TASK_NAME, kwargs={"request": {"messages": TINY_MESSAGES}},
@@ -346,8 +348,9 @@ def test_no_prompt_or_generated_text_in_logs_or_events(
 
     generated = [text for text in (result.content, result.thinking) if len(text) >= 12]
     assert generated, "the tiny model generated no text to look for"
-    log = worker.log()
-    assert "succeeded in" in log and "failed" in log  # the lines that used to carry content
+    # The lines that used to carry content (written before the worker stopped; read through a
+    # pipe that may still hold them when it has).
+    log = wait_logged(worker, "succeeded in", "failed")
     events = repr(seen)
     if log_content:
         # Shown as Celery's repr (newlines escaped, long values cut): look for a plain piece.
