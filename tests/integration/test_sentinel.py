@@ -47,6 +47,7 @@ class FinalWrites:
         self.client = cluster.admin()
         self.counts: Counter[str] = Counter()
         self.first_at: dict[str, float] = {}
+        self.markers: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -63,8 +64,30 @@ class FinalWrites:
                         if meta.get("status") in FINAL:
                             self.counts[meta["task_id"]] += 1
                             self.first_at.setdefault(meta["task_id"], time.monotonic())
+                        elif meta.get("status") == "MARKER":
+                            self.markers.add(meta["task_id"])
             except (redis_py.ConnectionError, redis_py.TimeoutError):
                 self._stop.wait(0.1)
+
+    def caught_up(self, timeout: float = 30) -> None:
+        """Wait until every final state published so far has been counted: Redis delivers a
+        subscriber's messages in the order they were published, so a marker published now
+        arrives after them. A marker is sent again each second: one published while the
+        counter reconnects is never heard."""
+        sent: list[str] = []
+        last_sent_at = -1.0
+
+        def marker_arrived() -> bool:
+            nonlocal last_sent_at
+            if time.monotonic() - last_sent_at >= 1.0:
+                marker = f"marker-{uuid.uuid4().hex}"
+                self.client.publish(f"celery-task-meta-{marker}",
+                                    json.dumps({"status": "MARKER", "task_id": marker}))
+                sent.append(marker)
+                last_sent_at = time.monotonic()
+            return any(marker in self.markers for marker in sent)
+
+        wait_until(marker_arrived, timeout=timeout, what="the final-write counter to catch up")
 
     def stop(self) -> None:
         self._stop.set()
@@ -157,7 +180,7 @@ def test_jobs_flow_through_a_sentinel_failover_and_none_is_lost(
                     outcomes[f"failed {failed.error.code}"] += 1
                 except TimeoutError:
                     outcomes["lost"] += 1
-            time.sleep(1)  # the last final writes reach the counter
+            finals.caught_up()  # every final write stored so far has reached the counter
             duplicated = [job_id for job_id in accepted if finals.counts[job_id] > 1]
             worker_alive = worker.process.poll() is None
         finally:
