@@ -306,6 +306,28 @@ def _events_as_flower(server: RedisServer, passwords: dict[str, str], queue: str
                 continue
 
 
+def wait_hearing_events(server: RedisServer, passwords: dict[str, str], queue: str,
+                        seen: list[dict[str, Any]]) -> None:
+    """Wait until the receiver appending to `seen` hears events: an event the operator sends
+    reaches it (sent again every 0.2 s: one sent before it subscribed is heard by nobody)."""
+    app = create_celery(settings_for(server, passwords, "admin", queue), name="event-probe")
+    last_sent_at = -1.0
+    try:
+        with app.connection_for_write() as connection:
+            dispatcher = app.events.Dispatcher(connection)
+
+            def heard() -> bool:
+                nonlocal last_sent_at
+                if time.monotonic() - last_sent_at >= 0.2:
+                    dispatcher.send("chatqueue-test-probe")
+                    last_sent_at = time.monotonic()
+                return any(event.get("type") == "chatqueue-test-probe" for event in seen)
+
+            wait_until(heard, timeout=30, what="the event receiver to subscribe")
+    finally:
+        app.close()
+
+
 @pytest.mark.parametrize(("level", "log_content"), [
     pytest.param("INFO", False, id="info"),
     pytest.param("DEBUG", False, id="debug"),
@@ -329,7 +351,7 @@ def test_no_prompt_or_generated_text_in_logs_or_events(
         wait_ready(worker)
         listener.start()
         assert ready.wait(30)
-        time.sleep(1.0)
+        wait_hearing_events(acl_redis, passwords, queue, seen)
         messages = [{"role": "system", "content": f"Keep this secret: {marker}"}, *TINY_MESSAGES]
         with ChatQueueClient(settings_for(acl_redis, passwords, "producer", queue)) as client:
             result = client.result(client.submit({"messages": messages}))
