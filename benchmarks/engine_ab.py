@@ -11,8 +11,10 @@ same contexts, and their medians compare. Steps are split by kind: decode-only s
 row one token) and steps that also prefill.
 
 Variants (`VARIANTS`, two compared per run): `fast`, the Llama family's own forward with
-prepacked weights (`worker/engine/fast_path.py`) and the native attention kernels for decoding
-rows and prefill chunks; `fast-sdpa`, the same with SDPA for prefill chunks; `generic`,
+prepacked weights (`worker/engine/fast_path.py`), its small ops fused
+(`worker/engine/native/layer_ops.c`) and the native attention kernels for decoding rows and
+prefill chunks; `fast-torch-ops`, the same with torch's small ops; `fast-sdpa`, the same as
+`fast` with SDPA for prefill chunks; `generic`,
 transformers' forward with the native kernels; `torch`, transformers' forward with pure-torch
 attention (gather + matmuls for decoding rows, SDPA for chunks). Writes
 <out>/<model>-engine-ab-<a>-<b>.json and prints the medians and their ratio.
@@ -35,17 +37,22 @@ from worker.engine.scheduler import ScheduledRow
 from worker.manifest import read_manifest
 from worker.pipeline.sampling import SamplingParams
 
-# name -> the runner's switches: (fast path, native decode kernel, native prefill kernel)
-VARIANTS: dict[str, tuple[bool, bool, bool]] = {
-    "fast": (True, True, True),
-    "fast-sdpa": (True, True, False),
-    "generic": (False, True, True),
-    "torch": (False, False, False),
+# name -> the runner's switches: (fast path, its small ops fused, native decode kernel, native
+# prefill kernel)
+VARIANTS: dict[str, tuple[bool, bool, bool, bool]] = {
+    "fast": (True, True, True, True),
+    "fast-torch-ops": (True, False, True, True),
+    "fast-sdpa": (True, True, True, False),
+    "generic": (False, False, True, True),
+    "torch": (False, False, False, False),
 }
 
 
 def _switch(runner: ModelRunner, name: str) -> None:
-    runner.use_fast_path, runner.native_decode, runner.native_prefill = VARIANTS[name]
+    fast_path, fused, runner.native_decode, runner.native_prefill = VARIANTS[name]
+    runner.use_fast_path = fast_path
+    if runner.fast_path is not None:
+        runner.fast_path.ops = runner.layer_ops if fused else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 Tiny random models of each family it takes (Llama, Mistral, Qwen2 with q/k/v biases, Qwen3 with
 per-head q/k norms): its logits equal transformers' forward, in float32 tightly and in bfloat16
 within bf16's rounding, and its greedy outputs equal HF `generate` across batching, chunked
-prefill and prefix-cache hits. A model it does not take runs the generic path, and says why.
+prefill and prefix-cache hits, with its small ops fused in C (native/layer_ops.c) and with
+torch's. A model it does not take runs the generic path, and says why.
 """
 
 from __future__ import annotations
@@ -57,9 +58,19 @@ def prompts(lengths=PROMPT_LENGTHS, seed=3):
     return [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in lengths]
 
 
-def engine_for(model, **limits):
+def engine_for(model, small_ops="fused", **limits):
+    """`small_ops`: "fused" (native/layer_ops.c, the default where it builds) or "torch"."""
     options = {"max_batch_size": 8, "batch_wait_s": 0.3, **limits}
-    return Engine(model, pad_id=0, limits=EngineLimits(**options)).start()
+    engine = Engine(model, pad_id=0, limits=EngineLimits(**options))
+    forward = engine.runner.fast_path
+    assert forward is not None and forward.ops is not None  # fused wherever it builds
+    if small_ops == "torch":
+        forward.ops = None
+    return engine.start()
+
+
+# Both ways the fast path runs its residual adds, norms, SiLU product and rotary.
+SMALL_OPS = pytest.mark.parametrize("small_ops", ["fused", "torch"])
 
 
 def test_every_family_here_takes_the_fast_path():
@@ -67,11 +78,12 @@ def test_every_family_here_takes_the_fast_path():
         assert fast.supports(tiny(family)) is None, family
 
 
+@SMALL_OPS
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_last_position_logits_equal_transformers_forward(family, dtype):
+def test_last_position_logits_equal_transformers_forward(family, dtype, small_ops):
     model = tiny(family, dtype)
-    engine = engine_for(model)
+    engine = engine_for(model, small_ops)
     seen: list[torch.Tensor] = []
     execute = engine.runner.execute
 
@@ -97,8 +109,10 @@ def test_last_position_logits_equal_transformers_forward(family, dtype):
         engine.stop()
 
 
+@SMALL_OPS
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_outputs_equal_generate_batched_chunked_and_from_the_prefix_cache(family):
+def test_greedy_outputs_equal_generate_batched_chunked_and_from_the_prefix_cache(family,
+                                                                                  small_ops):
     model = tiny(family)
     shared = prompts((33,), seed=11)[0]
     requests = [EngineRequest(p, n, GREEDY, frozenset())
@@ -112,7 +126,7 @@ def test_greedy_outputs_equal_generate_batched_chunked_and_from_the_prefix_cache
             for r in requests]
     # Prompts prefilled in 7-token chunks while other rows decode, 4-token blocks so the two
     # that share 33 tokens hit the prefix cache.
-    engine = engine_for(model, max_step_tokens=7, block_size=4)
+    engine = engine_for(model, small_ops, max_step_tokens=7, block_size=4)
     try:
         jobs = [engine.submit(r) for r in requests]
         outputs = [job.future.result(timeout=120) for job in jobs]
@@ -122,6 +136,23 @@ def test_greedy_outputs_equal_generate_batched_chunked_and_from_the_prefix_cache
     assert [o.token_ids for o in outputs] == reference
     assert max(o.batch_size for o in outputs) > 1
     assert sum(o.cached_prompt_tokens for o in outputs) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_small_ops_give_the_same_bf16_tokens_as_torch_ops(family):
+    """The fused ops round as torch's do, step by step: in bfloat16, where any rounding apart
+    shows within a few tokens, the two ways give the same greedy tokens."""
+    model = tiny(family, torch.bfloat16)
+    requests = [EngineRequest(p, 24, GREEDY, frozenset()) for p in prompts()]
+    outputs = {}
+    for small_ops in ("fused", "torch"):
+        engine = engine_for(model, small_ops, max_step_tokens=16)
+        try:
+            jobs = [engine.submit(r) for r in requests]
+            outputs[small_ops] = [job.future.result(timeout=120).token_ids for job in jobs]
+        finally:
+            engine.stop()
+    assert outputs["fused"] == outputs["torch"]
 
 
 def test_a_model_the_fast_path_does_not_take_runs_the_generic_path_and_says_why(caplog):

@@ -40,10 +40,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from worker.engine.native import LayerOps
+
 log = logging.getLogger(__name__)
 
 # paged_attention's signature: (module, query, key, value, mask, scaling=) -> (out, None)
 Attention = Callable[..., tuple[torch.Tensor, None]]
+Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight and epsilon
 
 FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
@@ -130,23 +133,26 @@ class _Layer:
     o: _Linear
     gate_up: _Linear
     down: _Linear
-    norm_in: tuple[torch.Tensor, float]
-    norm_post: tuple[torch.Tensor, float]
-    q_norm: tuple[torch.Tensor, float] | None  # Qwen3: RMSNorm over each head's vector
-    k_norm: tuple[torch.Tensor, float] | None
+    norm_in: Norm
+    norm_post: Norm
+    q_norm: Norm | None  # Qwen3: RMSNorm over each head's vector
+    k_norm: Norm | None
 
 
-def _norm_of(module: torch.nn.Module) -> tuple[torch.Tensor, float]:
+def _norm_of(module: torch.nn.Module) -> Norm:
     return module.weight, module.variance_epsilon
 
 
 class FastForward:
     """forward(input_ids [T], positions [T], keep [R]) -> logits [R, vocab], inside a step."""
 
-    def __init__(self, model: Any, attention: Attention) -> None:
+    def __init__(self, model: Any, attention: Attention, ops: LayerOps | None = None) -> None:
         config = model.config
         self.model = model
         self.attention = attention
+        # The residual adds, RMSNorms, SiLU product and rotary fused in C (native/layer_ops.c),
+        # when they built; else torch's ops. A switch: benchmarks.engine_ab compares the two.
+        self.ops = ops
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -180,7 +186,9 @@ class FastForward:
                  keep: torch.Tensor) -> torch.Tensor:
         model = self.model.model
         x = model.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = model.rotary_emb(x, positions.unsqueeze(0))
+        cos, sin = model.rotary_emb(x, positions.unsqueeze(0))  # [1, T, head_dim]
+        if self.ops is not None:
+            return self._fused(x, cos[0], sin[0], keep, self.ops)
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, head_dim]
         for layer in self.layers:
             x = x + self._attention(layer, _rms_norm(x, *layer.norm_in), cos, sin)
@@ -188,15 +196,35 @@ class FastForward:
             x = x + layer.down(F.silu(gate).mul_(up))
         return self.lm_head(_rms_norm(x.index_select(0, keep), *self.norm))
 
+    def _fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keep: torch.Tensor,
+               ops: LayerOps) -> torch.Tensor:
+        """The same layers with each residual add fused into the norm after it (x, the
+        embedding's own output, is the residual stream, added to in place)."""
+        h = ops.rms_norm(x, *self.layers[0].norm_in)
+        for index, layer in enumerate(self.layers):
+            h = ops.rms_norm(x, *layer.norm_post,
+                             delta=self._attention(layer, h, cos, sin, ops))
+            following = (self.layers[index + 1].norm_in if index + 1 < len(self.layers)
+                         else self.norm)
+            h = ops.rms_norm(x, *following, delta=layer.down(ops.silu_mul(layer.gate_up(h))))
+        return self.lm_head(h.index_select(0, keep))
+
     def _attention(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor) -> torch.Tensor:
+                   sin: torch.Tensor, ops: LayerOps | None = None) -> torch.Tensor:
+        """cos/sin: [T, 1, head_dim] for torch's ops, [T, head_dim] for `ops`."""
         tokens = x.shape[0]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qkv = layer.qkv(x).view(tokens, heads + 2 * kv_heads, dim)
         if layer.q_norm is None or layer.k_norm is None:
-            qk = _rotate(qkv[:, :heads + kv_heads], cos, sin)
-            q, k = qk[:, :heads], qk[:, heads:]
+            if ops is not None:
+                ops.rotary_(qkv, heads + kv_heads, cos, sin)
+                q, k = qkv[:, :heads], qkv[:, heads:heads + kv_heads]
+            else:
+                qk = _rotate(qkv[:, :heads + kv_heads], cos, sin)
+                q, k = qk[:, :heads], qk[:, heads:]
         else:
+            if ops is not None:  # Qwen3's per-head norms stay torch's; its rotary too
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             q = _rotate(_rms_norm(qkv[:, :heads], *layer.q_norm), cos, sin)
             k = _rotate(_rms_norm(qkv[:, heads:heads + kv_heads], *layer.k_norm), cos, sin)
         v = qkv[:, heads + kv_heads:]
@@ -221,9 +249,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def build(model: Any, attention: Attention) -> tuple[FastForward | None, str]:
-    """The fast path for `model` and what runs: the fast path, or why the generic one."""
+def build(model: Any, attention: Attention,
+          ops: LayerOps | None = None) -> tuple[FastForward | None, str]:
+    """The fast path for `model` and what runs: the fast path, or why the generic one. `ops`:
+    the fused layer operations to run its small ops with (else torch's)."""
     reason = supports(model)
     if reason is not None:
         return None, f"generic transformers forward ({reason})"
-    return FastForward(model, attention), f"fast path for {model.config.model_type}"
+    how = f"fast path for {model.config.model_type}"
+    return FastForward(model, attention, ops), how + (
+        ", small ops fused (native)" if ops is not None else "")

@@ -208,8 +208,12 @@ class ModelRunner:
         log.info("prefill attention: %s", "native CPU kernel" if self.native_prefill else
                  "SDPA")
         # The Llama family's own forward on CPU (worker/engine/fast_path.py), when it applies.
-        self.fast_path, how = fast.build(model, paged_attention) if fast_path else (
-            None, "transformers' forward (the fast path is turned off)")
+        # Its small ops fused in C (worker/engine/native/layer_ops.c), when they build.
+        self.layer_ops = (native.load_layer_ops(kernel_cache_dir) if fast_path and native_kernels
+                          and native.LayerOps.takes(dtype, self.device) else None)
+        self.fast_path, how = (
+            fast.build(model, paged_attention, self.layer_ops) if fast_path
+            else (None, "transformers' forward (the fast path is turned off)"))
         self.use_fast_path = self.fast_path is not None
         log.info("model forward: %s", how)
 
