@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError
@@ -306,24 +306,25 @@ def _events_as_flower(server: RedisServer, passwords: dict[str, str], queue: str
                 continue
 
 
-def wait_hearing_events(server: RedisServer, passwords: dict[str, str], queue: str,
-                        seen: list[dict[str, Any]]) -> None:
-    """Wait until the receiver appending to `seen` hears events: an event the operator sends
-    reaches it (sent again every 0.2 s: one sent before it subscribed is heard by nobody)."""
+def send_event_until_heard(server: RedisServer, passwords: dict[str, str], queue: str,
+                           heard: Callable[[], bool], event_type: str, every_s: float = 0.2,
+                           **fields: Any) -> None:
+    """Send an event as the operator until `heard()` says an event receiver got it: then it
+    hears events. Sent again every `every_s`: one sent before it subscribed is heard by nobody."""
     app = create_celery(settings_for(server, passwords, "admin", queue), name="event-probe")
     last_sent_at = -1.0
     try:
         with app.connection_for_write() as connection:
             dispatcher = app.events.Dispatcher(connection)
 
-            def heard() -> bool:
+            def sent_and_heard() -> bool:
                 nonlocal last_sent_at
-                if time.monotonic() - last_sent_at >= 0.2:
-                    dispatcher.send("chatqueue-test-probe")
+                if time.monotonic() - last_sent_at >= every_s:
+                    dispatcher.send(event_type, **fields)
                     last_sent_at = time.monotonic()
-                return any(event.get("type") == "chatqueue-test-probe" for event in seen)
+                return heard()
 
-            wait_until(heard, timeout=30, what="the event receiver to subscribe")
+            wait_until(sent_and_heard, timeout=30, what="the event receiver to subscribe")
     finally:
         app.close()
 
@@ -351,7 +352,9 @@ def test_no_prompt_or_generated_text_in_logs_or_events(
         wait_ready(worker)
         listener.start()
         assert ready.wait(30)
-        wait_hearing_events(acl_redis, passwords, queue, seen)
+        send_event_until_heard(
+            acl_redis, passwords, queue, event_type="chatqueue-test-probe",
+            heard=lambda: any(e.get("type") == "chatqueue-test-probe" for e in seen))
         messages = [{"role": "system", "content": f"Keep this secret: {marker}"}, *TINY_MESSAGES]
         with ChatQueueClient(settings_for(acl_redis, passwords, "producer", queue)) as client:
             result = client.result(client.submit({"messages": messages}))
@@ -425,7 +428,11 @@ def test_flower_on_its_own_login_is_a_view_that_cannot_change_the_fleet(
     marker = f"FLOWER-MARKER-{uuid.uuid4().hex[:8]}"
     try:
         wait_until(lambda: call("/healthcheck")[0] == 200, timeout=60, what="flower")
-        time.sleep(2.0)  # its event receiver subscribes
+        # Its event receiver subscribes: wait until a task event (a probe's) reaches its list.
+        probe = f"probe-{uuid.uuid4().hex[:8]}"
+        send_event_until_heard(acl_redis, passwords, queue, event_type="task-received",
+                               every_s=1.0, heard=lambda: probe in call("/api/tasks")[1],
+                               uuid=probe, name="chatqueue.test-probe")
         job = producer.submit({"messages": [{"role": "system", "content": marker},
                                             *TINY_MESSAGES]})
         result = producer.result(job)
