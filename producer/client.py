@@ -46,7 +46,7 @@ def queue_key(queue: str, step: int) -> str:
 class _MessageTemplate:
     """A job's Celery message as text, Celery's own message for a stand-in job with the
     job's id (task id, root id, correlation id), body and delivery tag put in its place: the
-    same bytes send_task's message has (tests/unit/test_message_template.py compares them).
+    same bytes send_task's message has (tests/unit/test_producer_wire.py compares them).
     Only for messages whose headers do not carry the request (no log_content)."""
 
     def __init__(self, app: _AcceptingCelery, queue: str, priority: int) -> None:
