@@ -233,6 +233,38 @@ def test_jobs_published_together_are_taken_in_the_order_they_were_published(redi
     assert raw.llen(queue) == 0
 
 
+def test_a_job_id_conflict_refuses_the_rest_of_its_publish_only(redis, client):
+    """A publish of several jobs stops at one whose id names another request (JobIdConflict):
+    the jobs before it are queued, those after it are not; a publish made in the same turn of
+    the event loop (the asyncio client sends both in one script) is queued all the same."""
+    import redis as redis_py
+
+    from producer.core import plan_submission
+
+    queue = f"conflict-{uuid.uuid4().hex[:8]}"  # no worker consumes it
+    settings = ProducerSettings(broker_url=redis.url, queue=queue)
+    taken = plan_submission(chat(job_id=f"taken-{uuid.uuid4().hex[:8]}"), settings)
+    client.publish(taken)
+    clash = plan_submission(chat(TINY_MULTI_TURN, job_id=taken.job_id), settings)
+    before, after, other = (plan_submission(chat(), settings) for _ in range(3))
+    calls = [(before, clash, after), (other,)]
+    if isinstance(client, BlockingAsyncClient):
+        outcomes = client._run(_gathered((client.client.publish(*jobs) for jobs in calls),
+                                         return_exceptions=True))
+    else:
+        outcomes = []
+        for jobs in calls:
+            try:
+                for job in jobs:
+                    client.publish(job)
+                outcomes.append(None)
+            except JobIdConflict as exc:
+                outcomes.append(exc)
+    assert isinstance(outcomes[0], JobIdConflict) and outcomes[1] is None, outcomes
+    raw = redis_py.Redis.from_url(redis.url)
+    queued = [json.loads(raw.rpop(queue))["headers"]["id"] for _ in range(raw.llen(queue))]
+    assert queued == [taken.job_id, before.job_id, other.job_id]
+
 def test_bad_request_is_refused_before_anything_is_queued(client):
     job_id = f"bad-{uuid.uuid4().hex[:8]}"
     with pytest.raises(JobFailed) as failed:
@@ -434,8 +466,8 @@ def test_jobs_published_while_redis_restarts_are_each_queued_once(restartable):
     assert all(raw.get(accepted_key(job.job_id)).startswith(b"queued ") for job in jobs)
 
 
-async def _gathered(calls: Any) -> list[Any]:
-    return await asyncio.gather(*calls)
+async def _gathered(calls: Any, *, return_exceptions: bool = False) -> list[Any]:
+    return await asyncio.gather(*calls, return_exceptions=return_exceptions)
 
 # --- batches: BatchClient and AsyncBatchClient
 
