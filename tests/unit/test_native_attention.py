@@ -60,6 +60,8 @@ def _native(query, keys, values, tables, lengths, block, scale, out=None):
     (3, 4, 4, 32, 4),  # no grouping
     (4, 8, 1, 64, 1),  # one KV head for all; a block per position
     (1, 32, 4, 80, 32),
+    (3, 8, 2, 128, 16),  # four heads per KV head (Llama 3 8B's grouping)
+    (2, 4, 1, 96, 8),  # a head size without its own copy in the AVX512-BF16 unit
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_kernel_equals_attention_computed_from_its_definition(rows, heads, kv_heads, dim,

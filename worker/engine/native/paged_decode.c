@@ -124,6 +124,141 @@ static void NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, con
 DEFINE_UNIT(unit_bf16, uint16_t, load_bf16, store_bf16)
 DEFINE_UNIT(unit_f32, float, load_f32, store_f32)
 
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+
+/* A bfloat16 unit for CPUs with AVX512-BF16 and groups of up to four query heads, head size a
+ * multiple of 32 up to 256 (the demo model: 3 heads of 64 per KV head). Scores take the dot
+ * product of the stored bfloat16 vectors directly (vdpbf16ps: pairs multiplied exactly, summed in
+ * float32), the group's four partial-sum vectors reduced together, instead of converting every
+ * key to float32 and reducing each query head's products on its own. The values, weighted by
+ * float32 probabilities, are summed in float32 as the generic unit does, all heads of the group
+ * in one walk. A layer of the demo model at 64 rows of 250 positions, one thread: 2.20 ms with
+ * the generic unit (17 GFLOP/s), 0.63 ms with this one (59 GFLOP/s). */
+#define DP_GROUP 4
+#define DP_MAX_DIM 256
+static inline __attribute__((always_inline)) void dp_body(
+        const uint16_t *q, int64_t q_row, int64_t q_head, const uint16_t *k_pool,
+        const uint16_t *v_pool, int64_t num_slots, const int32_t *table, int64_t length,
+        uint16_t *out, int64_t out_row, int64_t out_head, int64_t row, int64_t kv_head,
+        const int64_t group, const int64_t dim, int64_t block_size, float scale,
+        float *scores) {
+    int64_t chunks = dim / 32;
+    __m512bh qv[DP_GROUP][DP_MAX_DIM / 32];
+    for (int64_t g = 0; g < DP_GROUP; g++)
+        for (int64_t c = 0; c < chunks; c++)
+            qv[g][c] = g < group ? (__m512bh)_mm512_loadu_si512(
+                           q + row * q_row + (kv_head * group + g) * q_head + c * 32)
+                                 : (__m512bh)_mm512_setzero_si512();
+    const uint16_t *keys = k_pool + kv_head * num_slots * dim;
+    const uint16_t *values = v_pool + kv_head * num_slots * dim;
+    int64_t blocks = (length + block_size - 1) / block_size;
+    for (int64_t b = 0, p = 0; b < blocks; b++) {
+        const uint16_t *k = keys + (int64_t)table[b] * block_size * dim;
+        int64_t n = length - p < block_size ? length - p : block_size;
+        for (int64_t o = 0; o < n; o++, p++, k += dim) {
+            __m512 a[DP_GROUP];
+            for (int64_t g = 0; g < DP_GROUP; g++) a[g] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) {
+                __m512bh kc = (__m512bh)_mm512_loadu_si512(k + c * 32);
+                for (int64_t g = 0; g < DP_GROUP; g++) a[g] = _mm512_dpbf16_ps(a[g], qv[g][c], kc);
+            }
+            /* Four vectors to four sums: pairs interleaved and added, then 128-bit lanes. */
+            __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]),
+                                      _mm512_unpackhi_ps(a[0], a[1]));
+            __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]),
+                                      _mm512_unpackhi_ps(a[2], a[3]));
+            __m512 u = _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+            __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+            __m128 sums = _mm_mul_ps(_mm_add_ps(_mm256_castps256_ps128(h),
+                                                _mm256_extractf128_ps(h, 1)),
+                                     _mm_set1_ps(scale));
+            float four[DP_GROUP];
+            _mm_storeu_ps(four, sums);
+            for (int64_t g = 0; g < group; g++) scores[g * length + p] = four[g];
+        }
+    }
+    float total[DP_GROUP];
+    for (int64_t g = 0; g < group; g++) {
+        float *s = scores + g * length;
+        float top = -INFINITY;
+        for (int64_t p = 0; p < length; p++) top = s[p] > top ? s[p] : top;
+        float sum = 0.0f;
+#pragma omp simd reduction(+:sum)
+        for (int64_t p = 0; p < length; p++) {
+            s[p] = expf(s[p] - top);
+            sum += s[p];
+        }
+        total[g] = sum;
+    }
+    /* Every head of the group in one walk over the values: each value row loaded and widened
+     * to float32 once, accumulated into the group's accumulators (group x dim floats). */
+    __m512 acc[DP_GROUP][DP_MAX_DIM / 16];
+    int64_t wide = dim / 16;
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t c = 0; c < wide; c++) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t b = 0, p = 0; b < blocks; b++) {
+        const uint16_t *v = values + (int64_t)table[b] * block_size * dim;
+        int64_t n = length - p < block_size ? length - p : block_size;
+        for (int64_t o = 0; o < n; o++, p++, v += dim) {
+            for (int64_t c = 0; c < wide; c++) {
+                __m512 vf = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + c * 16))), 16));
+                for (int64_t g = 0; g < group; g++)
+                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * length + p]), vf,
+                                                acc[g][c]);
+            }
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        float a[DP_MAX_DIM];
+        __m512 inv = _mm512_set1_ps(1.0f / total[g]);
+        for (int64_t c = 0; c < wide; c++) _mm512_storeu_ps(a + c * 16, _mm512_mul_ps(acc[g][c], inv));
+        store_bf16(a, out + row * out_row + (kv_head * group + g) * out_head, dim);
+    }
+}
+
+/* A copy per group size and common head size: the loops over heads and over the vector chunks
+ * of a head then unroll (with the counts known only at run time, their tests and branches cost
+ * as much as the arithmetic). */
+#define DP_CASE(G, D)                                                                           \
+    case G * 1000 + D:                                                                          \
+        dp_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,       \
+                out_head, row, kv_head, G, D, block_size, scale, scores);                       \
+        return;
+static void unit_bf16_dp(const uint16_t *q, int64_t q_row, int64_t q_head,
+                         const uint16_t *k_pool, const uint16_t *v_pool, int64_t num_slots,
+                         const int32_t *table, int64_t length, uint16_t *out, int64_t out_row,
+                         int64_t out_head, int64_t row, int64_t kv_head, int64_t group,
+                         int64_t dim, int64_t block_size, float scale, float *scores) {
+    switch (group * 1000 + dim) {
+        DP_CASE(1, 64) DP_CASE(2, 64) DP_CASE(3, 64) DP_CASE(4, 64)
+        DP_CASE(1, 128) DP_CASE(2, 128) DP_CASE(3, 128) DP_CASE(4, 128)
+    default:
+        dp_body(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,
+                out_head, row, kv_head, group, dim, block_size, scale, scores);
+    }
+}
+
+/* The bfloat16 entry's unit: the vdpbf16ps one where it applies, else the generic one. */
+static void unit_bf16_any(const uint16_t *q, int64_t q_row, int64_t q_head,
+                          const uint16_t *k_pool, const uint16_t *v_pool, int64_t num_slots,
+                          const int32_t *table, int64_t length, uint16_t *out, int64_t out_row,
+                          int64_t out_head, int64_t row, int64_t kv_head, int64_t group,
+                          int64_t dim, int64_t block_size, float scale, float *scores) {
+    if (group <= DP_GROUP && dim % 32 == 0 && dim <= DP_MAX_DIM)
+        unit_bf16_dp(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,
+                     out_head, row, kv_head, group, dim, block_size, scale, scores);
+    else
+        unit_bf16(q, q_row, q_head, k_pool, v_pool, num_slots, table, length, out, out_row,
+                  out_head, row, kv_head, group, dim, block_size, scale, scores);
+}
+#else
+#define unit_bf16_any unit_bf16
+#endif
+
 /* Returns 0, or -1 when a shape is out of what this kernel handles (the caller falls back). */
 #define DEFINE_ENTRY(NAME, T, UNIT)                                                             \
 int NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_pool,           \
@@ -158,7 +293,7 @@ int NAME(const T *q, int64_t q_row, int64_t q_head, const T *k_pool, const T *v_
     return failed ? -1 : 0;                                                                     \
 }
 
-DEFINE_ENTRY(chatqueue_decode_attention_bf16, uint16_t, unit_bf16)
+DEFINE_ENTRY(chatqueue_decode_attention_bf16, uint16_t, unit_bf16_any)
 DEFINE_ENTRY(chatqueue_decode_attention_f32, float, unit_f32)
 
 /* Prefill attention for one row's chunk, read in place from the pool as decode is.
