@@ -71,7 +71,7 @@ def _pack_in_c(client: aioredis.Redis) -> None:
     make_connection = pool.make_connection
 
     def made_with_hiredis_packing() -> Any:
-        connection = make_connection()
+        connection = make_connection()  # type: ignore[no-untyped-call]
         connection.pack_command = HiredisRespSerializer().pack
         return connection
 
