@@ -22,8 +22,9 @@ on torch's own OpenMP threads instead of a second team fighting them for the cor
 
 No compiler or a failed build: `load()` / `load_layer_ops()` is None (logged); a dtype or head
 size it does not take (it takes bfloat16 and float32, heads up to 512): `DecodeKernel.takes()` /
-`LayerOps.takes()` is False. Either way the engine keeps the pure-torch path. The setting CHATQUEUE_NATIVE_KERNELS=false turns it off,
-CHATQUEUE_KERNEL_CACHE_DIR says where builds are kept.
+`LayerOps.takes()` is False. Either way the engine keeps the pure-torch path. The setting
+CHATQUEUE_NATIVE_KERNELS=false turns it off, CHATQUEUE_KERNEL_CACHE_DIR says where builds are
+kept.
 """
 
 from __future__ import annotations
