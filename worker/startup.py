@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from producer.schemas import ChatRequest
+from worker import openmp
 from worker.control import JobControl
 from worker.download import ensure_model
 from worker.drain import Drain
@@ -113,6 +114,10 @@ def start_runtime(settings: WorkerSettings, worker_name: str | None = None) -> W
     runtime = WorkerRuntime.start(settings, loaded, metrics, control, worker_name)
     if settings.warmup:
         runtime.warm_up()
+    # From here on torch runs on the engine's thread: this thread's OpenMP team would only make
+    # libgomp throttle the engine's (worker/openmp.py).
+    if openmp.release_thread_pool():
+        log.info("OpenMP: the loading thread's team released; the engine thread's is the only one")
     metrics.model_loaded(loaded.load_s, revision=manifest.commit, device=str(device))
     log.info("worker ready: %s@%s on %s, queue %r, %d task slots", manifest.repo_id,
              manifest.commit[:12], device, settings.serving_queue, settings.concurrency)

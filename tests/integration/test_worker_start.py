@@ -190,4 +190,7 @@ def test_a_worker_with_a_c_compiler_decodes_with_the_native_kernel(
     assert [r.content for r in results] == [TINY_CONTENT] * WAITING_JOBS
     assert "decode attention: native CPU kernel" in worker.log()
     assert "model forward: fast path for qwen3" in worker.log()  # the tiny model is a Qwen3
+    assert "small ops fused (native)" in worker.log()
+    assert "OpenMP: the loading thread's team released" in worker.log()
     assert list((tmp_path / "kernels").glob("paged_decode-*.so"))  # built where it was told
+    assert list((tmp_path / "kernels").glob("layer_ops-*.so"))
