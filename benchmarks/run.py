@@ -49,6 +49,7 @@ from producer import ChatQueueClient
 from worker.engine import Engine, EngineLimits, EngineRequest
 from worker.manifest import read_manifest
 from worker.model import load_model, resolve_device
+from worker.openmp import release_thread_pool
 from worker.pipeline.sampling import SamplingParams
 from worker.service import build_prompt_ids
 from worker.settings import WorkerSettings
@@ -297,7 +298,10 @@ class EngineAlone:
                              think=self.loaded.think).start()
 
     def run(self, prompts: list[list[dict[str, str]]], max_new_tokens: int) -> dict[str, float]:
-        """All jobs submitted at once (what N task slots do), greedy, EOS ignored."""
+        """All jobs submitted at once (what N task slots do), greedy, EOS ignored. This
+        process's main thread runs the baseline between these runs: its OpenMP team is freed
+        first, as the worker frees its loading thread's (worker/openmp.py)."""
+        release_thread_pool()
         requests = [EngineRequest(
             build_prompt_ids(self.loaded, product.benchmark_request(
                 messages, max_new_tokens=max_new_tokens, enable_thinking=ENABLE_THINKING)),
