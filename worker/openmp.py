@@ -46,8 +46,10 @@ def release_thread_pool() -> bool:
     a second thread while the first kept its team, 15 us once it had none; a decode step at 32
     rows dropped from ~135 to ~80 ms in the engine alone. Call it from the loading thread once
     the engine runs on its own; a later parallel op on that thread makes a new team (correct,
-    only slower again). Only an already loaded libgomp is touched (torch's Linux wheels); with
-    another OpenMP runtime this does nothing."""
+    only slower again). The engine thread frees its own whenever it goes idle, so that another
+    thread's CPU work between jobs (a benchmark's baseline in the same process) runs alone.
+    Only an already loaded libgomp is touched (torch's Linux wheels); with another OpenMP
+    runtime this does nothing."""
     import ctypes
 
     try:

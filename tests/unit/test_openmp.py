@@ -62,3 +62,38 @@ def test_release_thread_pool_ends_the_calling_threads_team_and_a_new_op_makes_on
     assert seen["team"] == seen["before"] + 1
     assert seen["after"] == seen["before"]
     assert seen["again"] == seen["team"]
+
+
+# The engine's own thread: its team exists while it computes and is freed once it is idle.
+ENGINE_TEAM = """
+import os, json, time
+import worker, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from worker.engine import Engine, EngineLimits, EngineRequest
+from worker.openmp import release_thread_pool
+from worker.pipeline.sampling import SamplingParams
+torch.set_num_threads(2)
+threads = lambda: len(os.listdir('/proc/self/task'))
+model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=512,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64)).eval()
+release_thread_pool()  # the loading thread's, as the worker does
+engine = Engine(model, pad_id=0, limits=EngineLimits()).start()
+idle = threads()
+during = []
+engine.on_step(lambda: during.append(threads()))
+engine.generate(EngineRequest([i % 96 + 1 for i in range(200)], 8, SamplingParams(do_sample=False),
+                              frozenset()))
+deadline = time.monotonic() + 30
+while threads() > idle and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps({'idle': idle, 'busiest': max(during), 'after': threads()}))
+engine.stop()
+"""
+
+
+def test_the_engine_thread_frees_its_team_when_it_goes_idle() -> None:
+    out = subprocess.run([sys.executable, "-c", ENGINE_TEAM], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["busiest"] > seen["idle"]  # it computed with a team of its own
+    assert seen["after"] == seen["idle"]

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from worker import openmp
 from worker.engine import stopping
 from worker.engine.job import (
     DeviceOutOfMemory,
@@ -59,6 +60,8 @@ class Engine:
                                   fast_path=limits.fast_path)
         self._inbox: queue.Queue[EngineJob] = queue.Queue()
         self._stop = threading.Event()
+        # Whether this thread ran parallel CPU ops since it last freed its OpenMP team.
+        self._holds_team = False
         self._stop_requested = False
         self._step_listeners: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="chatqueue-engine", daemon=True)
@@ -122,6 +125,7 @@ class Engine:
             plan = self.scheduler.schedule()
             if not plan.rows:
                 continue
+            self._holds_team = True
             try:
                 if self._step(plan.rows):
                     self._notify()
@@ -152,6 +156,9 @@ class Engine:
             try:
                 scheduler.add(self._inbox.get(timeout=0.1))
             except queue.Empty:
+                if self._holds_team:  # idle: another thread's CPU work may run unthrottled
+                    openmp.release_thread_pool()
+                    self._holds_team = False
                 return
             # Idle: let a burst gather so that it starts in one step.
             deadline = time.monotonic() + self.limits.batch_wait_s
