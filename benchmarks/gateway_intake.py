@@ -38,10 +38,9 @@ from benchmarks.gateway_load import (
     gateway_env,
     open_connections,
     process_cpu_s,
-    wait_listed,
 )
 from chatqueue_dev.models import TINY_MESSAGES, TINY_MODEL_ID
-from chatqueue_dev.servers import REPO_ROOT, free_port, redis_server
+from chatqueue_dev.servers import REPO_ROOT, free_port, redis_server, wait_listed
 from producer import AsyncChatQueueClient, ProducerSettings
 from producer.settings import PRESENCE_KEY, presence_member
 
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             stdout=log.open("w"), stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_listed(gateway, url)
+            wait_listed(gateway, url, TINY_MODEL_ID)
             rows = asyncio.run(measure(url, gateway.pid,
                                        ProducerSettings(broker_url=server.url, queue=QUEUE),
                                        raw, args.n, args.rounds))

@@ -52,8 +52,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from chatqueue_dev.models import TINY_MESSAGES, TINY_MODEL_ID
 from chatqueue_dev.servers import (
     REPO_ROOT,
@@ -61,8 +59,8 @@ from chatqueue_dev.servers import (
     redis_server,
     spawn_worker,
     tiny_model_dir,
+    wait_listed,
     wait_ready,
-    wait_until,
     worker_env,
 )
 from producer import AsyncChatQueueClient, ProducerSettings
@@ -386,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(worker)
-            wait_listed(gateway, url)
+            wait_listed(gateway, url, TINY_MODEL_ID)
             settings = ProducerSettings(broker_url=redis.url, queue=QUEUE, wait_timeout_s=300)
             rows: list[dict[str, Any]] = []
 
@@ -485,19 +483,6 @@ def _has_hiredis(gateway_path: str) -> bool:
          "print(redis.utils.HIREDIS_AVAILABLE)", gateway_path],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     return done.stdout.strip() == "True"
-
-
-def wait_listed(gateway: subprocess.Popen[Any], url: str) -> None:
-    """Until the gateway at `url` lists the tiny model (it is up, and sees the worker or the
-    presence entry); fails at once if its process exits."""
-    def listed() -> bool:
-        assert gateway.poll() is None, f"the gateway exited with {gateway.returncode}"
-        try:
-            return TINY_MODEL_ID in httpx.get(f"{url}/v1/models", timeout=5).text
-        except httpx.TransportError:
-            return False
-
-    wait_until(listed, timeout=60, what="the gateway to list the model", interval=0.1)
 
 
 if __name__ == "__main__":

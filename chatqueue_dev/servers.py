@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -290,3 +291,19 @@ def tiny_model_dir() -> Path:
     folder = REPO_ROOT / ".cache" / "models" / f"tiny-qwen3-{recipe}"
     models.build_tiny_qwen(folder)
     return folder
+
+
+def wait_listed(gateway: subprocess.Popen[Any], url: str, model_id: str,
+                timeout: float = 60) -> None:
+    """Until the gateway at `url` lists `model_id` (it is up, and sees a worker or its presence
+    entry); fails at once if the gateway's process exits."""
+    import httpx  # the gateway extra's; only what drives a gateway needs it
+
+    def listed() -> bool:
+        assert gateway.poll() is None, f"the gateway exited with {gateway.returncode}"
+        try:
+            return model_id in httpx.get(f"{url}/v1/models", timeout=5).text
+        except httpx.TransportError:
+            return False
+
+    wait_until(listed, timeout=timeout, what=f"the gateway to list {model_id}", interval=0.1)

@@ -20,6 +20,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from chatqueue_dev.models import TINY_CONTENT, TINY_MESSAGES, TINY_MODEL_ID, TINY_THINKING
+from chatqueue_dev.servers import wait_listed
 from producer import ChatQueueClient, ProducerSettings
 from tests.support.servers import REPO_ROOT, free_port, wait_until
 
@@ -269,14 +270,7 @@ def gateway_processes(redis_url: str, queue: str, tmp_path: Path, **env_extra: s
     process = subprocess.Popen([sys.executable, "-m", "gateway.cli"], cwd=REPO_ROOT, env=env,
                                stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        def listed() -> bool:
-            assert process.poll() is None, f"gateway exited with {process.returncode}"
-            try:
-                return TINY_MODEL_ID in httpx.get(f"{url}/v1/models", timeout=5).text
-            except httpx.TransportError:
-                return False
-
-        wait_until(listed, timeout=60, what="the gateway to list the tiny model", interval=0.1)
+        wait_listed(process, url, TINY_MODEL_ID)
         yield process, url, port
     finally:
         process.terminate()
