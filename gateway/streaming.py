@@ -17,7 +17,6 @@ instead of a result waiter (a subscription and a read a second) for each.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -43,6 +42,10 @@ log = logging.getLogger(__name__)
 SILENCE_S = 0.25
 # How often the watch reads the states of the silent streams' jobs (one MGET for all).
 WATCH_INTERVAL_S = 0.25
+# How often the hub looks at the timeouts of streams left out of its reads' replies.
+SILENCE_CHECK_S = 0.5
+# Loop turns a new read waits at most for the other reads out to come back and join it.
+FLUSH_DEFERRALS = 2
 
 
 class ResultWatch:
@@ -100,45 +103,131 @@ class ResultWatch:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-class _Subscription:
+class Subscription:
+    """One stream's events as the hub hands them over: taken by its reader, which waits on one
+    future of its own between them (no queue, task or `asyncio.wait` per event: a stream's
+    chunk is on the path of every other stream's, and of each request coming in meanwhile)."""
+
     def __init__(self, cursor: core.StreamCursor) -> None:
         self.cursor = cursor
-        self.inbox: asyncio.Queue[list[StreamEvent] | BaseException] = asyncio.Queue()
+        self._events: list[StreamEvent] = []
+        self._failure: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._feeder: asyncio.Task[None] | None = None  # a stream read on its own (see hub)
+
+    @property
+    def ready(self) -> bool:
+        """Events or a failure to take."""
+        return bool(self._events) or self._failure is not None
+
+    @property
+    def ended(self) -> bool:
+        """Its end event read and taken: nothing more comes."""
+        return self.cursor.done and not self._events
+
+    def deliver(self, events: list[StreamEvent]) -> None:
+        self._events += events
+        self.wake()
+
+    def fail(self, failure: BaseException) -> None:
+        self._failure = failure
+        self.wake()
+
+    def wake(self) -> None:
+        """Ends the reader's wait (also for news that is not the stream's: a watched result)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def take(self) -> list[StreamEvent]:
+        """The events delivered since the last take; raises the stream's failure once they
+        are taken."""
+        if self._events:
+            events, self._events = self._events, []
+            return events
+        if self._failure is not None:
+            raise self._failure
+        return []
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until something is ready, `wake` is called, or `timeout` seconds pass; whether
+        something is ready."""
+        if self.ready:
+            return True
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return self.ready
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class StreamHub:
     """The streams of the jobs being relayed, read together (see the module's docstring):
-    `batches` is AsyncChatQueueClient.stream_batches for a job just submitted."""
+    `subscribe` a job just submitted, then take its events from the subscription (or iterate
+    `batches`, AsyncChatQueueClient.stream_batches's shape), and `unsubscribe` it."""
 
     def __init__(self, client: AsyncChatQueueClient) -> None:
         self.client = client
-        self._subscriptions: dict[str, _Subscription] = {}
+        self._subscriptions: dict[str, Subscription] = {}
         # Streams that wait for a read (in order of arrival), read at the next flush.
         self._idle: dict[str, None] = {}
         self._flush_due = False
         self._reads: set[asyncio.Task[None]] = set()
+        self._blocked = 0  # reads waiting on Redis now
+        self._deferrals = 0  # loop turns the pending flush has waited for them
+        # When the streams left out of a read's reply last had their silence looked at.
+        self._silence_checked_at = time.monotonic()
+
+    def subscribe(self, job_id: str, timeout: float) -> Subscription:
+        """`timeout`: the most seconds the stream may stay silent (then it fails with
+        TimeoutError)."""
+        key = stream_key(job_id)
+        subscription = Subscription(core.StreamCursor(job_id, key, timeout))
+        if key in self._subscriptions:
+            # Streamed twice at once: the second reads on its own.
+            subscription._feeder = asyncio.create_task(self._feed_alone(subscription))
+            return subscription
+        self._subscriptions[key] = subscription
+        self._wait_for_read(key)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        if subscription._feeder is not None:
+            subscription._feeder.cancel()
+            return
+        key = subscription.cursor.key
+        if self._subscriptions.get(key) is subscription:
+            del self._subscriptions[key]
+        self._idle.pop(key, None)
+
+    async def _feed_alone(self, subscription: Subscription) -> None:
+        cursor = subscription.cursor
+        try:
+            async for events in self.client.stream_batches(cursor.job_id, cursor.wait_s,
+                                                           submitted=True):
+                subscription.deliver(events)
+            subscription.cursor.done = True
+        except Exception as exc:
+            subscription.fail(exc)
 
     async def batches(self, job_id: str, timeout: float) -> AsyncIterator[list[StreamEvent]]:
-        key = stream_key(job_id)
-        if key in self._subscriptions:  # streamed twice at once: the second reads on its own
-            async for events in self.client.stream_batches(job_id, timeout, submitted=True):
-                yield events
-            return
-        subscription = self._subscriptions[key] = _Subscription(
-            core.StreamCursor(job_id, key, timeout))
-        self._wait_for_read(key)
+        subscription = self.subscribe(job_id, timeout)
         try:
-            while True:
-                item = await subscription.inbox.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if subscription.cursor.done and subscription.inbox.empty():
-                    return
+            while not subscription.ended:
+                await subscription.wait()
+                if events := subscription.take():
+                    yield events
         finally:
-            if self._subscriptions.get(key) is subscription:
-                del self._subscriptions[key]
-            self._idle.pop(key, None)
+            self.unsubscribe(subscription)
 
     @property
     def reads_in_flight(self) -> int:
@@ -152,7 +241,16 @@ class StreamHub:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_due = False
+        if self._blocked and self._deferrals < FLUSH_DEFERRALS:
+            # Another read is out: one worker write (a MULTI/EXEC) wakes every read at once,
+            # and their replies come back a loop turn or two apart. Waiting for them lets the
+            # streams of all of them share the next read -- re-read apart, reads that split
+            # once (streams opened while a read was out) stayed split, each paying the round
+            # trip and the command's packing again at every step.
+            self._deferrals += 1
+            asyncio.get_running_loop().call_soon(self._flush)
+            return
+        self._flush_due, self._deferrals = False, 0
         keys = [key for key in self._idle if key in self._subscriptions]
         self._idle.clear()
         if keys:
@@ -163,6 +261,7 @@ class StreamHub:
     async def _read(self, keys: list[str]) -> None:
         streams: dict[Any, Any] = {key: self._subscriptions[key].cursor.last_id
                                    for key in keys}
+        self._blocked += 1
         try:
             reply = cast("list[Any] | None", await self.client.redis.xread(
                 streams, block=core.STREAM_BLOCK_MS, count=core.STREAM_COUNT))
@@ -172,23 +271,35 @@ class StreamHub:
         except Exception as exc:  # the streams end with it; the hub goes on
             for key in keys:
                 if (subscription := self._subscriptions.get(key)) is not None:
-                    subscription.inbox.put_nowait(exc)
+                    subscription.fail(exc)
             return
+        finally:
+            self._blocked -= 1
         entries = {_text(key): items for key, items in (reply or [])}
+        now = time.monotonic()
+        # The silence of the streams a reply leaves out (their cursors' timeouts) is looked at
+        # when nothing came at all, or at most every SILENCE_CHECK_S: not for each of the
+        # waiting streams at every step of the others.
+        check_silence = not entries or now - self._silence_checked_at >= SILENCE_CHECK_S
+        if check_silence:
+            self._silence_checked_at = now
         for key in keys:
             subscription = self._subscriptions.get(key)
             if subscription is None:
                 continue  # its client went away while it was read
             items = entries.get(key)
+            if not items and not check_silence:
+                self._wait_for_read(key)
+                continue
             try:
                 # A stream without entries is fed nothing: its cursor keeps its silence's
                 # timeout, as a read of its own that came back empty would.
-                events = subscription.cursor.feed([(key, items)] if items else None)
+                events = subscription.cursor.feed([(key, items)] if items else None, now)
             except TimeoutError as exc:
-                subscription.inbox.put_nowait(exc)
+                subscription.fail(exc)
                 continue
             if events:
-                subscription.inbox.put_nowait(events)
+                subscription.deliver(events)
             if not subscription.cursor.done:
                 self._wait_for_read(key)
 
@@ -227,37 +338,34 @@ class JobStream:
 
     async def _pump(self, send: Send) -> None:
         client, timeout = self.gateway.client, self.gateway.settings.request_timeout_s
-        watch = self.gateway.result_watch
-        batches = self.gateway.stream_hub.batches(self.job_id, timeout)
-        next_batch: asyncio.Future[list[StreamEvent]] = asyncio.ensure_future(anext(batches))
+        watch, hub = self.gateway.result_watch, self.gateway.stream_hub
+        stream = hub.subscribe(self.job_id, timeout)
         writer, wrote_text = ChunkWriter(self.job_id, self.model), False
         # The job's result, watched once the stream stayed silent a while: off the path of a
-        # stream whose events flow.
+        # stream whose events flow. Its outcome wakes the stream's wait.
         watched: asyncio.Future[ChatResult] | None = None
         try:
             while not self.finished:
-                if watched is None:
-                    await asyncio.wait({next_batch}, timeout=SILENCE_S)
-                    if not next_batch.done():
-                        watched = watch.watch(self.job_id)
+                if not stream.ready:
+                    if watched is None:
+                        if not await stream.wait(SILENCE_S):
+                            watched = watch.watch(self.job_id)
+                            watched.add_done_callback(lambda _: stream.wake())
+                            continue
+                    else:
+                        await stream.wait()
+                if not stream.ready:
+                    if watched is None or not watched.done():
                         continue
-                elif not watched.done():
-                    either: set[asyncio.Future[Any]] = {next_batch, watched}
-                    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                else:
-                    await asyncio.wait({next_batch})
-                if not next_batch.done():
-                    assert watched is not None and watched.done()
                     failure = watched.exception()
                     if failure is None:
-                        continue  # finished: its end event is on its way
+                        await stream.wait()  # finished: its end event is on its way
+                        continue
                     self.finished = True
                     await self._fail(send, writer, failure)
                     return
                 try:
-                    events = next_batch.result()
-                except StopAsyncIteration:
-                    break
+                    events = stream.take()
                 except (TimeoutError, JobNotFound) as exc:
                     self.finished = True
                     await self._fail(send, writer, exc)
@@ -288,8 +396,8 @@ class JobStream:
                         self.finished = True
                 # What arrived in one read goes out in one write.
                 await send_body(send, out)
-                if not self.finished:
-                    next_batch = asyncio.ensure_future(anext(batches))
+                if stream.ended and not self.finished:
+                    break
             if self.include_usage:
                 # Stored right after the end event: waited for with the client's own waiter.
                 result = await client.result(self.job_id, timeout=timeout)
@@ -297,10 +405,8 @@ class JobStream:
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
                         "more_body": False})
         finally:
-            next_batch.cancel()
+            hub.unsubscribe(stream)
             watch.forget(self.job_id)
-            with contextlib.suppress(Exception):
-                await batches.aclose()  # type: ignore[attr-defined]
 
     async def _fail(self, send: Send, writer: ChunkWriter, failure: BaseException) -> None:
         if isinstance(failure, JobFailed):

@@ -188,7 +188,12 @@ class Relay:
 
     def _write(self, due: list[Followed], now: float) -> None:
         assert self.control is not None
-        pipe = self.control.redis.pipeline(transaction=False)
+        # One MULTI/EXEC: readers blocked on the streams are served once the whole round is
+        # written, not after the first job's command -- a reader of many streams (the gateway's
+        # one XREAD for all of them) gets the round in one reply on Redis >= 7.2 (an unblocked
+        # XREAD is re-run over all its keys), in two on 7.0; never part of a round that Redis
+        # read in parts. The commands still succeed or fail one by one (no rollback in Redis).
+        pipe = self.control.redis.pipeline(transaction=True)
         sent: list[tuple[Followed, list[StreamEvent], Progress | None]] = []
         for one in due:
             progress = one.progress if self._progress_due(one, now) else None

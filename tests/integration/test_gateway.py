@@ -650,3 +650,57 @@ def test_a_batch_from_file_upload_to_output_download(sync_openai, tmp_path):
     assert errors[0]["response"]["body"]["error"]["param"] == "max_tokens"
     with pytest.raises(openai.NotFoundError):
         sync_openai.batches.retrieve("batch_nonexistent")
+
+
+def test_streams_opened_while_reads_are_out_share_one_read_after_a_step(redis):
+    """A burst opens its streams over several loop turns while reads are out, so each turn's
+    streams get a read of their own. Once a worker's step wakes them all, the hub waits a loop
+    turn or two for the others' replies and reads every stream again with one XREAD -- split
+    reads stayed split before, each costing its round trip and packing at every step."""
+    import redis as redis_py
+
+    from gateway.streaming import StreamHub
+    from producer.aio import AsyncChatQueueClient
+    from producer.settings import stream_key
+
+    raw = redis_py.Redis.from_url(redis.url)
+    groups = [[f"split-{os.getpid()}-{g}-{n}" for n in range(8)] for g in range(5)]
+    steps = [{"type": "start"}, *({"type": "content", "text": "x"} for _ in range(4)),
+             {"type": "end", "finish_reason": "stop"}]
+
+    def xreads() -> int:
+        return int(raw.info("commandstats").get("cmdstat_xread", {}).get("calls", 0))
+
+    async def relay(hub: StreamHub, job_id: str) -> int:
+        return sum([len(events) async for events in hub.batches(job_id, 30)])
+
+    async def run() -> tuple[list[int], list[int]]:
+        async with AsyncChatQueueClient(ProducerSettings(broker_url=redis.url)) as client:
+            hub = StreamHub(client)
+            streams = []
+            async def reads_out(n: int) -> None:
+                while hub.reads_in_flight < n:
+                    await asyncio.sleep(0)
+
+            for group in groups:  # a loop turn each, a read out meanwhile
+                streams += [asyncio.ensure_future(relay(hub, job)) for job in group]
+                await asyncio.wait_for(reads_out(len(streams) // 8), timeout=10)
+            assert hub.reads_in_flight == len(groups)
+            per_step = []
+            for fields in steps:  # one transaction per step, as the worker's relay writes
+                before = xreads()
+                pipe = raw.pipeline(transaction=True)
+                for job in (job for group in groups for job in group):
+                    pipe.xadd(stream_key(job), fields)
+                pipe.execute()
+                await asyncio.sleep(0.05)  # the worker's next step comes a while later
+                per_step.append(xreads() - before)
+            counts = await asyncio.gather(*streams)
+            await hub.aclose()
+            return per_step, counts
+
+    per_step, counts = asyncio.run(run())
+    assert counts == [len(steps)] * 40
+    # After the first step, one XREAD for all 40 streams a step (and on Redis 7.0, whose
+    # unblocked XREAD answers with the stream that woke it alone, one more at once for the rest).
+    assert all(reads <= 2 for reads in per_step[1:-1]), per_step

@@ -1,5 +1,5 @@
 """The gateway's pure parts: OpenAI requests to jobs, errors naming the OpenAI field, API keys;
-the watch over silent streams' results, on a fake Redis."""
+the watch over silent streams' results and the stream hub's reads, on a fake Redis."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from gateway.cli import main
 from gateway.openai_api import ChunkWriter, sse, to_job
 from gateway.settings import GatewaySettings, key_matches
-from gateway.streaming import ResultWatch
+from gateway.streaming import ResultWatch, StreamHub, Subscription
 from producer.batches import LineError
 from producer.errors import JobFailed
 from producer.schemas import MODEL_ID_PATTERN, StreamEvent
@@ -283,3 +283,81 @@ def test_the_number_of_gateway_processes_is_bounded():
     assert GatewaySettings().workers == 1
     with pytest.raises(ValueError, match="workers"):
         GatewaySettings(workers=0)
+
+
+class _HeldXread:
+    """A Redis whose XREADs wait until the test answers them, in the order they were sent."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[list[str], asyncio.Future[Any]]] = []
+
+    async def xread(self, streams: dict[str, str], block: int, count: int) -> Any:
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.reads.append((list(streams), answer))
+        return await answer
+
+
+async def _turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def _entry(key: str, kind: str = "start") -> list[Any]:
+    return [[key.encode(), [(b"1-0", {b"type": kind.encode()})]]]
+
+
+def test_the_hub_merges_reads_whose_replies_come_back_a_loop_turn_apart():
+    """Streams opened while a read is out get a read of their own; once a worker's step wakes
+    both reads, their replies land a loop turn or two apart, and the hub waits for the second
+    before reading again: one read for all, not two that stay split at every step."""
+    redis = _HeldXread()
+    hub = StreamHub(type("Client", (), {"redis": redis})())  # type: ignore[arg-type]
+
+    async def run() -> list[list[str]]:
+        first = hub.subscribe("a", 30)
+        await _turns(3)
+        second = hub.subscribe("b", 30)  # its flush waits for the read out, then reads alone
+        await _turns(6)
+        assert [keys for keys, _ in redis.reads] == [["chatqueue:stream:a"],
+                                                     ["chatqueue:stream:b"]]
+        redis.reads[0][1].set_result(_entry("chatqueue:stream:a"))
+        await _turns(1)
+        redis.reads[1][1].set_result(_entry("chatqueue:stream:b"))
+        await _turns(6)
+        assert [event.type for event in first.take() + second.take()] == ["start", "start"]
+        for subscription in (first, second):
+            hub.unsubscribe(subscription)
+        for _, answer in redis.reads[2:]:
+            answer.cancel()
+        return [keys for keys, _ in redis.reads[2:]]
+
+    assert asyncio.run(run()) == [["chatqueue:stream:a", "chatqueue:stream:b"]]
+
+
+def test_a_subscription_hands_over_what_came_and_waits_for_news():
+    """Events delivered before or during a wait are taken in order; a wait ends on news, on a
+    wake (a watched result) or after its timeout; a failure is raised once the events before it
+    are taken."""
+    from producer.core import StreamCursor
+
+    async def run() -> None:
+        stream = Subscription(StreamCursor("j", "chatqueue:stream:j", 30))
+        assert not await stream.wait(0.01)  # nothing came: the timeout ends it
+        stream.deliver([StreamEvent(type="start")])
+        assert await stream.wait(10)  # ready: returns at once
+        waiting = asyncio.ensure_future(stream.wait(10))
+        await _turns(2)
+        stream.deliver([StreamEvent(type="content", text="a")])
+        assert await waiting
+        assert [event.type for event in stream.take()] == ["start", "content"]
+        waiting = asyncio.ensure_future(stream.wait(10))
+        await _turns(2)
+        stream.wake()
+        assert not await waiting  # woken with nothing to take
+        stream.deliver([StreamEvent(type="content", text="b")])
+        stream.fail(TimeoutError("silent"))
+        assert [event.text for event in stream.take()] == ["b"]
+        with pytest.raises(TimeoutError):
+            stream.take()
+
+    asyncio.run(run())
