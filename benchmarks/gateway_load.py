@@ -360,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="directories put first on the gateway process's import path "
                              "(os.pathsep-separated): e.g. another checkout's gateway package, "
                              "to compare two versions on the same worker and clients")
+    parser.add_argument("--alternate", action="store_true",
+                        help="each round runs one path's N jobs, then the other's (which "
+                             "goes first alternates), instead of both at once: each path's "
+                             "jobs alone on the worker and the cores")
+    parser.add_argument("--worker-nice", type=int, default=0,
+                        help="the worker's niceness (0-19): at 19 it runs on what CPU the "
+                             "gateway, the clients and Redis leave, as a GPU worker's model "
+                             "leaves the host's cores to them")
     parser.add_argument("--note", default="", help="written into the results: what else ran")
     parser.add_argument("--out", type=Path,
                         default=REPO_ROOT / "benchmarks" / "results" / "gateway_load.json")
@@ -375,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     with redis_server() as redis:
         worker = spawn_worker(worker_env(redis.url, model_dir, QUEUE,
                                          concurrency=str(min(args.n, 64)),
-                                         max_batch_size=str(min(args.n, 64))), log_dir)
+                                         max_batch_size=str(min(args.n, 64))), log_dir,
+                             nice=args.worker_nice)
         port = free_port()
         env = gateway_env(redis.url, QUEUE, port, 10 * args.n, args.gateway_workers)
         gateway = subprocess.Popen(gateway_command(args.gateway_path), cwd=REPO_ROOT,
@@ -397,9 +406,17 @@ def main(argv: list[str] | None = None) -> int:
                     await side_by_side(pools, client, url, 4, args.max_new_tokens,
                                        args.cold_connections)  # warm-up
                     for round_ in range(args.rounds):
-                        measured = await side_by_side(pools, client, url, args.n,
-                                                      args.max_new_tokens,
-                                                      args.cold_connections, gateway.pid)
+                        if args.alternate:  # one path at a time, the first one in turn
+                            order = ["producer", "gateway"][::1 if round_ % 2 else -1]
+                            measured = {}
+                            for path in order:
+                                measured |= await side_by_side(
+                                    {path: pools[path]}, client, url, args.n,
+                                    args.max_new_tokens, args.cold_connections, gateway.pid)
+                        else:
+                            measured = await side_by_side(pools, client, url, args.n,
+                                                          args.max_new_tokens,
+                                                          args.cold_connections, gateway.pid)
                         for name, row in measured.items():
                             rows.append({"round": round_, "path": name, **row})
                             print(json.dumps(rows[-1]), flush=True)
@@ -429,11 +446,12 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "note": args.note,
-        "mode": "side_by_side",
+        "mode": "alternate" if args.alternate else "side_by_side",
         "gateway_connections": "new per request, timed" if args.cold_connections else
         "kept alive, opened before each round",
         "n_per_path": args.n, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
         "gateway_workers": args.gateway_workers, "gateway_path": args.gateway_path,
+        "worker_nice": args.worker_nice,
         "commit": _commit(), "gateway_hiredis": _has_hiredis(args.gateway_path),
         "started": started_utc,
         "cpu": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m_start": load_at_start,

@@ -242,17 +242,25 @@ def worker_env(
 
 def spawn_worker(
     env: dict[str, str], log_dir: Path, *, extra_args: tuple[str, ...] = (),
-    module: str = "worker.cli",
+    module: str = "worker.cli", nice: int = 0,
 ) -> WorkerProcess:
     """Start `chatqueue-worker run` as a real process; its output is kept for assertions.
-    `module`: another entry point taking the same arguments (a fault-injecting wrapper)."""
+    `module`: another entry point taking the same arguments (a fault-injecting wrapper).
+    `nice`: added to the process's niceness, for all its threads (a benchmark's worker that
+    should not take the CPU from the processes measured beside it)."""
+
+    def before_exec() -> None:
+        die_with_parent()
+        if nice:
+            os.nice(nice)
+
     name = f"w{uuid.uuid4().hex[:8]}@%h"
     log_path = log_dir / f"{name.split('@')[0]}.log"
     process = subprocess.Popen(
         [sys.executable, "-m", module, "run", "-n", name, "--without-mingle",
          "--without-gossip", *extra_args],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=die_with_parent,
+        preexec_fn=before_exec,
     )
     worker = WorkerProcess(name=name, process=process, log_path=log_path)
 
