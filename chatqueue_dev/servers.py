@@ -203,11 +203,16 @@ class WorkerProcess:
     process: subprocess.Popen[str]
     log_path: Path
     lines: list[str] = field(default_factory=list)
+    # The thread that reads the process's output into `lines` (spawn_worker's pump).
+    reader: threading.Thread | None = None
 
     def log(self) -> str:
         return "".join(self.lines)
 
     def stop(self, timeout: float = 30) -> int:
+        """Stop the process (SIGTERM, then SIGKILL after `timeout`) and wait until everything
+        it wrote is in `lines`: a test that looks for a line's absence after the stop reads the
+        whole log, not what the reader thread had got to."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -215,6 +220,8 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.reader is not None:
+            self.reader.join(timeout=timeout)  # the pipe ends with the process
         return self.process.returncode
 
 
@@ -272,7 +279,8 @@ def spawn_worker(
                 sink.write(line)
                 sink.flush()
 
-    threading.Thread(target=pump, daemon=True).start()
+    worker.reader = threading.Thread(target=pump, daemon=True)
+    worker.reader.start()
     return worker
 
 
