@@ -164,6 +164,7 @@ def test_a_model_the_fast_path_does_not_take_runs_the_generic_path_and_says_why(
     with caplog.at_level("INFO", logger="worker.engine.runner"):
         engine = Engine(gelu, pad_id=0, limits=EngineLimits())
     assert engine.runner.fast_path is None and not engine.runner.use_fast_path
+    assert engine.runner.layer_ops is None  # its fused ops are not built for nothing
     assert "generic transformers forward (activation 'gelu'" in caplog.text
     turned_off = Engine(tiny("llama"), pad_id=0, limits=EngineLimits(fast_path=False))
     assert turned_off.runner.fast_path is None

@@ -208,8 +208,10 @@ class ModelRunner:
         log.info("prefill attention: %s", "native CPU kernel" if self.native_prefill else
                  "SDPA")
         # The Llama family's own forward on CPU (worker/engine/fast_path.py), when it applies.
-        # Its small ops fused in C (worker/engine/native/layer_ops.c), when they build.
-        self.layer_ops = (native.load_layer_ops(kernel_cache_dir) if fast_path and native_kernels
+        # Its small ops fused in C (worker/engine/native/layer_ops.c), when they build -- only
+        # built for a model the fast path takes.
+        self.layer_ops = (native.load_layer_ops(kernel_cache_dir)
+                          if fast_path and native_kernels and fast.supports(model) is None
                           and native.LayerOps.takes(dtype, self.device) else None)
         self.fast_path, how = (
             fast.build(model, paged_attention, self.layer_ops) if fast_path
