@@ -361,3 +361,43 @@ def test_a_subscription_hands_over_what_came_and_waits_for_news():
             stream.take()
 
     asyncio.run(run())
+
+
+def test_a_job_streamed_twice_at_once_reads_its_second_stream_on_its_own():
+    """The hub follows a stream from one cursor; a second subscription to the same job (not
+    something the gateway does, one job per request) is fed by a read of its own, from the
+    start, and stops when it is unsubscribed."""
+    redis = _HeldXread()
+    reads_alone: list[str] = []
+
+    class Client:
+        def __init__(self) -> None:
+            self.redis = redis
+
+        async def stream_batches(self, job_id: str, timeout: float, submitted: bool):
+            reads_alone.append(job_id)
+            yield [StreamEvent(type="start")]
+            yield [StreamEvent(type="end", finish_reason="stop")]
+
+    hub = StreamHub(Client())  # type: ignore[arg-type]
+
+    async def run() -> list[str]:
+        first = hub.subscribe("j", 30)
+        second = hub.subscribe("j", 30)
+        events = [event.type async for batch in _taken(second) for event in batch]
+        assert second.ended and not first.ready
+        hub.unsubscribe(second)
+        hub.unsubscribe(first)
+        for _, answer in redis.reads:
+            answer.cancel()
+        return events
+
+    assert asyncio.run(run()) == ["start", "end"]
+    assert reads_alone == ["j"]
+
+
+async def _taken(subscription: Subscription):
+    while not subscription.ended:
+        await subscription.wait(10)
+        if events := subscription.take():
+            yield events
