@@ -338,10 +338,13 @@ class ChatQueueClient:
     def fetch(self, job_id: str) -> ChatResult | None:
         """The result if the job has finished, None while it is queued or running; raises
         JobFailed for a job that failed, JobNotFound for an unknown or expired one."""
-        handle = AsyncResult(job_id, app=self.app)
-        if handle.state in states.READY_STATES:
-            return self.result(job_id)
-        if handle.state == states.PENDING:
+        # One read of the job's state, used as read: a second one (through result()) could find
+        # the result expired in between, and wait for it as for a queued job.
+        meta = self.app.backend.get_task_meta(job_id)
+        state = meta["status"]
+        if state in states.READY_STATES:
+            return core.finished_result(job_id, state, meta["result"])
+        if state == states.PENDING:
             self._check_known(job_id)
         return None
 
